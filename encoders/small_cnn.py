@@ -1,0 +1,48 @@
+"""A small conv-BN-ReLU network that trains quickly on a CPU (the default backbone)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: Output channels of the four conv-BN-ReLU stages; the last one is the feature size.
+SMALL_CNN_CHANNELS = (32, 64, 128, 256)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv-BN-ReLU stages (32-64-128-256 channels), 2x2 max-pooling after the
+    first three while the map stays at least 2 px wide, then global average pooling.
+
+    ``forward``: (B, C, H, W) -> (B, 256).
+    """
+
+    def __init__(self, in_channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = image_size
+        previous = in_channels
+        for stage, channels in enumerate(SMALL_CNN_CHANNELS):
+            layers += _conv_bn_relu(previous, channels)
+            if stage < len(SMALL_CNN_CHANNELS) - 1 and size // 2 >= 2:
+                layers.append(nn.MaxPool2d(kernel_size=2))
+                size //= 2
+            previous = channels
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim: int = SMALL_CNN_CHANNELS[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def small_cnn(*, in_channels: int = 3, image_size: int = 32) -> SmallCNN:
+    """Build the default :class:`SmallCNN` backbone (256-d features)."""
+    return SmallCNN(in_channels=in_channels, image_size=image_size)

@@ -1,0 +1,125 @@
+"""Weighted k-nearest-neighbour classification on frozen features (InstDisc-style).
+
+Features are L2-normalised; the k most cosine-similar training samples (exact search with
+a faiss ``IndexFlatIP``) each vote for their class with weight exp(s / T):
+
+    score_c(q) = sum_{i in top-k(q), y_i = c} exp(cos(q, x_i) / T),   y_hat(q) = argmax_c score_c(q)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ntp_ssl.errors import ConfigError
+
+
+def _as_float32_numpy(features: Tensor) -> np.ndarray:
+    normalised = F.normalize(features.detach().to("cpu", torch.float32), dim=1)
+    return np.ascontiguousarray(normalised.numpy())
+
+
+def _check_inputs(train_features: Tensor, train_labels: Tensor, query_features: Tensor, num_classes: int, temperature: float) -> None:
+    if train_features.dim() != 2 or query_features.dim() != 2:
+        raise ConfigError(
+            f"features must be 2-d (N, D), got train {tuple(train_features.shape)} and query {tuple(query_features.shape)}"
+        )
+    if train_features.shape[1] != query_features.shape[1]:
+        raise ConfigError(
+            f"train and query features differ in dimension: {train_features.shape[1]} vs {query_features.shape[1]}"
+        )
+    if train_features.shape[0] == 0:
+        raise ConfigError("kNN needs at least one training sample, got 0")
+    if train_labels.shape != (train_features.shape[0],):
+        raise ConfigError(
+            f"train_labels must have shape ({train_features.shape[0]},), got {tuple(train_labels.shape)}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise ConfigError(
+            f"train labels must lie in [0, {num_classes - 1}], got range "
+            f"[{int(train_labels.min())}, {int(train_labels.max())}]"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer (e.g. 20 or 200), got {k!r}")
+
+
+def _nearest(train_features: Tensor, query_features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Cosine similarities (Q, k) and train indices (Q, k) of the k nearest neighbours,
+    most similar first; k is clamped to the number of training samples."""
+    train = _as_float32_numpy(train_features)
+    k = min(k, train.shape[0])
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train)
+    similarities, indices = index.search(_as_float32_numpy(query_features), k)
+    return torch.from_numpy(similarities), torch.from_numpy(indices).long()
+
+
+def _vote(similarities: Tensor, indices: Tensor, train_labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """argmax_c sum_{i, y_i = c} exp((s_i - s_max) / T): the shift by each query's largest
+    similarity scales all its scores alike, and float64 keeps small T from overflowing."""
+    labels = train_labels.detach().to("cpu", torch.long)[indices]
+    similarities = similarities.double()
+    weights = ((similarities - similarities[:, :1]) / temperature).exp()
+    scores = torch.zeros(indices.shape[0], num_classes, dtype=torch.float64)
+    scores.scatter_add_(1, labels, weights)
+    return scores.argmax(dim=1)
+
+
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    *,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+) -> Tensor:
+    """Predicted class (Q,) of each query row by temperature-weighted kNN voting."""
+    _check_k(k)
+    _check_inputs(train_features, train_labels, query_features, num_classes, temperature)
+    similarities, indices = _nearest(train_features, query_features, k)
+    return _vote(similarities, indices, train_labels, num_classes, temperature)
+
+
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    ks: Iterable[int] = (20, 200),
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 accuracy in [0, 1] of weighted kNN for each k: ``{"knn_top1_k<k>": acc}``.
+
+    One search with the largest k serves all of them (the neighbours come sorted)."""
+    ks = list(ks)
+    if not ks:
+        raise ConfigError("ks must hold at least one k, e.g. (20, 200)")
+    for k in ks:
+        _check_k(k)
+    _check_inputs(train_features, train_labels, test_features, num_classes, temperature)
+    if test_labels.shape != (test_features.shape[0],):
+        raise ConfigError(f"test_labels must have shape ({test_features.shape[0]},), got {tuple(test_labels.shape)}")
+    if test_features.shape[0] == 0:
+        raise ConfigError("kNN accuracy needs at least one test sample, got 0")
+    similarities, indices = _nearest(train_features, test_features, max(ks))
+    truth = test_labels.detach().to("cpu", torch.long)
+    result = {}
+    for k in ks:
+        predictions = _vote(similarities[:, :k], indices[:, :k], train_labels, num_classes, temperature)
+        result[f"knn_top1_k{k}"] = float((predictions == truth).float().mean())
+    return result

@@ -1,0 +1,113 @@
+"""Backbones (ntp_ssl.encoders) and feature extraction (ntp_ssl.features)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ntp_ssl.encoders import BACKBONES, DEFAULT_BACKBONE, build_encoder
+from ntp_ssl.errors import ConfigError
+from ntp_ssl.features import extract_features
+
+FEATURE_DIMS = {"small_cnn": 256, "resnet18": 512, "resnet50": 2048, "vgg11_bn": 512}
+
+
+def test_registry_holds_the_four_backbones():
+    assert set(BACKBONES) == set(FEATURE_DIMS)
+    assert DEFAULT_BACKBONE == "small_cnn"
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
+def test_output_shape_and_feature_dim(name):
+    torch.manual_seed(0)
+    encoder = build_encoder(name)
+    assert encoder.feature_dim == FEATURE_DIMS[name]
+    out = encoder(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, FEATURE_DIMS[name])
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
+def test_single_channel_and_28px_input(name):
+    torch.manual_seed(0)
+    encoder = build_encoder(name, in_channels=1, image_size=28)
+    assert encoder(torch.randn(2, 1, 28, 28)).shape == (2, FEATURE_DIMS[name])
+
+
+def test_small_cnn_on_tiny_images():
+    encoder = build_encoder("small_cnn", in_channels=1, image_size=8)
+    assert encoder(torch.randn(2, 1, 8, 8)).shape == (2, 256)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
+def test_plain_modules_and_conv_bn_pairs(name):
+    encoder = build_encoder(name)
+    modules = list(encoder.modules())
+    assert not any(hasattr(m, "parametrizations") for m in modules)
+    assert not any(isinstance(m, nn.Linear) for m in modules)  # no heads inside
+    first_conv = next(m for m in modules if isinstance(m, nn.Conv2d))
+    assert first_conv.kernel_size == (3, 3) and first_conv.stride == (1, 1)  # CIFAR stem
+    # Every conv is directly followed (in registration order) by a BatchNorm2d of its width,
+    # except ResNet downsample convs, which are followed by their BN inside the Sequential.
+    for index, module in enumerate(modules):
+        if isinstance(module, nn.Conv2d):
+            following = modules[index + 1]
+            assert isinstance(following, nn.BatchNorm2d), (name, index, following)
+            assert following.num_features == module.out_channels
+
+
+def test_resnet_has_no_stem_max_pool():
+    encoder = build_encoder("resnet18")
+    assert not any(isinstance(m, nn.MaxPool2d) for m in encoder.modules())
+
+
+def test_same_seed_same_weights():
+    torch.manual_seed(3)
+    a = build_encoder("small_cnn").state_dict()
+    torch.manual_seed(3)
+    b = build_encoder("small_cnn").state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_unknown_backbone_lists_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        build_encoder("resnet19")
+    message = str(info.value)
+    assert "resnet19" in message and "\n" not in message
+    assert all(name in message for name in BACKBONES)
+
+
+@pytest.mark.parametrize("kwargs", [{"in_channels": 0}, {"in_channels": 2.0}, {"image_size": 2}])
+def test_bad_sizes_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        build_encoder("small_cnn", **kwargs)
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_extract_features_matches_eval_forward_and_restores_mode(start_training):
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", image_size=16)
+    encoder.train()
+    encoder(torch.randn(16, 3, 16, 16))  # give batch norm non-trivial running statistics
+    encoder.train(start_training)
+    images = torch.randn(10, 3, 16, 16)
+    features = extract_features(encoder, images, batch_size=4)
+    assert encoder.training is start_training
+    assert all(m.training is start_training for m in encoder.modules())
+    encoder.eval()
+    with torch.no_grad():
+        expected = encoder(images)
+    assert features.dtype == torch.float32 and features.device.type == "cpu"
+    assert features.shape == (10, 256)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_features_does_not_change_running_stats():
+    encoder = build_encoder("small_cnn", image_size=16).train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    extract_features(encoder, torch.randn(6, 3, 16, 16))
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_extract_features_of_no_images():
+    encoder = build_encoder("small_cnn", image_size=16)
+    assert extract_features(encoder, torch.zeros(0, 3, 16, 16)).shape == (0, 256)
