@@ -1,0 +1,208 @@
+"""Checkpoints that are safe to load and safe to write.
+
+A checkpoint is two files side by side::
+
+    encoder.safetensors   tensors only (never pickled code)
+    encoder.json          what built them: backbone, method, image size, domains, seed,
+                          metrics, package version, the SHA-256 of the .safetensors file
+
+Both are written atomically (temporary name, then rename; the .json last, so a
+.safetensors without its .json is an unfinished write and is never trusted). Loading
+checks the hash. Nested training state (optimizer, scheduler, RNG) goes through
+:func:`flatten_state`, which keeps the tensors for safetensors and the rest for JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ntp_ssl import __version__
+from ntp_ssl.errors import CheckpointError
+from ntp_ssl.io import atomic_path, atomic_write_json
+
+FORMAT_VERSION = 1
+LEGACY_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically; return the weights path."""
+    path = Path(path).with_suffix(".safetensors")
+    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp))
+        digest = sha256_file(tmp)
+    full_meta = {"format_version": FORMAT_VERSION, "ntp_ssl_version": __version__, **meta, "sha256": digest}
+    atomic_write_json(path.with_suffix(".json"), full_meta)
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """Accept a .safetensors file, its .json, or a run directory holding encoder.safetensors."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("protected.safetensors", "encoder.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load tensors and metadata, refusing anything that could run code or was half written."""
+    raw = Path(path).expanduser()
+    if raw.suffix in LEGACY_SUFFIXES:
+        return _load_legacy(raw)
+    path = resolve_checkpoint_path(raw)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {meta_path.name}; it is incomplete or not an ntp-ssl checkpoint")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON ({exc})") from None
+    expected = meta.get("sha256")
+    if expected is None or sha256_file(path) != expected:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match the SHA-256 in {meta_path.name}; it is corrupted or was changed")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def _load_legacy(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A .pt/.pth state dict, read with ``weights_only=True``: tensors and plain containers only."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it is not a plain tensor state dict that loads with "
+            f"weights_only=True ({first_line}); convert it to safetensors"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"refusing to load {str(path)!r}: expected a dict of tensors (a state dict)")
+    return dict(obj), {"format_version": 0, "legacy_path": str(path)}
+
+
+# ----------------------------------------------------------------------------- nested state
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested dict/list of tensors and plain values into (tensors, JSON tree).
+
+    Each tensor is replaced in the tree by ``{"__tensor__": key}`` and stored under that key.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk_key(k), walk(v, f"{key}.{k}")] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return {"__list__": [walk(v, f"{key}.{i}") for i, v in enumerate(value)], "tuple": isinstance(value, tuple)}
+        if hasattr(value, "tolist"):  # numpy arrays and scalars
+            return {"__array__": value.tolist(), "dtype": str(getattr(value, "dtype", ""))}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+    def walk_key(k: Any) -> Any:
+        if isinstance(k, (int, str)):
+            return k
+        raise TypeError(f"cannot store a dict key of type {type(k).__name__}")
+
+    tree = walk(obj, prefix or "state")
+    return tensors, tree
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
+    import numpy as np
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__dict__" in node:
+                return {k: walk(v) for k, v in node["__dict__"]}
+            if "__list__" in node:
+                items = [walk(v) for v in node["__list__"]]
+                return tuple(items) if node.get("tuple") else items
+            if "__array__" in node:
+                return np.asarray(node["__array__"], dtype=node["dtype"] or None)
+        return node
+
+    return walk(tree)
+
+
+def save_training_state(path: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Save a resumable training state (model, optimizer, scheduler, RNG, counters)."""
+    tensors, tree = flatten_state(state)
+    return save_checkpoint(path, tensors, {**meta, "kind": "training_state", "tree": tree})
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "training_state":
+        raise CheckpointError(f"{str(path)!r} is not a resumable training state")
+    return unflatten_state(tensors, meta["tree"]), meta
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+MASK_PREFIX = "mask."
+ENCODER_PREFIX = "encoder."
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
+    """Rebuild an encoder from a checkpoint: ``(encoder, meta, masks, tensors)``.
+
+    ``masks`` maps encoder parameter names to bool masks (empty for an unprotected encoder).
+    """
+    from ntp_ssl.encoders import build_encoder
+
+    tensors, meta = load_checkpoint(path)
+    backbone = meta.get("backbone")
+    if backbone is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not say which backbone built it (no 'backbone' in its metadata)")
+    if expect_backbone is not None and backbone != expect_backbone:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {backbone!r} encoder, not the {expect_backbone!r} asked for")
+    encoder = build_encoder(backbone, in_channels=int(meta.get("channels", 3)), image_size=int(meta.get("image_size", 32)))
+    state = split_prefix(tensors, ENCODER_PREFIX)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit a {backbone!r} encoder "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    masks = {name: m.bool() for name, m in split_prefix(tensors, MASK_PREFIX).items()}
+    return encoder, meta, masks, tensors

@@ -1,0 +1,119 @@
+"""The ``ntp-ssl`` command: one Hydra app per stage over the packaged ``configs/``.
+
+``ntp-ssl STAGE [KEY=VALUE ...]`` picks the stage, then hands the rest of the command line
+to Hydra (overrides, ``-m`` multirun, ``--help``, ``--cfg job``). User errors are printed
+as one line, ``error: ...``, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ntp_ssl import __version__
+
+STAGES: dict[str, str] = {
+    "pretrain": "pretrain an encoder (SimCLR, MoCo v2, supervised) on the source domain",
+    "protect": "Non-Transferable Pruning (ADMM) of an encoder; with no arguments, the whole main job",
+    "evaluate": "SLC sweeps and SLC-AUC of encoders on target domains against training from scratch",
+    "report": "gather run directories into one comparison table and figure",
+    "domains": "list the domains with sizes and class counts; write a contact sheet PNG",
+}
+
+USAGE = """usage: ntp-ssl STAGE [KEY=VALUE ...] [-m] [--help]
+
+Non-Transferable Pruning for self-supervised and supervised encoders.
+
+stages:
+{stages}
+
+Each stage is a Hydra app: override any config key with KEY=VALUE (a misspelt key is an
+error), sweep with -m (e.g. `ntp-ssl pretrain -m seed=0,1,2`), and see a stage's config
+with `ntp-ssl STAGE --help`. Runs are written below runs/STAGE/RUN_NAME.
+
+examples:
+  ntp-ssl protect                                  # the main job on the embedded digits
+  ntp-ssl pretrain method.name=moco optim.epochs=20
+  ntp-ssl evaluate checkpoints=[runs/protect/.../protected.safetensors] data.targets=[usps] data.root=~/data
+  ntp-ssl domains
+"""
+
+def config_dir() -> Path:
+    """The packaged configs folder (``configs/`` of the repository, installed as ntp_ssl.configs)."""
+    import ntp_ssl.configs
+
+    return Path(ntp_ssl.configs.__file__).resolve().parent
+
+
+def stage_runner(stage: str) -> Callable:
+    """The function that runs a stage: ``runner(cfg, run_dir) -> dict``."""
+    if stage == "pretrain":
+        from ntp_ssl.pretrain.stage import run_pretrain as runner
+    elif stage == "protect":
+        from ntp_ssl.protect.stage import run_protect as runner
+    elif stage == "evaluate":
+        from ntp_ssl.evaluate.stage import run_evaluate as runner
+    elif stage == "report":
+        from ntp_ssl.evaluate.stage import run_report as runner
+    elif stage == "domains":
+        from ntp_ssl.data.stage import run_domains as runner
+    else:  # pragma: no cover - guarded by main()
+        raise KeyError(stage)
+    return runner
+
+
+def _run_in_hydra(stage: str, cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ntp_ssl.errors import NtpSslError
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return stage_runner(stage)(cfg, run_dir)
+    except NtpSslError as exc:
+        logging.getLogger("ntp_ssl").debug("user error", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume from {run_dir}", file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_lines = "\n".join(f"  {name:<10} {text}" for name, text in STAGES.items())
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(stages=stage_lines))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"ntp-ssl {__version__}")
+        return 0
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"error: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (see ntp-ssl --help)", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    from ntp_ssl.config import register_schemas
+
+    register_schemas()
+
+    def task(cfg) -> None:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+        _run_in_hydra(stage, cfg)
+
+    app = hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(task)
+    saved_argv = sys.argv
+    sys.argv = [f"ntp-ssl-{stage}", *argv[1:]]
+    try:
+        app()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+if __name__ == "__main__":  # python -m ntp_ssl.cli (torchrun uses this)
+    sys.exit(main())

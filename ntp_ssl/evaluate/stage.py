@@ -1,0 +1,145 @@
+"""``ntp-ssl evaluate`` and ``ntp-ssl report``.
+
+``evaluate_models`` is the piece protect's main job calls too: sweep, summarise, and write
+results.csv/json, summary.md, slc_curves.png and TensorBoard scalars and figures into the
+run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ntp_ssl.checkpoint import load_encoder
+from ntp_ssl.config import validate_evaluate
+from ntp_ssl.data import Domain, default_cache_dir
+from ntp_ssl.errors import ConfigError
+from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
+from ntp_ssl.evaluate.results import read_results, summarize, summary_markdown, summary_text, write_results
+from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep, source_accuracy
+from ntp_ssl.io import atomic_write_json, atomic_write_text
+from ntp_ssl.runs import claim_run_dir
+from ntp_ssl.train import configure_threads, resolve_device, seed_everything
+
+log = logging.getLogger("ntp_ssl.evaluate")
+
+
+def domain_spec(cfg: Any) -> dict:
+    """What, besides the name, a domain's pixels depend on (part of the scratch cache key)."""
+    return {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.data.seed}
+
+
+def evaluate_models(models: Sequence[ModelUnderTest], source: Domain | None, targets: Sequence[Domain],
+                    settings: SweepSettings, *, run_dir: Path, cache_dir: Path, device, progress: bool,
+                    spec: dict, writer=None) -> dict[str, Any]:
+    """Run the SLC sweep and write every output; returns {"rows", "summary", "source_accuracy"}."""
+    rows = run_sweep(models, targets, settings, domain_specs={d.name: spec for d in targets},
+                     cache_dir=cache_dir, device=device, progress_path=run_dir / "sweep_progress.json",
+                     progress=progress)
+    kept = source_accuracy(models, source, settings, device=device) if source is not None else None
+    summary = summarize(rows, source_accuracy=kept)
+    write_results(rows, run_dir)
+    atomic_write_json(run_dir / "summary.json", {"summary": summary, "source_accuracy": kept})
+    atomic_write_text(run_dir / "summary.md", summary_markdown(summary) + "\n")
+    plot_slc_curves(rows, run_dir / "slc_curves.png", title=f"SLC: {', '.join(m.name for m in models)}")
+    if writer is not None:
+        _log_to_tensorboard(writer, rows, summary, kept)
+    print(summary_text(summary))
+    return {"rows": rows, "summary": summary, "source_accuracy": kept}
+
+
+def _log_to_tensorboard(writer, rows: list[dict], summary: list[dict], kept) -> None:
+    import numpy as np
+
+    curves: dict[tuple, dict[int, list[float]]] = {}
+    for row in rows:
+        curves.setdefault((row["domain"], row["attack"], row["model"]), {}).setdefault(int(row["n"]), []).append(
+            row["accuracy"])
+    for (domain, attack, model), points in curves.items():
+        for n, accs in sorted(points.items()):
+            writer.add_scalar(f"slc/{domain}/{attack}/{model}", float(np.mean(accs)), n)
+    for entry in summary:
+        tag = f"slc_auc/{entry['domain']}/{entry['attack']}/{entry['model']}"
+        writer.add_scalar(tag, entry["slc_auc_mean"], 0)
+    if kept:
+        for model, accs in kept.items():
+            for attack, acc in accs.items():
+                writer.add_scalar(f"source_accuracy/{attack}/{model}", acc, 0)
+    writer.add_figure("slc_curves", slc_figure(rows), 0)
+    writer.add_text("summary", summary_markdown(summary), 0)
+    writer.flush()
+
+
+def load_models(checkpoints: Sequence[str], names: Sequence[str] | None) -> list[ModelUnderTest]:
+    models = []
+    for i, path in enumerate(checkpoints):
+        encoder, meta, masks, _ = load_encoder(path)
+        name = names[i] if names else (meta.get("name") or Path(path).stem)
+        models.append(ModelUnderTest(name=name, encoder=encoder, backbone=meta["backbone"], masks=masks, meta=meta))
+    if len({m.name for m in models}) != len(models):
+        raise ConfigError(f"model names {[m.name for m in models]} are not unique; pass names=[...]")
+    return models
+
+
+def check_compatible(meta_size: int, meta_channels: int, cfg: Any, what: str) -> None:
+    if (meta_size, meta_channels) != (cfg.data.image_size, cfg.data.channels):
+        raise ConfigError(
+            f"{what} was built for {meta_size}x{meta_size} images with {meta_channels} channel(s) but "
+            f"data.image_size={cfg.data.image_size} data.channels={cfg.data.channels}; set them to match"
+        )
+
+
+def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    from ntp_ssl.pretrain.stage import load_domains_for
+
+    validate_evaluate(cfg)
+    settings = SweepSettings.from_config(cfg.sweep)
+    run_dir = Path(run_dir)
+    claim_run_dir(run_dir, cfg)
+    configure_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    models = load_models(cfg.checkpoints, cfg.names)
+    for model, path in zip(models, cfg.checkpoints):
+        check_compatible(int(model.meta.get("image_size", 32)), int(model.meta.get("channels", 3)), cfg,
+                         f"checkpoint {path!r}")
+    targets = load_domains_for(cfg, list(cfg.data.targets))
+    source = load_domains_for(cfg, [cfg.data.source])[0] if cfg.sweep.source_accuracy and cfg.data.source else None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    result = evaluate_models(models, source, targets, settings, run_dir=run_dir,
+                             cache_dir=Path(cfg.paths.cache_dir or default_cache_dir()), device=device,
+                             progress=cfg.trainer.progress, spec=domain_spec(cfg), writer=writer)
+    writer.close()
+    log.info("evaluation written to %s", run_dir)
+    return result
+
+
+def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Gather several runs' results.csv into one table (summary.md) and one figure."""
+    if not cfg.runs:
+        raise ConfigError("runs=[] is empty; pass runs=[runs/evaluate/NAME,runs/protect/NAME,...]")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    all_rows: list[dict] = []
+    for run in cfg.runs:
+        path = Path(run).expanduser()
+        results = path / "results.csv" if path.is_dir() else path
+        if not results.exists():
+            raise ConfigError(f"run {run!r} has no results.csv; give run directories written by evaluate or protect")
+        label = path.name if path.is_dir() else path.parent.name
+        for row in read_results(results):
+            if row["model"] != "scratch":
+                row["model"] = f"{label}/{row['model']}"
+            elif any(r["model"] == "scratch" and r["domain"] == row["domain"] and r["seed"] == row["seed"]
+                     and r["fraction"] == row["fraction"] for r in all_rows):
+                continue  # one scratch curve per domain: the cached baseline is shared
+            all_rows.append(row)
+    summary = summarize(all_rows)
+    write_results(all_rows, run_dir)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(summary) + "\n")
+    plot_slc_curves(all_rows, run_dir / "slc_curves.png", title="SLC comparison")
+    print(summary_text(summary))
+    return {"rows": all_rows, "summary": summary}

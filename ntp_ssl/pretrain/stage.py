@@ -1,0 +1,361 @@
+"""``ntp-ssl pretrain``: train an encoder with SimCLR, MoCo v2 or supervised learning.
+
+``train_one_epoch``, ``evaluate_knn`` and ``run_pretrain`` are kept apart, as in the
+torchvision references. The run directory holds ``last.safetensors`` (the resumable
+state, rewritten every ``trainer.checkpoint_every`` epochs) and, at the end,
+``encoder.safetensors`` with its ``encoder.json``. Distributed data parallel runs under
+torchrun (``torchrun --nproc_per_node N -m ntp_ssl.cli pretrain ...``): gloo on CPU, nccl
+on CUDA, contrastive negatives gathered across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ntp_ssl.checkpoint import load_training_state, save_checkpoint, save_training_state
+from ntp_ssl.config import validate_pretrain
+from ntp_ssl.data import Domain, ImageArrayDataset, default_cache_dir, load_domain, to_float_tensor
+from ntp_ssl.encoders import build_encoder
+from ntp_ssl.errors import CheckpointError, ConfigError
+from ntp_ssl.features import extract_features
+from ntp_ssl.knn import knn_accuracy
+from ntp_ssl.pretrain.methods import MoCoV2, build_method, build_train_transform, export_state
+from ntp_ssl.runs import claim_run_dir
+from ntp_ssl.train import (
+    autocast_context,
+    build_optimizer,
+    check_finite,
+    configure_threads,
+    resolve_device,
+    seed_everything,
+    warmup_cosine,
+    world_info,
+)
+
+log = logging.getLogger("ntp_ssl.pretrain")
+
+
+def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
+    """The domains named, as the config builds them (size, channels, seed, cache, limits)."""
+    data = cfg.data
+    cache_dir = cfg.paths.cache_dir or default_cache_dir()
+    domains = [
+        load_domain(name, image_size=data.image_size, channels=data.channels, seed=data.seed,
+                    cache_dir=cache_dir, root=data.root, download=data.download)
+        for name in names
+    ]
+    return [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
+
+
+def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
+    """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
+    import dataclasses
+
+    from ntp_ssl.evaluate.slc import draw_subset
+
+    changes = {}
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        labels = getattr(domain, f"{split}_labels")
+        if 0 < limit < len(labels):
+            idx = draw_subset(labels, max(limit, domain.num_classes), seed=seed, num_classes=domain.num_classes)
+            changes[f"{split}_images"] = getattr(domain, f"{split}_images")[idx]
+            changes[f"{split}_labels"] = labels[idx]
+    return dataclasses.replace(domain, **changes) if changes else domain
+
+
+def build_model(cfg: Any, num_classes: int) -> nn.Module:
+    encoder = build_encoder(cfg.encoder.backbone, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    rank, _, world = world_info()
+    kwargs: dict[str, Any] = {}
+    if cfg.method.name in ("simclr", "moco"):
+        kwargs = dict(hidden_dim=cfg.method.hidden_dim, projection_dim=cfg.method.projection_dim,
+                      temperature=cfg.method.temperature, gather_distributed=world > 1)
+    if cfg.method.name == "moco":
+        kwargs.update(memory_bank_size=cfg.method.memory_bank_size, momentum_base=cfg.method.momentum_base)
+    return build_method(cfg.method.name, encoder, num_classes=num_classes, **kwargs)
+
+
+class _LossModule(nn.Module):
+    """DDP synchronises gradients through ``forward``; this forward is the method's loss."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, views, labels):
+        return self.method.training_loss(views, labels)
+
+
+def evaluate_knn(encoder: nn.Module, bank: Domain, query: Domain, *, device, ks=(20, 200)) -> dict[str, float]:
+    """Weighted kNN top-1 (cosine, T=0.07) with ``bank``'s train split as memory, ``query``'s test split."""
+    train = extract_features(encoder, to_float_tensor(bank.train_images), device=device)
+    test = extract_features(encoder, to_float_tensor(query.test_images), device=device)
+    return knn_accuracy(train, torch.tensor(bank.train_labels), test, torch.tensor(query.test_labels),
+                        num_classes=bank.num_classes, ks=ks, temperature=0.07)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "numpy_pos": np.random.get_state()[2],
+            "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+
+
+def _nonpersistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers missing from state_dict, such as lightly's MoCo memory bank, which a resume must restore too."""
+    persistent = module.state_dict().keys()
+    return {name: buf for name, buf in module.named_buffers() if name not in persistent}
+
+
+def train_one_epoch(loss_module: nn.Module, method: nn.Module, loader: DataLoader, optimizer, scheduler, *,
+                    epoch: int, global_step: int, total_steps: int, device, precision: str, scaler,
+                    writer, progress: bool) -> tuple[int, float, float]:
+    """One pass over the loader; returns (global_step, mean loss, images per second)."""
+    method.train()
+    losses: list[float] = []
+    images = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    for views, labels in bar:
+        views = [v.to(device, non_blocking=True) for v in views] if isinstance(views, (list, tuple)) else [views.to(device)]
+        labels = labels.to(device, non_blocking=True)
+        if isinstance(method, MoCoV2):
+            method.set_progress(global_step, total_steps)
+        with autocast_context(device, precision):
+            loss = loss_module(views, labels)
+        check_finite(loss, stage="pretrain", step=global_step, term=f"{type(method).__name__} loss")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        global_step += 1
+        images += labels.shape[0] * len(views)
+        losses.append(loss.item())
+        if writer is not None:
+            writer.add_scalar("pretrain/loss", losses[-1], global_step)
+            writer.add_scalar("pretrain/lr", optimizer.param_groups[0]["lr"], global_step)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    elapsed = time.perf_counter() - start
+    return global_step, float(np.mean(losses)), images / max(elapsed, 1e-9)
+
+
+def _log_augmentations(writer, dataset: ImageArrayDataset, count: int = 16) -> None:
+    views = [dataset[i][0] for i in range(min(count, len(dataset)))]
+    for v_index in range(len(views[0]) if isinstance(views[0], (list, tuple)) else 1):
+        batch = torch.stack([v[v_index] if isinstance(v, (list, tuple)) else v for v in views])
+        writer.add_images(f"augmentations/view{v_index}", (batch * 0.5 + 0.5).clamp(0, 1), 0)
+
+
+def _log_projector(writer, encoder: nn.Module, domains: list[Domain], *, samples: int, device, step: int) -> None:
+    feats, labels, images = [], [], []
+    for domain in domains:
+        idx = np.random.default_rng(0).permutation(len(domain.test_labels))[:samples]
+        x = to_float_tensor(domain.test_images[idx])
+        feats.append(extract_features(encoder, x, device=device))
+        labels += [[domain.name, str(int(y))] for y in domain.test_labels[idx]]
+        images.append((x * 0.5 + 0.5).clamp(0, 1))
+    writer.add_embedding(torch.cat(feats), metadata=labels, metadata_header=["domain", "label"],
+                         label_img=torch.cat(images), global_step=step, tag="test_features")
+
+
+def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Pretrain (or resume, or return the finished result) in ``run_dir``."""
+    validate_pretrain(cfg)
+    run_dir = Path(run_dir)
+    rank, local_rank, world = world_info()
+    final_path = run_dir / "encoder.safetensors"
+    if rank == 0:
+        claim_run_dir(run_dir, cfg)
+    if final_path.exists() and final_path.with_suffix(".json").exists():
+        import json
+
+        meta = json.loads(final_path.with_suffix(".json").read_text())
+        log.info("pretrain already finished in %s; nothing to do", run_dir)
+        return {"checkpoint": str(final_path), "metrics": meta.get("metrics", {})}
+
+    configure_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed + rank)
+    device = resolve_device(cfg.trainer.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    train_names = list(cfg.domains) if cfg.domains else [cfg.data.source]
+    train_domains = load_domains_for(cfg, train_names)
+    source = train_domains[0] if train_names[0] == cfg.data.source else load_domains_for(cfg, [cfg.data.source])[0]
+    images = np.concatenate([d.train_images for d in train_domains])
+    labels = np.concatenate([d.train_labels for d in train_domains])
+    per_process = cfg.optim.batch_size // world
+    if per_process < 2 or cfg.optim.batch_size > len(labels):
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} does not fit the {len(labels)} training images of "
+            f"{'+'.join(train_names)} over {world} process(es); use 2*processes <= batch_size <= {len(labels)}"
+        )
+
+    method = build_model(cfg, source.num_classes).to(device)
+    transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    dataset = ImageArrayDataset(images, labels, transform=transform)
+    sampler = None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(dataset) // cfg.optim.batch_size
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optim.name, trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                momentum=cfg.optim.momentum)
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.trainer.precision == "16-mixed" else None
+
+    start_epoch, global_step, history = 0, 0, []
+    last_path = run_dir / "last.safetensors"
+    if cfg.resume and last_path.exists():
+        try:
+            state, _ = load_training_state(last_path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume from {last_path}: {exc}; remove it to start over") from None
+        method.load_state_dict(state["model"])
+        for name, buf in _nonpersistent_buffers(method).items():
+            buf.copy_(state["extra_buffers"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, global_step, history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
+        log.info("resuming from %s at epoch %d (step %d)", last_path, start_epoch, global_step)
+
+    loss_module: nn.Module = _LossModule(method)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=global_step if global_step else None)
+        if start_epoch == 0:
+            _log_augmentations(writer, dataset)
+            writer.add_text("config", f"```\n{_yaml(cfg)}\n```", 0)
+
+    log.info("pretrain %s/%s on %s: %d images, %d epochs x %d steps, device %s, %d process(es)",
+             cfg.method.name, cfg.encoder.backbone, "+".join(train_names), len(dataset), cfg.optim.epochs,
+             steps_per_epoch, device, world)
+    metrics: dict[str, float] = {}
+    epochs_bar = tqdm(range(start_epoch, cfg.optim.epochs), desc="pretrain", initial=start_epoch,
+                      total=cfg.optim.epochs, disable=not (cfg.trainer.progress and rank == 0), dynamic_ncols=True)
+    for epoch in epochs_bar:
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
+                            drop_last=True, num_workers=cfg.data.num_workers, generator=generator,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        global_step, mean_loss, throughput = train_one_epoch(
+            loss_module, method, loader, optimizer, scheduler, epoch=epoch, global_step=global_step,
+            total_steps=total_steps, device=device, precision=cfg.trainer.precision, scaler=scaler,
+            writer=writer, progress=cfg.trainer.progress and rank == 0)
+        record = {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": throughput * world}
+        last_epoch = epoch + 1 == cfg.optim.epochs
+        if rank == 0 and ((epoch + 1) % cfg.trainer.eval_every == 0 or last_epoch):
+            knn = evaluate_knn(method.encoder, source, source, device=device)
+            record.update(knn)
+            for key, value in knn.items():
+                writer.add_scalar(f"pretrain/{key}", value, global_step)
+        if writer is not None:
+            writer.add_scalar("pretrain/epoch_loss", mean_loss, global_step)
+            writer.add_scalar("pretrain/images_per_s", record["images_per_s"], global_step)
+        history.append(record)
+        epochs_bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith(("loss", "knn_top1_k20"))})
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        if rank == 0 and ((epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch):
+            state = {"model": method.state_dict(), "extra_buffers": _nonpersistent_buffers(method),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                     "global_step": global_step, "history": history}
+            save_training_state(last_path, state, {"stage": "pretrain"})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank != 0:
+        return {"checkpoint": str(final_path), "metrics": {}}
+
+    if history and "knn_top1_k20" in history[-1]:
+        metrics.update({k: history[-1][k] for k in history[-1] if k.startswith("knn")})
+    if cfg.method.name == "supervised":
+        from ntp_ssl.train import classifier_accuracy
+
+        metrics["source_test_accuracy"] = classifier_accuracy(
+            method.encoder, method.classifier, to_float_tensor(source.test_images),
+            torch.tensor(source.test_labels), device=device)
+    other_names = [name for name in cfg.data.targets if name != cfg.data.source]
+    others = load_domains_for(cfg, other_names) if other_names else []
+    for domain in others:
+        knn = evaluate_knn(method.encoder, domain, domain, device=device)
+        metrics.update({f"{domain.name}/{k}": v for k, v in knn.items()})
+        for key, value in knn.items():
+            writer.add_scalar(f"pretrain_targets/{domain.name}/{key}", value, global_step)
+    if cfg.trainer.projector:
+        _log_projector(writer, method.encoder, [source, *others], samples=cfg.trainer.projector_samples,
+                       device=device, step=global_step)
+    writer.close()
+    meta = checkpoint_meta(cfg, train_names, source, metrics, history)
+    save_checkpoint(final_path, export_state(method), meta)
+    log.info("pretrain done: %s -> %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), final_path)
+    return {"checkpoint": str(final_path), "metrics": metrics}
+
+
+def checkpoint_meta(cfg: Any, train_names: list[str], source: Domain, metrics: dict, history: list) -> dict:
+    return {
+        "kind": "encoder",
+        "backbone": cfg.encoder.backbone,
+        "method": cfg.method.name,
+        "method_config": _plain(cfg.method),
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "num_classes": source.num_classes,
+        "domains": train_names,
+        "source": cfg.data.source,
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "history": history,
+    }
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def _yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else str(cfg)

@@ -1,0 +1,44 @@
+"""Shared test set-up: one domain cache per test session, tiny configs, the real command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """The domain cache: $NTP_SSL_CACHE_DIR when CI sets one (reused across runs), else a session folder."""
+    env = os.environ.get("NTP_SSL_CACHE_DIR")
+    path = Path(env) if env else tmp_path_factory.mktemp("ntp-ssl-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# Settings small enough for a 2-core machine: 16x16 images, a few hundred samples.
+TINY_DATA = ["data.image_size=16", "data.train_limit=300", "data.test_limit=200", "trainer.progress=false"]
+TINY_PRETRAIN = ["optim.epochs=2", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
+                 "trainer.eval_every=1", "trainer.projector_samples=20"]
+
+
+def run_cli(args: list[str], *, cwd: Path, cache: Path, timeout: int = 600, env_extra: dict | None = None,
+            command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `ntp-ssl` console command (the installed entry point)."""
+    env = {**os.environ, "NTP_SSL_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    exe = Path(sys.executable).parent / "ntp-ssl"
+    cmd = (command or [str(exe)]) + args
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path, cache_dir):
+    def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return run_cli(list(args), cwd=tmp_path, cache=cache_dir, **kwargs)
+
+    return _run

@@ -1,0 +1,106 @@
+"""The real `ntp-ssl` console command: help, errors, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_DATA, TINY_PRETRAIN
+
+
+def _scalar_tags(event_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for path in event_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_help_lists_stages(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    for stage in ("pretrain", "protect", "evaluate", "report", "domains"):
+        assert stage in result.stdout
+
+
+def test_stage_help_shows_the_config(cli):
+    result = cli("pretrain", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "ntp-ssl pretrain" in result.stdout
+    assert "batch_size: 256" in result.stdout
+
+
+def test_unknown_stage_is_one_line_error(cli):
+    result = cli("trian")
+    assert result.returncode == 2
+    assert "unknown stage 'trian'" in result.stderr and "pretrain" in result.stderr
+
+
+def test_config_typo_is_a_short_error(cli):
+    result = cli("pretrain", "optim.lrr=0.1")
+    assert result.returncode != 0
+    assert "lrr" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["data.image_size=0"], "data.image_size=0"),
+        (["data.source=imagenet"], "imagenet"),
+        (["encoder.backbone=resnet999"], "resnet999"),
+        (["method.name=byol"], "byol"),
+        (["data.source=npz:/nonexistent/file.npz"], "/nonexistent/file.npz"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
+    result = cli("pretrain", *args, *TINY_DATA, "optim.epochs=1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_larger_than_dataset_is_refused(cli):
+    result = cli("pretrain", *TINY_DATA, "optim.epochs=1", "optim.batch_size=4096")
+    assert result.returncode == 2
+    assert "optim.batch_size=4096" in result.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_end_to_end(cli, tmp_path):
+    result = cli("pretrain", *TINY_DATA, *TINY_PRETRAIN, "run_name=tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "pretrain" / "tiny"
+    from ntp_ssl.checkpoint import load_encoder
+
+    encoder, meta, masks, _ = load_encoder(run_dir / "encoder.safetensors")
+    assert meta["backbone"] == "small_cnn" and meta["method"] == "simclr" and masks == {}
+    assert 0.0 <= meta["metrics"]["knn_top1_k20"] <= 1.0
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "pretrain.log").exists()
+    tags = _scalar_tags(run_dir / "tb")
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/knn_top1_k20", "pretrain/knn_top1_k200"} <= tags
+    # The same command again finds the finished run and does not redo or overwrite it.
+    before = (run_dir / "encoder.safetensors").stat().st_mtime_ns
+    again = cli("pretrain", *TINY_DATA, *TINY_PRETRAIN, "run_name=tiny")
+    assert again.returncode == 0 and (run_dir / "encoder.safetensors").stat().st_mtime_ns == before
+    # A different config in the same run directory is refused, not mixed in.
+    clash = cli("pretrain", *TINY_DATA, *TINY_PRETRAIN, "run_name=tiny", "optim.lr=0.01")
+    assert clash.returncode == 2 and "different config" in clash.stderr
+
+
+@pytest.mark.slow
+def test_domains_command_lists_and_draws(cli, tmp_path):
+    result = cli("domains", "data.image_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("mnist", "optdigits", "syndigits", "mnistm"):
+        assert name in result.stdout
+    sheet = tmp_path / "runs" / "domains" / "domains" / "contact_sheet.png"
+    assert sheet.exists() and sheet.stat().st_size > 1000
+    listing = json.loads((sheet.parent / "domains.json").read_text())
+    assert {d["name"] for d in listing} == {"mnist", "optdigits", "syndigits", "mnistm"}

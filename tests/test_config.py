@@ -1,0 +1,102 @@
+"""The real configs compose, validate, and reject typos, wrong types and bad values."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from ntp_ssl.cli import STAGES, config_dir
+from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
+from ntp_ssl.errors import ConfigError
+
+
+def _compose(stage: str, overrides: list[str] | None = None):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=stage, overrides=overrides or [])
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_composes(stage):
+    cfg = _compose(stage)
+    assert cfg.stage == stage
+    assert cfg.paths.root == "runs"
+
+
+def test_pretrain_defaults_are_the_cpu_defaults():
+    cfg = _compose("pretrain")
+    validate_pretrain(cfg)
+    assert (cfg.data.source, cfg.encoder.backbone, cfg.method.name, cfg.optim.batch_size) == (
+        "mnist", "small_cnn", "simclr", 256)
+    assert cfg.run_name == "mnist-simclr-small_cnn-seed0"
+
+
+def test_protect_nested_pretrain_resolves_relative_to_itself():
+    cfg = _compose("protect", ["pretrain.method.name=moco"])
+    validate_protect(cfg)
+    assert cfg.pretrain.run_name == "mnist-moco-small_cnn-seed0"
+    assert cfg.data.targets == ["optdigits", "syndigits", "mnistm"]
+
+
+def test_overrides_apply():
+    cfg = _compose("pretrain", ["data.source=optdigits", "optim.lr=0.5", "method.name=moco"])
+    assert (cfg.data.source, cfg.optim.lr, cfg.method.name) == ("optdigits", 0.5, "moco")
+
+
+def test_experiment_config_composes():
+    cfg = _compose("pretrain", ["experiment=pretrain_resnet18_cifar10"])
+    assert (cfg.encoder.backbone, cfg.data.source, cfg.trainer.precision) == ("resnet18", "cifar10", "bf16-mixed")
+
+
+def test_misspelt_key_is_rejected():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
+        _compose("pretrain", ["optim.lrr=0.1"])
+    assert "lrr" in str(info.value) or "lrr" in str(info.value.__cause__)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        _compose("pretrain", ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "stage,override,fragment",
+    [
+        ("pretrain", "data.image_size=0", "data.image_size=0"),
+        ("pretrain", "data.channels=2", "data.channels=2"),
+        ("pretrain", "optim.name=lion", "optim.name='lion'"),
+        ("pretrain", "optim.lr=-1", "optim.lr=-1"),
+        ("pretrain", "trainer.precision=8", "trainer.precision='8'"),
+        ("pretrain", "trainer.device=tpu", "trainer.device='tpu'"),
+        ("protect", "prune.sparsity=1.0", "prune.sparsity=1.0"),
+        ("protect", "prune.projection=random", "prune.projection='random'"),
+        ("protect", "loss.kind=magic", "loss.kind='magic'"),
+        ("protect", "data.targets=[mnist]", "data.source='mnist' is also in data.targets"),
+        ("protect", "data.targets=[]", "data.targets=[] is empty"),
+        ("protect", "admm.rho=0", "admm.rho=0"),
+        ("protect", "loss.pseudo_clusters=1", "loss.pseudo_clusters=1"),
+        ("evaluate", "sweep.fractions=[0.5,1.5]", "1.5"),
+        ("evaluate", "sweep.fractions=[0.0]", "0.0"),
+        ("evaluate", "sweep.fractions=[]", "sweep.fractions=[] is empty"),
+        ("evaluate", "sweep.attacks=[steal]", "sweep.attacks='steal'"),
+        ("evaluate", "sweep.seeds=[]", "sweep.seeds=[] is empty"),
+    ],
+)
+def test_bad_values_fail_at_start_with_one_line(stage, override, fragment):
+    overrides = [override]
+    if stage == "evaluate":
+        overrides.append("checkpoints=[x.safetensors]")
+    cfg = _compose(stage, overrides)
+    validate = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}[stage]
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_evaluate_without_checkpoints_is_an_error():
+    with pytest.raises(ConfigError, match="checkpoints=\\[\\] is empty"):
+        validate_evaluate(_compose("evaluate"))
