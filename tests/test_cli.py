@@ -59,7 +59,7 @@ def test_config_typo_is_a_short_error(cli):
     ],
 )
 def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
-    result = cli("pretrain", *args, *TINY_DATA, "optim.epochs=1")
+    result = cli("pretrain", *TINY_DATA, "optim.epochs=1", *args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
