@@ -1,32 +1,48 @@
-"""``ntp-ssl domains``: list domains with their sizes and class counts, draw a contact sheet."""
+"""The ``ntp-ssl domains`` stage: list domains with sizes and class counts, draw a contact sheet."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
+from ntp_ssl.data.cache import default_cache_dir
+from ntp_ssl.data.contact_sheet import write_contact_sheet
+from ntp_ssl.data.load import load_domain
+from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
 
-log = logging.getLogger("ntp_ssl.data")
+
+def domains_table(infos: list[dict[str, Any]]) -> str:
+    """A markdown table of :meth:`Domain.describe` dicts."""
+    lines = [
+        "| domain | train | test | classes | size | channels | train per class |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for d in infos:
+        counts = " ".join(str(c) for c in d["train_per_class"])
+        lines.append(
+            f"| {d['name']} | {d['train_size']} | {d['test_size']} | {d['num_classes']} | "
+            f"{d['image_size']} | {d['channels']} | {counts} |"
+        )
+    return "\n".join(lines)
 
 
 def run_domains(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    from ntp_ssl.config import validate_data
-    from ntp_ssl.data import write_contact_sheet
-    from ntp_ssl.pretrain.stage import load_domains_for
-
-    validate_data(cfg.data)
+    """Load ``cfg.names`` with ``cfg.data``'s settings; write domains.json and contact_sheet.png in ``run_dir``."""
+    names = list(cfg.names)
+    if not names:
+        raise ConfigError("names=[] is empty; pass names=[mnist,optdigits,...] (any domain load_domain accepts)")
+    data = cfg.data
+    cache_dir = cfg.paths.cache_dir or default_cache_dir()
+    domains = [
+        load_domain(name, image_size=data.image_size, channels=data.channels, seed=data.seed,
+                    cache_dir=cache_dir, root=data.root, download=data.download)
+        for name in names
+    ]
     run_dir = Path(run_dir)
-    domains = load_domains_for(cfg, list(cfg.names))
-    listing = [domain.describe() for domain in domains]
-    width = max(len(d.name) for d in domains)
-    print(f"{'domain':<{width}}  {'train':>6}  {'test':>6}  classes  size     per-class train counts")
-    for domain, info in zip(domains, listing):
-        counts = " ".join(str(int((domain.train_labels == c).sum())) for c in range(domain.num_classes))
-        print(f"{domain.name:<{width}}  {len(domain.train_labels):>6}  {len(domain.test_labels):>6}  "
-              f"{domain.num_classes:>7}  {domain.image_size}x{domain.image_size}x{domain.channels}  {counts}")
-    sheet = write_contact_sheet(domains, run_dir / "contact_sheet.png", per_class=cfg.per_class, seed=cfg.data.seed)
-    atomic_write_json(run_dir / "domains.json", listing)
+    infos = [d.describe() for d in domains]
+    atomic_write_json(run_dir / "domains.json", infos)
+    sheet = write_contact_sheet(domains, run_dir / "contact_sheet.png", per_class=cfg.per_class, seed=data.seed)
+    print(domains_table(infos))
     print(f"contact sheet: {sheet}")
-    return {"domains": listing, "contact_sheet": str(sheet)}
+    return {"domains": infos, "contact_sheet": str(sheet)}

@@ -1,0 +1,100 @@
+"""``load_domain``: one entry point from a spec string to a :class:`Domain`."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import numbers
+import time
+from pathlib import Path
+
+from ntp_ssl.data import cache, embedded, external
+from ntp_ssl.data.domain import Domain
+from ntp_ssl.errors import ConfigError, DataError
+
+log = logging.getLogger("ntp_ssl.data")
+
+EMBEDDED_DOMAINS = ("mnist", "optdigits", "syndigits", "mnistm")
+TORCHVISION_DOMAINS = ("tv-mnist", "usps", "svhn", "cifar10", "stl10")
+PATH_FORMS = ("folder:/path/to/images", "npz:/path/to/file.npz")
+ALL_FORMS = EMBEDDED_DOMAINS + TORCHVISION_DOMAINS + PATH_FORMS
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_settings(image_size: object, channels: object, seed: object) -> tuple[int, int, int]:
+    """Validate the shared settings and return them as plain ints."""
+    if not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be an int from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
+    if not _is_int(channels) or channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+    if not _is_int(seed) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+    return int(image_size), int(channels), int(seed)
+
+
+def _unknown(spec: str) -> DataError:
+    names = EMBEDDED_DOMAINS + TORCHVISION_DOMAINS
+    close = difflib.get_close_matches(spec.lower(), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return DataError(f"unknown domain {spec!r}{hint}; valid: {', '.join(ALL_FORMS)}")
+
+
+def load_domain(
+    spec: str,
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Domain:
+    """Load the domain named by ``spec`` at ``image_size`` x ``image_size`` with ``channels`` channels.
+
+    ``spec`` is an embedded name (built once per seed and cached under ``cache_dir``), a
+    torchvision name (read from ``root``, default ``<cache_dir>/torchvision``; fetched only when
+    ``download``), ``folder:<path>`` or ``npz:<path>`` (split from ``seed`` unless the data has
+    its own test split).
+    """
+    image_size, channels, seed = _check_settings(image_size, channels, seed)
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"domain must be a non-empty string, got {spec!r}; valid: {', '.join(ALL_FORMS)}")
+    spec = spec.strip()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
+    kind, _, rest = spec.partition(":")
+    if rest and kind.lower() in ("folder", "npz"):
+        loader = external.load_folder if kind.lower() == "folder" else external.load_npz
+        domain = loader(rest, image_size, channels, seed, name=spec)
+        log.info("read domain %s (%d train / %d test)", spec, len(domain.train_labels), len(domain.test_labels))
+        return domain
+    name = spec.lower()
+    if name in EMBEDDED_DOMAINS:
+        return _load_embedded(name, image_size, channels, seed, cache_dir)
+    if name in TORCHVISION_DOMAINS:
+        tv_root = Path(root).expanduser() if root else cache_dir / "torchvision"
+        domain = external.load_torchvision(name, tv_root, download, image_size, channels)
+        log.info("read domain %s from %s (%d train / %d test)", name, tv_root, len(domain.train_labels),
+                 len(domain.test_labels))
+        return domain
+    raise _unknown(spec)
+
+
+def _load_embedded(name: str, image_size: int, channels: int, seed: int, cache_dir: Path) -> Domain:
+    path = cache.cache_path(cache_dir, name, image_size, channels, seed)
+    domain = cache.read_cached(path, name, image_size, channels, seed)
+    if domain is not None:
+        log.info("loaded domain %s (%dpx, %dch, seed %d) from cache %s", name, image_size, channels, seed, path)
+        return domain
+    start = time.perf_counter()
+    domain = embedded.BUILDERS[name](seed, image_size, channels)
+    log.info(
+        "built domain %s (%d train / %d test, %dpx, %dch, seed %d) in %.1f s; caching at %s",
+        name, len(domain.train_labels), len(domain.test_labels), image_size, channels, seed,
+        time.perf_counter() - start, path,
+    )
+    cache.write_cached(path, domain, seed)
+    return domain
