@@ -198,7 +198,10 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {backbone!r} encoder, not the {expect_backbone!r} asked for")
     encoder = build_encoder(backbone, in_channels=int(meta.get("channels", 3)), image_size=int(meta.get("image_size", 32)))
     state = split_prefix(tensors, ENCODER_PREFIX)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatches
+        missing, unexpected = ["(tensor shapes differ)"], []
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit a {backbone!r} encoder "

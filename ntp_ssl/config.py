@@ -110,16 +110,16 @@ class PruneConfig:
 
 @dataclass
 class AdmmConfig:
-    iterations: int = 6
-    steps_per_iteration: int = 40  # W-step optimiser steps per ADMM iteration
+    iterations: int = 5
+    steps_per_iteration: int = 30  # W-step optimiser steps per ADMM iteration
     rho: float = 5e-3
     rho_growth: float = 1.5  # rho <- min(rho * growth, rho_max) after each iteration
     rho_max: float = 1.0
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
-    retrain_steps: int = 120  # masked retraining after the hard prune
+    batch_size: int = 64
+    retrain_steps: int = 60  # masked retraining after the hard prune
 
 
 @dataclass
@@ -147,7 +147,8 @@ class SweepConfig:
     fractions: List[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     attacks: List[str] = field(default_factory=lambda: list(ATTACKS))
-    steps: int = 150  # optimiser steps per grid point, the same for every model and scratch
+    steps: int = 150  # fine-tune optimiser steps per grid point, the same for every model and scratch
+    linear_steps: int = 300  # linear-probe steps on cached features (cheap), also for the source accuracy kept
     batch_size: int = 64
     lr_linear: float = 1e-2
     lr_finetune: float = 1e-3
@@ -280,6 +281,7 @@ def validate_sweep(sweep: Any) -> None:
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)
     _check_positive("sweep.steps", sweep.steps)
+    _check_positive("sweep.linear_steps", sweep.linear_steps)
     _check_positive("sweep.batch_size", sweep.batch_size)
     _check_positive("sweep.lr_linear", sweep.lr_linear)
     _check_positive("sweep.lr_finetune", sweep.lr_finetune)

@@ -61,7 +61,7 @@ def _log_to_tensorboard(writer, rows: list[dict], summary: list[dict], kept) -> 
             writer.add_scalar(f"slc/{domain}/{attack}/{model}", float(np.mean(accs)), n)
     for entry in summary:
         tag = f"slc_auc/{entry['domain']}/{entry['attack']}/{entry['model']}"
-        writer.add_scalar(tag, entry["slc_auc_mean"], 0)
+        writer.add_scalar(tag, entry["slc_auc"], 0)
     if kept:
         for model, accs in kept.items():
             for attack, acc in accs.items():

@@ -62,6 +62,7 @@ class SweepSettings:
     seeds: tuple[int, ...]
     attacks: tuple[str, ...]
     steps: int
+    linear_steps: int
     batch_size: int
     lr_linear: float
     lr_finetune: float
@@ -77,7 +78,7 @@ class SweepSettings:
     def from_config(cls, sweep: Any, **overrides) -> "SweepSettings":
         values = dict(
             fractions=validate_grid(list(sweep.fractions)), seeds=tuple(int(s) for s in sweep.seeds),
-            attacks=tuple(sweep.attacks), steps=int(sweep.steps), batch_size=int(sweep.batch_size),
+            attacks=tuple(sweep.attacks), steps=int(sweep.steps), linear_steps=int(sweep.linear_steps), batch_size=int(sweep.batch_size),
             lr_linear=float(sweep.lr_linear), lr_finetune=float(sweep.lr_finetune),
             weight_decay=float(sweep.weight_decay), knn_k=int(sweep.knn_k), scratch=bool(sweep.scratch),
         )
@@ -112,7 +113,7 @@ def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num
     torch.manual_seed(seed)
     head = nn.Linear(train_features.shape[1], num_classes)
     identity = nn.Identity()
-    fit_classifier(identity, head, train_features, y_train, steps=settings.steps, batch_size=settings.batch_size,
+    fit_classifier(identity, head, train_features, y_train, steps=settings.linear_steps, batch_size=settings.batch_size,
                    lr=settings.lr_linear, weight_decay=settings.weight_decay, train_encoder=False, seed=seed,
                    device=device, stage="evaluate linear probe")
     return classifier_accuracy(identity, head, test_features, y_test, device=device)
@@ -205,6 +206,9 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
         tensors = _tensors(domain)
         x_train, y_train, x_test, y_test = tensors
         feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Nested draws: fractions that round to the same n train on the same samples, so
+        # their result is computed once (the paper's grid gives n = C for several r).
+        memo: dict[tuple, float] = {}
 
         def features_of(model: ModelUnderTest):
             if not settings.reuse_features or model.name not in feature_cache:
@@ -219,36 +223,42 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                 idx_t = torch.as_tensor(idx, dtype=torch.long)
                 bar.set_postfix_str(f"{domain.name} seed={seed} n={n}")
                 if settings.scratch and (SCRATCH, domain.name, SCRATCH, seed, fraction) not in done:
-                    acc, cached = scratch_accuracy(models[0].backbone, domain, domain_specs.get(domain.name, {}),
-                                                   tensors, idx, fraction=fraction, seed=seed, settings=settings,
-                                                   cache_dir=cache_dir, device=device)
+                    acc = memo.get((SCRATCH, SCRATCH, seed, n))
+                    if acc is None:
+                        acc, _ = scratch_accuracy(models[0].backbone, domain, domain_specs.get(domain.name, {}),
+                                                  tensors, idx, fraction=fraction, seed=seed, settings=settings,
+                                                  cache_dir=cache_dir, device=device)
+                    memo[(SCRATCH, SCRATCH, seed, n)] = acc
                     record([_row(SCRATCH, domain.name, SCRATCH, seed, fraction, n, acc)])
                 for model in models:
-                    new: list[dict] = []
                     todo = [a for a in settings.attacks if (model.name, domain.name, a, seed, fraction) not in done]
+                    results = {a: memo[(model.name, a, seed, n)] for a in todo if (model.name, a, seed, n) in memo}
+                    todo = [a for a in todo if a not in results]
                     if "linear" in todo or "knn" in todo:
                         f_train, f_test = features_of(model)
                         if "linear" in todo:
-                            acc = linear_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                        num_classes=domain.num_classes, settings=settings,
-                                                        seed=seed, device=device)
-                            new.append(_row(model.name, domain.name, "linear", seed, fraction, n, acc))
+                            results["linear"] = linear_probe_accuracy(
+                                f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=domain.num_classes,
+                                settings=settings, seed=seed, device=device)
                         if "knn" in todo:
-                            acc = knn_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                     num_classes=domain.num_classes, k=settings.knn_k)
-                            new.append(_row(model.name, domain.name, "knn", seed, fraction, n, acc))
-                    dense_acc = None
+                            results["knn"] = knn_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
+                                                                num_classes=domain.num_classes, k=settings.knn_k)
                     if "finetune_dense" in todo or ("finetune_masked" in todo and not model.masks):
                         dense_acc = fine_tune_accuracy(model.encoder, None, x_train[idx_t], y_train[idx_t], x_test,
                                                        y_test, num_classes=domain.num_classes, settings=settings,
                                                        seed=seed, device=device)
-                        if "finetune_dense" in todo:
-                            new.append(_row(model.name, domain.name, "finetune_dense", seed, fraction, n, dense_acc))
-                    if "finetune_masked" in todo:
-                        acc = dense_acc if not model.masks else fine_tune_accuracy(
+                        results["finetune_dense"] = dense_acc
+                        if not model.masks and "finetune_masked" in todo:
+                            results["finetune_masked"] = dense_acc
+                    if "finetune_masked" in todo and model.masks:
+                        results["finetune_masked"] = fine_tune_accuracy(
                             model.encoder, model.masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
                             num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
-                        new.append(_row(model.name, domain.name, "finetune_masked", seed, fraction, n, acc))
+                    new = []
+                    for attack in settings.attacks:
+                        if attack in results and (model.name, domain.name, attack, seed, fraction) not in done:
+                            memo[(model.name, attack, seed, n)] = results[attack]
+                            new.append(_row(model.name, domain.name, attack, seed, fraction, n, results[attack]))
                     if new:
                         record(new)
                 bar.update(1)

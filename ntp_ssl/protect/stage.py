@@ -455,7 +455,7 @@ def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
         writer.flush()
         log.info("[2/3 protect] wrote %s", protected_path)
 
-    result: dict[str, Any] = {"checkpoint": str(protected_path), "sparsity": report.get("totals", report),
+    result: dict[str, Any] = {"checkpoint": str(protected_path), "sparsity": report.get("prunable"),
                               "unprotected_checkpoint": str(checkpoint)}
     if cfg.evaluate:
         log.info("[3/3 evaluate] SLC sweep of protected and unprotected encoders on %s",

@@ -1,0 +1,129 @@
+"""Checkpoints: safetensors + JSON with a hash; nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from ntp_ssl.checkpoint import (
+    flatten_state,
+    load_checkpoint,
+    load_encoder,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+    unflatten_state,
+)
+from ntp_ssl.encoders import build_encoder
+from ntp_ssl.errors import CheckpointError
+
+
+def _encoder_checkpoint(tmp_path, backbone="small_cnn"):
+    encoder = build_encoder(backbone, image_size=16)
+    tensors = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    return save_checkpoint(tmp_path / "encoder", tensors, {"backbone": backbone, "image_size": 16, "channels": 3}), encoder
+
+
+def test_round_trip_and_metadata(tmp_path):
+    path, encoder = _encoder_checkpoint(tmp_path)
+    loaded, meta, masks, _ = load_encoder(path)
+    assert meta["backbone"] == "small_cnn" and len(meta["sha256"]) == 64 and masks == {}
+    for (name, a), (_, b) in zip(encoder.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_changed_file_is_refused(tmp_path):
+    path, _ = _encoder_checkpoint(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def test_weights_without_metadata_are_an_unfinished_write(tmp_path):
+    path, _ = _encoder_checkpoint(tmp_path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(path)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_checkpoint_of_another_backbone_is_refused(tmp_path):
+    path, _ = _encoder_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="holds a 'small_cnn' encoder"):
+        load_encoder(path, expect_backbone="resnet18")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["backbone"] = "vgg11_bn"  # weights of one backbone claimed for another
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit a 'vgg11_bn' encoder"):
+        load_encoder(path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_malicious_pickle_runs_no_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"weight": _Exploit()}, handle)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "refusing to load" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    torch.save({"w": _Exploit()}, tmp_path / "evil2.pth")  # the torch zip format, too
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(tmp_path / "evil2.pth")
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_plain_legacy_state_dict_loads_with_weights_only(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "plain.pt")
+    tensors, meta = load_checkpoint(tmp_path / "plain.pt")
+    assert torch.equal(tensors["w"], torch.ones(3)) and meta["format_version"] == 0
+
+
+def test_nested_training_state_round_trips(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "history": [{"loss": 0.5}],
+             "pair": (1, 2), "rng": torch.get_rng_state()}
+    tensors, tree = flatten_state(state)
+    back = unflatten_state(tensors, json.loads(json.dumps(tree)))
+    assert back["epoch"] == 3 and back["pair"] == (1, 2) and back["history"] == [{"loss": 0.5}]
+    assert torch.equal(back["rng"], state["rng"])
+    save_training_state(tmp_path / "last", state, {"stage": "test"})
+    loaded, _ = load_training_state(tmp_path / "last.safetensors")
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(loaded["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    from ntp_ssl.io import atomic_write_with
+
+    target = tmp_path / "results.csv"
+    target.write_text("old")
+
+    def broken_writer(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("crash in the middle")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_with(target, broken_writer)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]

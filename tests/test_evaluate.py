@@ -1,0 +1,150 @@
+"""The SLC sweep: the real command, the scratch cache, the attacks and their bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ntp_ssl.data import Domain
+from ntp_ssl.encoders import build_encoder
+from ntp_ssl.errors import ConfigError
+from ntp_ssl.evaluate import sweep as sweep_module
+from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep, scratch_accuracy
+from ntp_ssl.protect.projections import project_topk_per_layer
+
+from test_protect import _scalar_tags, encoder_checkpoint  # noqa: F401  (module fixture)
+
+SETTINGS = SweepSettings(fractions=(0.2, 1.0), seeds=(0,), attacks=("linear", "knn", "finetune_masked",
+                         "finetune_dense"), steps=3, linear_steps=5, batch_size=16, lr_linear=1e-2, lr_finetune=1e-3,
+                         weight_decay=0.0, knn_k=5)
+
+
+def _domain(n_train=60, n_test=30, num_classes=10, seed=0, name="toy") -> Domain:
+    rng = np.random.default_rng(seed)
+    return Domain(name=name, train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(n_train) % num_classes,
+                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
+                  test_labels=np.arange(n_test) % num_classes, num_classes=num_classes)
+
+
+def _pruned_model(name="protected") -> ModelUnderTest:
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", image_size=16)
+    weights = {k: p for k, p in encoder.named_parameters() if p.dim() == 4}
+    projected = project_topk_per_layer({k: p.detach() for k, p in weights.items()}, 0.9)
+    masks = {k: v != 0 for k, v in projected.items()}
+    with torch.no_grad():
+        for k, p in weights.items():
+            p.mul_(masks[k])
+    return ModelUnderTest(name, encoder, "small_cnn", masks=masks)
+
+
+def test_mask_kept_attack_keeps_zeros_and_dense_attack_regrows(monkeypatch):
+    model = _pruned_model()
+    seen = {}
+    real = sweep_module.fit_classifier
+
+    def spy(encoder, head, *args, **kwargs):
+        out = real(encoder, head, *args, **kwargs)
+        named = dict(encoder.named_parameters())
+        pruned = sum(int((named[k][~m] != 0).sum()) for k, m in model.masks.items())
+        seen["masked" if kwargs.get("masks") else "dense"] = pruned
+        return out
+
+    monkeypatch.setattr(sweep_module, "fit_classifier", spy)
+    domain = _domain()
+    x = sweep_module._tensors(domain)
+    for masks in (model.masks, None):
+        sweep_module.fine_tune_accuracy(model.encoder, masks, x[0], x[1], x[2], x[3], num_classes=10,
+                                        settings=SETTINGS, seed=0, device="cpu")
+    assert seen["masked"] == 0
+    assert seen["dense"] > 0
+    # the model under test itself is never changed by an attack
+    named = dict(model.encoder.named_parameters())
+    assert sum(int((named[k][~m] != 0).sum()) for k, m in model.masks.items()) == 0
+
+
+def test_scratch_cache_hits_on_second_run_and_misses_when_a_key_changes(tmp_path):
+    domain = _domain()
+    tensors = sweep_module._tensors(domain)
+    idx = np.arange(20)
+    kwargs = dict(fraction=0.3, seed=0, cache_dir=tmp_path, device="cpu")
+    acc1, cached1 = scratch_accuracy("small_cnn", domain, {}, tensors, idx, settings=SETTINGS, **kwargs)
+    acc2, cached2 = scratch_accuracy("small_cnn", domain, {}, tensors, idx, settings=SETTINGS, **kwargs)
+    assert (cached1, cached2) == (False, True) and acc1 == acc2
+    for changed in (dataclasses.replace(SETTINGS, steps=4), dataclasses.replace(SETTINGS, lr_finetune=1e-2)):
+        assert scratch_accuracy("small_cnn", domain, {}, tensors, idx, settings=changed, **kwargs)[1] is False
+    assert scratch_accuracy("small_cnn", domain, {}, tensors, idx, settings=SETTINGS,
+                            **{**kwargs, "seed": 1})[1] is False
+    assert scratch_accuracy("small_cnn", dataclasses.replace(domain, name="other"), {}, tensors, idx,
+                            settings=SETTINGS, **kwargs)[1] is False
+    assert scratch_accuracy("small_cnn", domain, {"seed": 3}, tensors, idx, settings=SETTINGS, **kwargs)[1] is False
+    assert len(list((tmp_path / "scratch").glob("*.json"))) == 6
+
+
+def test_sweep_rows_resume_and_fallback(tmp_path, caplog):
+    models = [_pruned_model(), ModelUnderTest("plain", build_encoder("small_cnn", image_size=16), "small_cnn")]
+    progress = tmp_path / "progress.json"
+    with caplog.at_level(logging.INFO, logger="ntp_ssl.evaluate"):
+        rows = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress, progress=False)
+    assert "plain has no pruning mask" in caplog.text
+    # 2 fractions x (scratch + 2 models x 4 attacks)
+    assert len(rows) == 2 * (1 + 2 * 4)
+    plain = {r["attack"]: r["accuracy"] for r in rows if r["model"] == "plain" and r["fraction"] == 1.0}
+    assert plain["finetune_masked"] == plain["finetune_dense"]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] >= 10
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished grid point was recomputed")
+
+    original = sweep_module.fine_tune_accuracy
+    sweep_module.fine_tune_accuracy = must_not_train
+    try:
+        again = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress, progress=False)
+    finally:
+        sweep_module.fine_tune_accuracy = original
+    assert again == rows
+
+
+def test_same_settings_same_rows(tmp_path):
+    models = [_pruned_model()]
+    a = run_sweep(models, [_domain()], SETTINGS, cache_dir=None, progress=False)
+    b = run_sweep(models, [_domain()], SETTINGS, cache_dir=None, progress=False)
+    assert a == b
+
+
+def test_target_with_fewer_samples_than_classes_is_refused():
+    tiny = _domain(n_train=6, n_test=10)
+    with pytest.raises(ConfigError, match="fewer than"):
+        run_sweep([_pruned_model()], [tiny], SETTINGS, progress=False)
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_checkpoint):  # noqa: F811
+    from conftest import TINY_DATA
+
+    result = cli("evaluate", *TINY_DATA, f"checkpoints=[{encoder_checkpoint}]", "names=[ssl]",
+                 "data.targets=[optdigits]", "sweep.fractions=[0.05,1.0]", "sweep.seeds=[0,1]", "sweep.steps=3",
+                 "sweep.batch_size=16", "sweep.attacks=[linear,knn,finetune_dense]", "run_name=ev")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "evaluate" / "ev"
+    lines = (run_dir / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2 * (1 + 3)  # header + seeds x fractions x (scratch + 3 attacks)
+    assert (run_dir / "slc_curves.png").stat().st_size > 5000
+    tags = _scalar_tags(run_dir / "tb")
+    assert "slc/optdigits/linear/ssl" in tags and "slc_auc/optdigits/linear/ssl" in tags
+    report = cli("report", f"runs=[{run_dir}]", "run_name=rep")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "runs" / "report" / "rep" / "summary.md").exists()
+
+
+def test_evaluate_rejects_a_mismatched_image_size(cli, encoder_checkpoint):  # noqa: F811
+    result = cli("evaluate", "data.image_size=32", f"checkpoints=[{encoder_checkpoint}]", "trainer.progress=false")
+    assert result.returncode == 2
+    assert "built for 16x16 images" in result.stderr

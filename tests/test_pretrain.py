@@ -1,0 +1,110 @@
+"""Pretraining: resume after an interruption, determinism, and two-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import TINY_DATA, TINY_PRETRAIN
+from ntp_ssl.cli import config_dir
+from ntp_ssl.config import register_schemas
+
+
+def compose_pretrain(cache_dir: Path, *overrides: str):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="pretrain",
+                       overrides=[*TINY_DATA, *TINY_PRETRAIN, f"paths.cache_dir={cache_dir}",
+                                  "trainer.projector=false", *overrides])
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "encoder.json").read_text())["history"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, cache_dir, monkeypatch, method):
+    from ntp_ssl.pretrain import stage
+
+    cfg = compose_pretrain(cache_dir, "optim.epochs=3", f"method.name={method}", "method.memory_bank_size=128")
+    reference = tmp_path / "reference"
+    stage.run_pretrain(cfg, reference)
+
+    real_epoch = stage.train_one_epoch
+    calls = {"n": 0}
+
+    def crashing_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die in the middle of the second epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(stage, "train_one_epoch", crashing_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run_pretrain(cfg, interrupted)
+    assert (interrupted / "last.safetensors").exists() and not (interrupted / "encoder.safetensors").exists()
+    monkeypatch.setattr(stage, "train_one_epoch", real_epoch)
+    stage.run_pretrain(cfg, interrupted)
+
+    resumed, uninterrupted = _history(interrupted), _history(reference)
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, uninterrupted):  # same seed, same machine: the same numbers
+        assert a["loss"] == b["loss"]
+        assert a.get("knn_top1_k20") == b.get("knn_top1_k20")
+    from ntp_ssl.checkpoint import load_checkpoint
+
+    state_a, _ = load_checkpoint(interrupted / "encoder.safetensors")
+    state_b, _ = load_checkpoint(reference / "encoder.safetensors")
+    assert state_a.keys() == state_b.keys()
+    assert all(bool((state_a[k] == state_b[k]).all()) for k in state_a)
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers_other_seed_differs(tmp_path, cache_dir):
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1")
+    a = run_pretrain(cfg, tmp_path / "a")["metrics"]
+    b = run_pretrain(cfg, tmp_path / "b")["metrics"]
+    c = run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "seed=1"), tmp_path / "c")["metrics"]
+    assert a == b
+    assert _history(tmp_path / "a")[0]["loss"] != _history(tmp_path / "c")[0]["loss"]
+
+
+def test_resume_from_a_corrupted_last_checkpoint_is_a_clear_error(tmp_path, cache_dir):
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.safetensors").write_bytes(b"not a checkpoint")
+    (run_dir / "last.json").write_text('{"sha256": "0"}')
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        run_pretrain(cfg, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_two_process_ddp_on_cpu(tmp_path, cache_dir):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ntp_ssl.cli", "pretrain", *TINY_DATA,
+           "optim.epochs=1", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
+           "trainer.projector=false", "trainer.threads=1", "run_name=ddp"]
+    env = {**os.environ, "NTP_SSL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run_dir = tmp_path / "runs" / "pretrain" / "ddp"
+    meta = json.loads((run_dir / "encoder.json").read_text())
+    # 300 images, global batch 64 split over 2 processes: 4 steps of 32 per process.
+    assert meta["history"][0]["epoch"] == 1
+    assert "process(es)" in result.stdout + result.stderr and "2 process(es)" in (result.stdout + result.stderr)

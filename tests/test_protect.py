@@ -1,0 +1,133 @@
+"""`ntp-ssl protect` end to end on tiny settings, and what its protected checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_DATA
+from test_pretrain import compose_pretrain
+
+TINY_PROTECT = [*TINY_DATA, "data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
+                "admm.retrain_steps=3", "admm.batch_size=32", "loss.head_epochs=1", "prune.sparsity=0.8"]
+TINY_SWEEP = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4", "sweep.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def encoder_checkpoint(tmp_path_factory, cache_dir) -> Path:
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    return Path(run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1"), run_dir)["checkpoint"])
+
+
+def _scalar_tags(event_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for path in event_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def _check_protected_file(path: Path, sparsity: float) -> None:
+    from safetensors import safe_open
+
+    from ntp_ssl.checkpoint import load_encoder
+
+    encoder, meta, masks, tensors = load_encoder(path)
+    assert meta["kind"] == "protected_encoder" and masks
+    named = dict(encoder.named_parameters())
+    for name, mask in masks.items():
+        assert int((named[name] != 0).sum()) == int(mask.sum()), name  # exactly the mask's nonzeros
+        assert int((tensors[f"encoder.{name}"][~mask] != 0).sum()) == 0
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+    forbidden = ("weight_orig", "Z/", "U/", "optimizer", "exp_avg", "momentum_buffer")
+    assert not [k for k in keys if any(f in k for f in forbidden)], keys
+    assert all(k.startswith(("encoder.", "projection_head.", "classifier.", "mask.")) for k in keys)
+    totals = meta["sparsity"]["prunable"]
+    assert abs(totals["sparsity"] - sparsity) < 0.01
+
+
+@pytest.mark.slow
+def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, encoder_checkpoint):
+    result = cli("protect", *TINY_PROTECT, *TINY_SWEEP, f"checkpoint={encoder_checkpoint}", "run_name=free",
+                 "loss.kind=ssl")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "protect" / "free"
+    _check_protected_file(run_dir / "protected.safetensors", 0.8)
+    report = json.loads((run_dir / "sparsity.json").read_text())
+    assert {"tensors", "prunable", "model", "files"} <= report.keys()
+    assert "total (prunable)" in result.stdout
+    tags = _scalar_tags(run_dir / "tb")
+    for tag in ("protect/loss/ssl_source", "protect/loss/ssl_target", "protect/loss/mmd", "protect/loss/fisher_pseudo",
+                "protect/admm/rho", "protect/admm/primal_total", "protect/admm/dual_total", "protect/z_sparsity",
+                "protect/knn_top1/mnist", "protect/knn_top1/optdigits"):
+        assert tag in tags, tag
+    assert any(t.startswith("slc/optdigits/finetune_masked/protected") for t in tags)
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("model,domain,attack,seed,fraction,n,accuracy")
+    models = {line.split(",")[0] for line in rows[1:]}
+    assert models == {"protected", "unprotected", "scratch"}
+    assert (run_dir / "slc_curves.png").stat().st_size > 5000
+    assert "slc_auc" in (run_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_supervised_protect_through_the_command(cli, tmp_path, encoder_checkpoint):
+    result = cli("protect", *TINY_PROTECT, f"checkpoint={encoder_checkpoint}", "run_name=sup",
+                 "loss.kind=supervised", "prune.projection=global", "evaluate=false")
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "protect" / "sup"
+    _check_protected_file(run_dir / "protected.safetensors", 0.8)
+    tags = _scalar_tags(run_dir / "tb")
+    assert {"protect/loss/ce_source", "protect/loss/ce_target", "protect/loss/fisher_target"} <= tags
+    # A protected checkpoint cannot be protected again by mistake.
+    again = cli("protect", *TINY_PROTECT, f"checkpoint={run_dir / 'protected.safetensors'}", "run_name=twice",
+                "evaluate=false")
+    assert again.returncode == 2 and "already protected" in again.stderr
+
+
+@pytest.mark.slow
+def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_checkpoint, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from ntp_ssl.cli import config_dir
+    from ntp_ssl.config import register_schemas
+    from ntp_ssl.protect import stage
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={encoder_checkpoint}",
+                                                         f"paths.cache_dir={cache_dir}", "evaluate=false",
+                                                         "admm.iterations=3"])
+    stage.run_protect(cfg, tmp_path / "reference")
+    real_update = stage.ADMMPruner.update
+    calls = {"n": 0}
+
+    def crashing_update(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_update(self)
+
+    monkeypatch.setattr(stage.ADMMPruner, "update", crashing_update)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run_protect(cfg, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "protected.safetensors").exists()
+    monkeypatch.setattr(stage.ADMMPruner, "update", real_update)
+    stage.run_protect(cfg, tmp_path / "resumed")
+
+    from ntp_ssl.checkpoint import load_checkpoint
+
+    a, meta_a = load_checkpoint(tmp_path / "reference" / "protected.safetensors")
+    b, meta_b = load_checkpoint(tmp_path / "resumed" / "protected.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["metrics"]["knn_after"] == meta_b["metrics"]["knn_after"]
