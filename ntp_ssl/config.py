@@ -10,6 +10,7 @@ checked by the ``validate_*`` functions at start-up, each failure a one-line
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -178,6 +179,9 @@ class ProtectConfig:
     seed: int = 0
     checkpoint: Optional[str] = None  # encoder to protect; None: pretrain the default one (cached)
     evaluate: bool = True  # run the SLC sweep on the protected and unprotected encoders at the end
+    # domains the sweep attacks (default: data.targets); others than those protected against
+    # measure target-free generalisation
+    eval_targets: Optional[List[str]] = None
     resume: bool = True
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -247,26 +251,37 @@ def validate_data(data: Any) -> None:
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
 
 
+def _check_seed(key: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+           f"{key}={value!r} must be a non-negative integer")
+
+
 def validate_trainer(trainer: Any) -> None:
     _check_choice("trainer.precision", trainer.precision, PRECISIONS)
     _check(
-        trainer.device == "auto" or trainer.device == "cpu" or trainer.device.startswith("cuda"),
+        re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(trainer.device)) is not None,
         f"trainer.device={trainer.device!r} is not one of: auto, cpu, cuda, cuda:N",
     )
     _check_positive("trainer.eval_every", trainer.eval_every)
     _check_positive("trainer.threads", trainer.threads, allow_zero=True)
     _check_positive("trainer.checkpoint_every", trainer.checkpoint_every)
+    if getattr(trainer, "projector", False):
+        _check_positive("trainer.projector_samples", trainer.projector_samples)
 
 
 def validate_pretrain(cfg: Any) -> None:
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
+    _check_seed("seed", cfg.seed)
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_positive("optim.lr", cfg.optim.lr)
+    _check(0 <= cfg.optim.momentum < 1, f"optim.momentum={cfg.optim.momentum!r} must be in [0, 1)")
     _check_positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _check_positive("optim.batch_size", cfg.optim.batch_size)
     _check_positive("optim.epochs", cfg.optim.epochs)
     _check_positive("optim.warmup_epochs", cfg.optim.warmup_epochs, allow_zero=True)
+    _check_positive("method.hidden_dim", cfg.method.hidden_dim)
+    _check_positive("method.projection_dim", cfg.method.projection_dim)
     _check_positive("method.temperature", cfg.method.temperature)
     _check_positive("method.memory_bank_size", cfg.method.memory_bank_size)
     _check(0 <= cfg.method.momentum_base <= 1, f"method.momentum_base={cfg.method.momentum_base!r} must be in [0, 1]")
@@ -277,6 +292,9 @@ def validate_sweep(sweep: Any) -> None:
     for r in sweep.fractions:
         _check(0 < r <= 1, f"sweep.fractions contains {r!r}; every fraction must be in (0, 1]")
     _check(len(sweep.seeds) > 0, "sweep.seeds=[] is empty; give at least one seed")
+    for seed in sweep.seeds:
+        _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+               f"sweep.seeds contains {seed!r}; every seed must be a non-negative integer")
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)
@@ -285,12 +303,14 @@ def validate_sweep(sweep: Any) -> None:
     _check_positive("sweep.batch_size", sweep.batch_size)
     _check_positive("sweep.lr_linear", sweep.lr_linear)
     _check_positive("sweep.lr_finetune", sweep.lr_finetune)
+    _check_positive("sweep.weight_decay", sweep.weight_decay, allow_zero=True)
     _check_positive("sweep.knn_k", sweep.knn_k)
 
 
 def validate_protect(cfg: Any) -> None:
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
+    _check_seed("seed", cfg.seed)
     if cfg.checkpoint is None:
         validate_pretrain(cfg.pretrain)
     _check(0 <= cfg.prune.sparsity < 1, f"prune.sparsity={cfg.prune.sparsity!r} must be in [0, 1)")
@@ -303,7 +323,10 @@ def validate_protect(cfg: Any) -> None:
     _check_positive("admm.steps_per_iteration", cfg.admm.steps_per_iteration)
     _check_positive("admm.rho", cfg.admm.rho)
     _check_positive("admm.rho_growth", cfg.admm.rho_growth)
+    _check(math.isfinite(cfg.admm.rho_max) and cfg.admm.rho_max >= cfg.admm.rho,
+           f"admm.rho_max={cfg.admm.rho_max!r} must be >= admm.rho={cfg.admm.rho!r}")
     _check_positive("admm.lr", cfg.admm.lr)
+    _check_positive("admm.weight_decay", cfg.admm.weight_decay, allow_zero=True)
     _check_positive("admm.batch_size", cfg.admm.batch_size)
     _check_positive("admm.retrain_steps", cfg.admm.retrain_steps, allow_zero=True)
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; protect needs at least one unauthorized target domain")
@@ -312,14 +335,18 @@ def validate_protect(cfg: Any) -> None:
                 "w_fisher_labels", "alpha", "ce_clamp", "fisher_weight", "ntl_mmd_clamp"):
         _check_positive(f"loss.{key}", getattr(cfg.loss, key), allow_zero=True)
     _check(cfg.loss.pseudo_clusters >= 2, f"loss.pseudo_clusters={cfg.loss.pseudo_clusters!r} must be >= 2")
+    _check_positive("loss.head_epochs", cfg.loss.head_epochs, allow_zero=True)
     if cfg.evaluate:
         validate_sweep(cfg.sweep)
+        _check(cfg.eval_targets is None or len(cfg.eval_targets) > 0,
+               "eval_targets=[] is empty; leave it unset (null) to evaluate on data.targets")
 
 
 def validate_evaluate(cfg: Any) -> None:
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     validate_sweep(cfg.sweep)
+    _check_seed("seed", cfg.seed)
     _check(len(cfg.checkpoints) > 0, "checkpoints=[] is empty; pass checkpoints=[path/to/encoder.safetensors,...]")
     if cfg.names is not None:
         _check(len(cfg.names) == len(cfg.checkpoints),

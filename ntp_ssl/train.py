@@ -28,6 +28,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global RNG states (torch, numpy, random) as checkpoint-friendly values."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": np_state[1], "numpy_pos": np_state[2],
+            "python": list(random.getstate()[1])}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+
+
 def configure_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)

@@ -78,7 +78,8 @@ class SweepSettings:
     def from_config(cls, sweep: Any, **overrides) -> "SweepSettings":
         values = dict(
             fractions=validate_grid(list(sweep.fractions)), seeds=tuple(int(s) for s in sweep.seeds),
-            attacks=tuple(sweep.attacks), steps=int(sweep.steps), linear_steps=int(sweep.linear_steps), batch_size=int(sweep.batch_size),
+            attacks=tuple(sweep.attacks), steps=int(sweep.steps), linear_steps=int(sweep.linear_steps),
+            batch_size=int(sweep.batch_size),
             lr_linear=float(sweep.lr_linear), lr_finetune=float(sweep.lr_finetune),
             weight_decay=float(sweep.weight_decay), knn_k=int(sweep.knn_k), scratch=bool(sweep.scratch),
         )
@@ -113,9 +114,9 @@ def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num
     torch.manual_seed(seed)
     head = nn.Linear(train_features.shape[1], num_classes)
     identity = nn.Identity()
-    fit_classifier(identity, head, train_features, y_train, steps=settings.linear_steps, batch_size=settings.batch_size,
-                   lr=settings.lr_linear, weight_decay=settings.weight_decay, train_encoder=False, seed=seed,
-                   device=device, stage="evaluate linear probe")
+    fit_classifier(identity, head, train_features, y_train, steps=settings.linear_steps,
+                   batch_size=settings.batch_size, lr=settings.lr_linear, weight_decay=settings.weight_decay,
+                   train_encoder=False, seed=seed, device=device, stage="evaluate linear probe")
     return classifier_accuracy(identity, head, test_features, y_test, device=device)
 
 

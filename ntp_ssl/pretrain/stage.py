@@ -11,7 +11,6 @@ on CUDA, contrastive negatives gathered across processes.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,9 @@ from ntp_ssl.train import (
     check_finite,
     configure_threads,
     resolve_device,
+    rng_state,
     seed_everything,
+    set_rng_state,
     warmup_cosine,
     world_info,
 )
@@ -102,17 +103,6 @@ def evaluate_knn(encoder: nn.Module, bank: Domain, query: Domain, *, device, ks=
     test = extract_features(encoder, to_float_tensor(query.test_images), device=device)
     return knn_accuracy(train, torch.tensor(bank.train_labels), test, torch.tensor(query.test_labels),
                         num_classes=bank.num_classes, ks=ks, temperature=0.07)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "numpy_pos": np.random.get_state()[2],
-            "python": list(random.getstate()[1])}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
 
 
 def _nonpersistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -245,7 +235,7 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
             buf.copy_(state["extra_buffers"][name])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start_epoch, global_step, history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
         log.info("resuming from %s at epoch %d (step %d)", last_path, start_epoch, global_step)
 
@@ -297,7 +287,7 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
         if rank == 0 and ((epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch):
             state = {"model": method.state_dict(), "extra_buffers": _nonpersistent_buffers(method),
                      "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                      "global_step": global_step, "history": history}
             save_training_state(last_path, state, {"stage": "pretrain"})
     if world > 1:

@@ -57,11 +57,13 @@ from ntp_ssl.protect.losses import (
     representation_ntp_loss,
     supervised_ntp_loss,
 )
-from ntp_ssl.protect.masking import MaskedOptimizer
+from ntp_ssl.protect.masking import MaskedOptimizer, mask_gradients_
 from ntp_ssl.protect.sparsity import format_sparsity_table, sparsity_report
 from ntp_ssl.runs import claim_run_dir, fingerprint
 from ntp_ssl.train import (
     build_optimizer,
+    rng_state,
+    set_rng_state,
     check_finite,
     classifier_accuracy,
     configure_threads,
@@ -270,6 +272,8 @@ def _train_steps(objective: NonTransferableObjective, optimizer, source_iter, ta
             loss = loss + admm_term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if isinstance(optimizer, MaskedOptimizer):  # pruned gradients must not count towards the clip norm
+            mask_gradients_(optimizer.params, optimizer.masks)
         torch.nn.utils.clip_grad_norm_(params, 10.0)  # the negative terms can spike; keep steps bounded
         optimizer.step()
         for key, value in terms.items():
@@ -311,6 +315,7 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
         pruner.load_state_dict(state["pruner"])
         optimizer.load_state_dict(state["optimizer"])
         start_iteration, phase, metrics = int(state["iteration"]), state["phase"], state["metrics"]
+        set_rng_state(state["rng"])
         log.info("resuming protection from %s at ADMM iteration %d (%s)", state_path, start_iteration, phase)
     else:
         metrics["heads"] = objective.fit_heads(source, targets, seed=seed)
@@ -322,7 +327,7 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
         state = {"method": method.state_dict(), "source_head": objective.source_head.state_dict(),
                  "target_heads": objective.target_heads.state_dict(), "pruner": pruner.state_dict(),
                  "optimizer": optimizer.state_dict(), "iteration": iteration, "phase": phase_name,
-                 "metrics": metrics}
+                 "metrics": metrics, "rng": rng_state()}
         save_training_state(state_path, state, {"stage": "protect"})
 
     progress = cfg.trainer.progress
@@ -458,6 +463,8 @@ def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"checkpoint": str(protected_path), "sparsity": report.get("prunable"),
                               "unprotected_checkpoint": str(checkpoint)}
     if cfg.evaluate:
+        if cfg.eval_targets is not None and list(cfg.eval_targets) != list(cfg.data.targets):
+            targets = load_domains_for(cfg, list(cfg.eval_targets))
         log.info("[3/3 evaluate] SLC sweep of protected and unprotected encoders on %s",
                  ", ".join(t.name for t in targets))
         models = [ModelUnderTest("protected", protected_encoder.cpu(), meta["backbone"], masks=masks),
