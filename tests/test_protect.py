@@ -76,7 +76,7 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     models = {line.split(",")[0] for line in rows[1:]}
     assert models == {"protected", "unprotected", "scratch"}
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
-    assert "slc_auc" in (run_dir / "summary.md").read_text()
+    assert "SLC-AUC" in (run_dir / "summary.md").read_text()
 
 
 @pytest.mark.slow
