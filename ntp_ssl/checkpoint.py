@@ -6,9 +6,14 @@ A checkpoint is two files side by side::
     encoder.json          what built them: backbone, method, image size, domains, seed,
                           metrics, package version, the SHA-256 of the .safetensors file
 
-Both are written atomically (temporary name, then rename; the .json last, so a
-.safetensors without its .json is an unfinished write and is never trusted). Loading
-checks the hash. Nested training state (optimizer, scheduler, RNG) goes through
+Both are written atomically (temporary name, then rename), in an order that makes the
+``.json`` the commit point, so that a crash at any moment leaves either the old pair or the
+new one, never a mix: the tensors go to ``NAME.safetensors.pending`` first, then the
+``.json`` (with the new hash) replaces the old one, then the pending file is renamed onto
+``NAME.safetensors``. A loader that finds a ``.json`` whose hash matches the pending file
+rather than the ``.safetensors`` (a crash between the last two steps) finishes the rename.
+A ``.safetensors`` without its ``.json`` is an unfinished write and is never trusted.
+Loading checks the hash. Nested training state (optimizer, scheduler, RNG) goes through
 :func:`flatten_state`, which keeps the tensors for safetensors and the rest for JSON.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +44,46 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pending_path(path: Path) -> Path:
+    """Where the tensors of a checkpoint wait while its ``.json`` is being committed."""
+    return path.with_name(path.name + ".pending")
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically; return the weights path."""
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar crash-safely; return the weights path.
+
+    Order: tensors to ``.pending``, then the ``.json`` (the commit point), then the rename of
+    ``.pending`` onto ``path``. Killed at any moment, a later load sees the old checkpoint
+    or the new one, both verified by their hash (see :func:`load_checkpoint`).
+    """
     path = Path(path).with_suffix(".safetensors")
+    pending = pending_path(path)
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(pending) as tmp:
         save_file(contiguous, str(tmp))
         digest = sha256_file(tmp)
     full_meta = {"format_version": FORMAT_VERSION, "ntp_ssl_version": __version__, **meta, "sha256": digest}
     atomic_write_json(path.with_suffix(".json"), full_meta)
+    try:
+        os.replace(pending, path)
+    except FileNotFoundError:  # a concurrent loader finished the rename for us
+        if not path.exists() or sha256_file(path) != digest:
+            raise
+    return path
+
+
+def _roll_forward(path: Path, expected: str | None) -> Path | None:
+    """Finish an interrupted save: when the .json names the hash of ``.pending``, rename it onto
+    ``path``; return the file that now holds the committed tensors (None: no committed save)."""
+    pending = pending_path(path)
+    if expected is None or not pending.is_file() or sha256_file(pending) != expected:
+        return None
+    try:
+        os.replace(pending, path)
+    except FileNotFoundError:  # someone else finished it meanwhile
+        return path if path.exists() else None
+    except OSError:  # a read-only folder: read the committed tensors where they are
+        return pending
     return path
 
 
@@ -70,22 +107,37 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     raw = Path(path).expanduser()
     if raw.suffix in LEGACY_SUFFIXES:
         return _load_legacy(raw)
-    path = resolve_checkpoint_path(raw)
+    if raw.suffix == ".json":
+        raw = raw.with_suffix(".safetensors")
+    source = None
+    if not raw.exists() and raw.suffix == ".safetensors" and raw.with_suffix(".json").exists():
+        # a save killed between its commit and its rename: finish it
+        source = _roll_forward(raw, _read_meta(raw.with_suffix(".json")).get("sha256"))
+    path = raw if source is not None else resolve_checkpoint_path(raw)
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {meta_path.name}; it is incomplete or not an ntp-ssl checkpoint")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON ({exc})") from None
+    meta = _read_meta(meta_path)
     expected = meta.get("sha256")
-    if expected is None or sha256_file(path) != expected:
+    if source is None and expected is not None:
+        source = path if sha256_file(path) == expected else _roll_forward(path, expected)
+    if source is None:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match the SHA-256 in {meta_path.name}; it is corrupted or was changed")
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(source))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
     return tensors, meta
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not a JSON object")
+    return meta
 
 
 def _load_legacy(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -91,6 +91,7 @@ class PretrainConfig:
     seed: int = 0
     domains: Optional[List[str]] = None  # train on these domains (default: [data.source])
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
+    resume_from: Optional[str] = None  # or from this last.safetensors (or run directory) of an earlier run
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

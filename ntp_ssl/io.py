@@ -30,10 +30,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes 0600, and some writers (safetensors) recreate the file 0600: give the
+        # finished file the usual permissions, after the writer is done with it.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as handle:  # flush to disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -108,3 +108,26 @@ def test_two_process_ddp_on_cpu(tmp_path, cache_dir):
     # 300 images, global batch 64 split over 2 processes: 4 steps of 32 per process.
     assert meta["history"][0]["epoch"] == 1
     assert "process(es)" in result.stdout + result.stderr and "2 process(es)" in (result.stdout + result.stderr)
+
+
+def test_resume_from_a_missing_path_is_a_clear_error(tmp_path, cache_dir):
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1", f"resume_from={tmp_path / 'nowhere'}")
+    with pytest.raises(CheckpointError, match="resume_from=.*does not exist"):
+        run_pretrain(cfg, tmp_path / "run")
+
+
+def test_resume_from_a_run_of_another_backbone_is_refused(tmp_path, cache_dir):
+    import torch
+
+    from ntp_ssl.checkpoint import save_training_state
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    other = save_training_state(tmp_path / "other" / "last", {"model": {"w": torch.zeros(1)}},
+                                {"stage": "pretrain", "backbone": "resnet18", "method": "simclr"})
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1", f"resume_from={other}")
+    with pytest.raises(CheckpointError, match="holds a resnet18/simclr run, not small_cnn/simclr"):
+        run_pretrain(cfg, tmp_path / "run")

@@ -105,6 +105,18 @@ def evaluate_knn(encoder: nn.Module, bank: Domain, query: Domain, *, device, ks=
                         num_classes=bank.num_classes, ks=ks, temperature=0.07)
 
 
+def _resume_path(cfg: Any, last_path: Path) -> Path | None:
+    """The training state to continue from: ``resume_from`` if given, else this run's own last checkpoint."""
+    if cfg.resume_from:
+        path = Path(cfg.resume_from).expanduser()
+        path = path / "last.safetensors" if path.is_dir() else path
+        if not path.exists():
+            raise CheckpointError(f"resume_from={cfg.resume_from!r} does not exist; give a last.safetensors "
+                                  "or the run directory that holds one")
+        return path
+    return last_path if cfg.resume and last_path.exists() else None
+
+
 def _nonpersistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers missing from state_dict, such as lightly's MoCo memory bank, which a resume must restore too."""
     persistent = module.state_dict().keys()
@@ -225,11 +237,17 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     start_epoch, global_step, history = 0, 0, []
     last_path = run_dir / "last.safetensors"
-    if cfg.resume and last_path.exists():
+    resume_path = _resume_path(cfg, last_path)
+    if resume_path is not None:
         try:
-            state, _ = load_training_state(last_path)
+            state, state_meta = load_training_state(resume_path)
         except CheckpointError as exc:
-            raise CheckpointError(f"cannot resume from {last_path}: {exc}; remove it to start over") from None
+            raise CheckpointError(f"cannot resume from {resume_path}: {exc}; remove it to start over") from None
+        built = (state_meta.get("backbone"), state_meta.get("method"))
+        if built != (cfg.encoder.backbone, cfg.method.name):
+            raise CheckpointError(
+                f"cannot resume from {resume_path}: it holds a {built[0]}/{built[1]} run, not "
+                f"{cfg.encoder.backbone}/{cfg.method.name}; set encoder.backbone and method.name to match")
         method.load_state_dict(state["model"])
         for name, buf in _nonpersistent_buffers(method).items():
             buf.copy_(state["extra_buffers"][name])
@@ -237,7 +255,7 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_epoch, global_step, history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
-        log.info("resuming from %s at epoch %d (step %d)", last_path, start_epoch, global_step)
+        log.info("resuming from %s at epoch %d (step %d)", resume_path, start_epoch, global_step)
 
     loss_module: nn.Module = _LossModule(method)
     if world > 1:
@@ -289,7 +307,8 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                      "global_step": global_step, "history": history}
-            save_training_state(last_path, state, {"stage": "pretrain"})
+            save_training_state(last_path, state, {"stage": "pretrain", "backbone": cfg.encoder.backbone,
+                                                   "method": cfg.method.name})
     if world > 1:
         import torch.distributed as dist
 
