@@ -58,7 +58,14 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     """
     path = Path(path).with_suffix(".safetensors")
     pending = pending_path(path)
-    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    contiguous: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() and t.data_ptr() in seen:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        seen.add(t.data_ptr())
+        contiguous[name] = t
     with atomic_path(pending) as tmp:
         save_file(contiguous, str(tmp))
         digest = sha256_file(tmp)

@@ -131,3 +131,30 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a["metrics"]["knn_after"] == meta_b["metrics"]["knn_after"]
+
+
+@pytest.mark.slow
+def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, cache_dir):
+    from hydra import compose, initialize_config_dir
+
+    from ntp_ssl.checkpoint import load_checkpoint
+    from ntp_ssl.cli import config_dir
+    from ntp_ssl.config import register_schemas
+    from ntp_ssl.errors import ConfigError
+    from ntp_ssl.pretrain.stage import run_pretrain
+    from ntp_ssl.protect.stage import run_protect
+
+    checkpoint = run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "method.name=supervised"),
+                              tmp_path / "sup")["checkpoint"]
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        def cfg(kind):
+            return compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={checkpoint}",
+                                                             f"paths.cache_dir={cache_dir}", "evaluate=false",
+                                                             f"loss.kind={kind}"])
+        supervised, label_free = cfg("supervised"), cfg("ssl")
+    result = run_protect(supervised, tmp_path / "protected")
+    tensors, meta = load_checkpoint(result["checkpoint"])
+    assert any(k.startswith("classifier.") for k in tensors) and meta["method"] == "supervised"
+    with pytest.raises(ConfigError, match="loss.kind=ssl needs an encoder with an SSL projection head"):
+        run_protect(label_free, tmp_path / "label_free")

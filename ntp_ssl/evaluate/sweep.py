@@ -201,6 +201,8 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
         if progress_path is not None:
             atomic_write_json(progress_path, rows)
 
+    for model in models:  # features are extracted where the attacks run
+        model.encoder.to(device)
     total = len(targets) * len(settings.seeds) * len(settings.fractions)
     bar = tqdm(total=total, desc="evaluate", disable=not progress, dynamic_ncols=True)
     for domain in targets:
@@ -273,6 +275,7 @@ def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: 
     x_train, y_train, x_test, y_test = _tensors(source)
     result: dict[str, dict[str, float]] = {}
     for model in models:
+        model.encoder.to(device)
         f_train = extract_features(model.encoder, x_train, device=device)
         f_test = extract_features(model.encoder, x_test, device=device)
         result[model.name] = {

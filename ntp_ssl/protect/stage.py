@@ -150,21 +150,23 @@ class NonTransferableObjective:
         self.source_labels = torch.tensor(source.train_labels, dtype=torch.long)
         self.target_labels = [torch.tensor(t.train_labels, dtype=torch.long) for t in targets]
         self.pseudo_labels: list[torch.Tensor] = [torch.zeros(len(t.train_labels), dtype=torch.long) for t in targets]
+        if self.kind == "ssl" and not self.has_ssl_head:
+            raise ConfigError("loss.kind=ssl needs an encoder with an SSL projection head (simclr or moco); this "
+                              "checkpoint is supervised: use loss.kind=supervised, ntl or none")
         feature_dim = method.encoder.feature_dim
-        needs_heads = self.kind in ("supervised", "ntl") or (self.kind == "none" and not self.has_ssl_head)
-        if needs_heads and not self.has_ssl_head and hasattr(method, "classifier"):
-            self.source_head = method.classifier
-        else:
-            self.source_head = nn.Linear(feature_dim, source.num_classes)
+        needs_heads = self.kind in ("supervised", "ntl") or not self.has_ssl_head
+        # A supervised checkpoint brings its trained classifier as the source head; otherwise a fresh one is fitted.
+        self.source_head_is_trained = hasattr(method, "classifier")
+        self.source_head = method.classifier if self.source_head_is_trained else nn.Linear(feature_dim,
+                                                                                           source.num_classes)
         self.target_heads = nn.ModuleList(nn.Linear(feature_dim, t.num_classes) for t in targets)
         self.source_head.to(device)
         self.target_heads.to(device)
         self.needs_heads = needs_heads
 
     def trainable_heads(self) -> list[nn.Parameter]:
-        head = self.source_head
-        owned = any(head is m for m in self.method.modules())
-        return [] if (owned or not self.needs_heads) else list(head.parameters())
+        """The source head learns with the encoder (it is part of the source task); target heads stay fixed."""
+        return list(self.source_head.parameters()) if self.needs_heads else []
 
     def fit_heads(self, source: Domain, targets: list[Domain], *, seed: int) -> dict[str, float]:
         """Fit the source head (unless the checkpoint has one) and the fixed target heads on frozen features."""
@@ -172,7 +174,7 @@ class NonTransferableObjective:
             return {}
         steps = max(1, self.cfg.head_epochs * 20)
         scores = {}
-        pairs = [(self.source_head, source, "source")] if self.trainable_heads() else []
+        pairs = [] if self.source_head_is_trained else [(self.source_head, source, "source")]
         pairs += [(head, t, t.name) for head, t in zip(self.target_heads, targets)]
         for head, domain, name in pairs:
             x = to_float_tensor(domain.train_images)
@@ -225,7 +227,7 @@ class NonTransferableObjective:
         fs = encoder(sa)
         ys = self.source_labels[s_idx].to(dev)
         source_logits = self.source_head(fs)
-        if self.kind == "none" or self.kind == "ssl":  # a supervised checkpoint without an SSL head
+        if self.kind == "none":  # a supervised checkpoint: its source task is classification
             ce = nn.functional.cross_entropy(source_logits, ys)
             return ce, {"ce_source": ce.item(), "total": ce.item()}
         ft = encoder(ta)
