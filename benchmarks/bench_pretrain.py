@@ -217,7 +217,8 @@ def run_product(cfg, run_dir: Path) -> dict[str, Any]:
     """``run_pretrain`` in a fresh ``run_dir``; quality, wall time and per-epoch loop times."""
     import json
 
-    from ntp_ssl.pretrain.stage import load_domains_for, run_pretrain
+    from ntp_ssl.data import load_domains_for
+    from ntp_ssl.pretrain.stage import run_pretrain
 
     if run_dir.exists():  # a finished run would be returned as is: start over for honest timings
         log(f"removing the earlier benchmark run {run_dir}")
@@ -244,7 +245,8 @@ def _train_setup(cfg, *, seed: int = 0):
 
     from ntp_ssl.data import ImageArrayDataset
     from ntp_ssl.pretrain.methods import build_train_transform
-    from ntp_ssl.pretrain.stage import build_model, load_domains_for
+    from ntp_ssl.data import load_domains_for
+    from ntp_ssl.pretrain.stage import build_model
     from ntp_ssl.train import build_optimizer, warmup_cosine
 
     torch.manual_seed(seed)
@@ -341,7 +343,7 @@ def bench_method(method: str, args, cache_dir: Path, root: Path, peak: float) ->
                "goal_met": value is not None and value >= goal, "wall_s": product["wall_s"],
                "checkpoint": product["checkpoint"], "history": product["history"]}
 
-    from ntp_ssl.pretrain.stage import load_domains_for
+    from ntp_ssl.data import load_domains_for
 
     n_train = len(load_domains_for(cfg, [cfg.data.source])[0].train_labels)
     views = 1 if method == "supervised" else 2

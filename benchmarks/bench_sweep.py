@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from ntp_ssl.evaluate.stage import domain_spec
     from ntp_ssl.evaluate.sweep import SweepSettings
     from ntp_ssl.io import atomic_write_json
-    from ntp_ssl.pretrain.stage import load_domains_for
+    from ntp_ssl.data import load_domains_for
     from ntp_ssl.train import configure_threads, resolve_device, seed_everything
 
     with contextlib.ExitStack() as stack:

@@ -250,6 +250,9 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
     from ntp_ssl.encoders import build_encoder
 
     tensors, meta = load_checkpoint(path)
+    if meta.get("kind") == "training_state":
+        raise CheckpointError(f"checkpoint {str(path)!r} is a resumable training state, not an encoder; "
+                              "give the run's encoder.safetensors or protected.safetensors")
     backbone = meta.get("backbone")
     if backbone is None:
         raise CheckpointError(f"checkpoint {str(path)!r} does not say which backbone built it (no 'backbone' in its metadata)")

@@ -252,6 +252,33 @@ def validate_data(data: Any) -> None:
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
 
 
+def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that ``schema`` does not have, dotted; ``+key=value`` overrides add such
+    keys without an error from Hydra, and nothing would ever read them."""
+    import dataclasses
+    import typing
+
+    if not hasattr(cfg, "keys"):
+        return []
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in cfg.keys():
+        if key not in names:
+            found.append(f"{prefix}{key}")
+            continue
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint) and hasattr(cfg[key], "keys"):
+            found += unknown_keys(cfg[key], hint, f"{prefix}{key}.")
+    return found
+
+
+def _check_known_keys(cfg: Any, schema: type, stage: str) -> None:
+    extra = unknown_keys(cfg, schema)
+    _check(not extra, f"unknown config key(s) {', '.join(extra)}: nothing reads them (a '+KEY=VALUE' override adds "
+                      f"a key); see `ntp-ssl {stage} --help` for the keys")
+
+
 def _check_seed(key: str, value: Any) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
            f"{key}={value!r} must be a non-negative integer")
@@ -271,6 +298,7 @@ def validate_trainer(trainer: Any) -> None:
 
 
 def validate_pretrain(cfg: Any) -> None:
+    _check_known_keys(cfg, PretrainConfig, "pretrain")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
@@ -309,6 +337,7 @@ def validate_sweep(sweep: Any) -> None:
 
 
 def validate_protect(cfg: Any) -> None:
+    _check_known_keys(cfg, ProtectConfig, "protect")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
@@ -344,6 +373,7 @@ def validate_protect(cfg: Any) -> None:
 
 
 def validate_evaluate(cfg: Any) -> None:
+    _check_known_keys(cfg, EvaluateConfig, "evaluate")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     validate_sweep(cfg.sweep)

@@ -7,6 +7,7 @@ import logging
 import numbers
 import time
 from pathlib import Path
+from typing import Any
 
 from ntp_ssl.data import cache, embedded, external
 from ntp_ssl.data.domain import Domain
@@ -98,3 +99,34 @@ def _load_embedded(name: str, image_size: int, channels: int, seed: int, cache_d
     )
     cache.write_cached(path, domain, seed)
     return domain
+
+
+# ----------------------------------------------------------------------------- from a config
+
+
+def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
+    """The domains named, as the config builds them (size, channels, seed, cache, limits)."""
+    data = cfg.data
+    cache_dir = cfg.paths.cache_dir or cache.default_cache_dir()
+    domains = [
+        load_domain(name, image_size=data.image_size, channels=data.channels, seed=data.seed,
+                    cache_dir=cache_dir, root=data.root, download=data.download)
+        for name in names
+    ]
+    return [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
+
+
+def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
+    """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
+    import dataclasses
+
+    from ntp_ssl.evaluate.slc import draw_subset  # the sweep's nested, class-covering draw
+
+    changes = {}
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        labels = getattr(domain, f"{split}_labels")
+        if 0 < limit < len(labels):
+            idx = draw_subset(labels, max(limit, domain.num_classes), seed=seed, num_classes=domain.num_classes)
+            changes[f"{split}_images"] = getattr(domain, f"{split}_images")[idx]
+            changes[f"{split}_labels"] = labels[idx]
+    return dataclasses.replace(domain, **changes) if changes else domain

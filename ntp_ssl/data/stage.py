@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ntp_ssl.data.cache import default_cache_dir
 from ntp_ssl.data.contact_sheet import write_contact_sheet
-from ntp_ssl.data.load import load_domain
+from ntp_ssl.data.load import load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
 
@@ -33,12 +32,7 @@ def run_domains(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if not names:
         raise ConfigError("names=[] is empty; pass names=[mnist,optdigits,...] (any domain load_domain accepts)")
     data = cfg.data
-    cache_dir = cfg.paths.cache_dir or default_cache_dir()
-    domains = [
-        load_domain(name, image_size=data.image_size, channels=data.channels, seed=data.seed,
-                    cache_dir=cache_dir, root=data.root, download=data.download)
-        for name in names
-    ]
+    domains = load_domains_for(cfg, names)
     run_dir = Path(run_dir)
     infos = [d.describe() for d in domains]
     atomic_write_json(run_dir / "domains.json", infos)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ntp_ssl.checkpoint import load_encoder
 from ntp_ssl.config import validate_evaluate
-from ntp_ssl.data import Domain, default_cache_dir
+from ntp_ssl.data import Domain, default_cache_dir, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
 from ntp_ssl.evaluate.results import read_results, summarize, summary_markdown, summary_text, write_results
@@ -91,8 +91,6 @@ def check_compatible(meta_size: int, meta_channels: int, cfg: Any, what: str) ->
 
 
 def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    from ntp_ssl.pretrain.stage import load_domains_for
-
     validate_evaluate(cfg)
     settings = SweepSettings.from_config(cfg.sweep)
     run_dir = Path(run_dir)

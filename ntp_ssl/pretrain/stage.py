@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ntp_ssl.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ntp_ssl.config import validate_pretrain
-from ntp_ssl.data import Domain, ImageArrayDataset, default_cache_dir, load_domain, to_float_tensor
+from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.features import extract_features
@@ -44,34 +44,6 @@ from ntp_ssl.train import (
 )
 
 log = logging.getLogger("ntp_ssl.pretrain")
-
-
-def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
-    """The domains named, as the config builds them (size, channels, seed, cache, limits)."""
-    data = cfg.data
-    cache_dir = cfg.paths.cache_dir or default_cache_dir()
-    domains = [
-        load_domain(name, image_size=data.image_size, channels=data.channels, seed=data.seed,
-                    cache_dir=cache_dir, root=data.root, download=data.download)
-        for name in names
-    ]
-    return [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
-
-
-def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
-    """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
-    import dataclasses
-
-    from ntp_ssl.evaluate.slc import draw_subset
-
-    changes = {}
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        labels = getattr(domain, f"{split}_labels")
-        if 0 < limit < len(labels):
-            idx = draw_subset(labels, max(limit, domain.num_classes), seed=seed, num_classes=domain.num_classes)
-            changes[f"{split}_images"] = getattr(domain, f"{split}_images")[idx]
-            changes[f"{split}_labels"] = labels[idx]
-    return dataclasses.replace(domain, **changes) if changes else domain
 
 
 def build_model(cfg: Any, num_classes: int) -> nn.Module:

@@ -41,7 +41,7 @@ from ntp_ssl.checkpoint import (
     sha256_file,
 )
 from ntp_ssl.config import validate_protect
-from ntp_ssl.data import Domain, ImageArrayDataset, default_cache_dir, to_float_tensor
+from ntp_ssl.data import Domain, ImageArrayDataset, default_cache_dir, load_domains_for, to_float_tensor
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.stage import check_compatible, domain_spec, evaluate_models
 from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings
@@ -49,7 +49,7 @@ from ntp_ssl.features import extract_features
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.knn import knn_accuracy
 from ntp_ssl.pretrain.methods import build_method, build_train_transform, export_state, load_exported_state
-from ntp_ssl.pretrain.stage import load_domains_for, run_pretrain
+from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.losses import (
     kmeans_pseudo_labels,
