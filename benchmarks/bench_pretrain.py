@@ -243,9 +243,8 @@ def _train_setup(cfg, *, seed: int = 0):
     """The pieces the product loop uses, built the same way: data, transform, model, optimizer."""
     from torch.utils.data import DataLoader
 
-    from ntp_ssl.data import ImageArrayDataset
+    from ntp_ssl.data import ImageArrayDataset, load_domains_for
     from ntp_ssl.pretrain.methods import build_train_transform
-    from ntp_ssl.data import load_domains_for
     from ntp_ssl.pretrain.stage import build_model
     from ntp_ssl.train import build_optimizer, warmup_cosine
 
