@@ -1,0 +1,367 @@
+"""Bad inputs: each gets a one-line error that names the value and what would work.
+
+Together with the tests named in docs/RELIABILITY.md (test_config, test_cli,
+test_checkpoint, test_data, test_evaluate, test_protect, test_pretrain), these are the
+rows of the bad-input table there. Most checks run in-process (compose the real config,
+call the stage or its validate_* function) because the point is the message; a handful
+run the real command to show exit code 2, one `error:` line and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import TINY_DATA, TINY_PRETRAIN
+from ntp_ssl.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from ntp_ssl.cli import config_dir
+from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
+from ntp_ssl.errors import CheckpointError, ConfigError, DataError, NtpSslError
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _compose(stage: str, *overrides: str, cache_dir: Path | None = None):
+    register_schemas()
+    base = [*TINY_DATA] if stage in ("pretrain", "protect", "evaluate") else []
+    if cache_dir is not None:
+        base.append(f"paths.cache_dir={cache_dir}")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=stage, overrides=[*base, *overrides])
+
+
+def _one_line(exc_info, *fragments: str) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert isinstance(exc_info.value, NtpSslError)  # the command prints it as `error: ...`, exit 2
+    return message
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir) -> Path:
+    """A tiny finished pretrain run directory: encoder.safetensors (16x16, 3 channels) and last.safetensors."""
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    run_dir = tmp_path_factory.mktemp("bad-inputs-encoder")
+    cfg = _compose("pretrain", *TINY_PRETRAIN, "optim.epochs=1", "trainer.projector=false", "data.targets=[optdigits]",
+                   cache_dir=cache_dir)
+    run_pretrain(cfg, run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- config values (start-up checks)
+
+
+@pytest.mark.parametrize(
+    "stage,override,fragment",
+    [
+        ("pretrain", "optim.momentum=-1", "optim.momentum=-1.0 must be in [0, 1)"),
+        ("pretrain", "method.hidden_dim=0", "method.hidden_dim=0 must be > 0"),
+        ("pretrain", "method.projection_dim=-4", "method.projection_dim=-4 must be > 0"),
+        ("pretrain", "trainer.device=cuda:x", "trainer.device='cuda:x' is not one of"),
+        ("pretrain", "trainer.projector_samples=0", "trainer.projector_samples=0 must be > 0"),
+        ("pretrain", "seed=-1", "seed=-1 must be a non-negative integer"),
+        ("pretrain", "data.train_limit=-1", "data.train_limit=-1 must be >= 0"),
+        ("pretrain", "optim.epochs=0", "optim.epochs=0 must be > 0"),
+        ("pretrain", "method.momentum_base=1.5", "method.momentum_base=1.5 must be in [0, 1]"),
+        ("pretrain", "+optim.lrr=0.1", "unknown config key(s) optim.lrr"),
+        ("protect", "admm.weight_decay=-1", "admm.weight_decay=-1.0 must be >= 0"),
+        ("protect", "admm.rho_max=0.001", "admm.rho_max=0.001 must be >= admm.rho=0.005"),
+        ("protect", "admm.iterations=-1", "admm.iterations=-1 must be >= 0"),
+        ("protect", "loss.w_mmd=-1", "loss.w_mmd=-1.0 must be >= 0"),
+        ("protect", "pretrain.optim.lr=0", "optim.lr=0.0 must be > 0"),
+        ("protect", "+loss.w_typo=1", "unknown config key(s) loss.w_typo"),
+        ("evaluate", "sweep.weight_decay=-1", "sweep.weight_decay=-1.0 must be >= 0"),
+        ("evaluate", "sweep.seeds=[0,-1]", "sweep.seeds contains -1"),
+        ("evaluate", "sweep.steps=0", "sweep.steps=0 must be > 0"),
+        ("evaluate", "sweep.knn_k=0", "sweep.knn_k=0 must be > 0"),
+        ("evaluate", "names=[a,b]", "names has 2 entries but checkpoints has 1"),
+    ],
+)
+def test_bad_config_values_fail_at_start_with_one_line(stage, override, fragment):
+    overrides = [override, "checkpoints=[x.safetensors]"] if stage == "evaluate" else [override]
+    cfg = _compose(stage, *overrides)
+    validate = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}[stage]
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    _one_line(info, fragment)
+
+
+def test_the_shipped_configs_have_no_unknown_keys():
+    from ntp_ssl.config import SCHEMAS, unknown_keys
+
+    for stage, schema in SCHEMAS.items():
+        assert unknown_keys(_compose(stage), schema) == [], stage
+    for path in sorted((config_dir() / "experiment").glob("*.yaml")):
+        stage = "pretrain" if path.stem.startswith("pretrain") else "protect"
+        assert unknown_keys(_compose(stage, f"experiment={path.stem}"), SCHEMAS[stage]) == [], path.name
+
+
+def test_cuda_device_without_cuda_is_one_line():
+    from ntp_ssl.train import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda")
+    _one_line(info, "trainer.device='cuda'", "no CUDA device", "trainer.device=cpu")
+
+
+def test_batches_larger_than_the_data_are_clamped_not_errors():
+    """admm.batch_size and sweep.batch_size larger than the data: accepted, one batch is the whole set."""
+    from ntp_ssl.protect.stage import _batches
+    from ntp_ssl.train import batch_indices
+
+    batches = list(batch_indices(7, 64, 3, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [7, 7, 7]
+    dataset = torch.utils.data.TensorDataset(torch.arange(10.0))
+    assert len(next(_batches(dataset, 4096, seed=0, workers=0))[0]) == 10
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def test_a_run_directory_with_work_from_another_config_is_refused(tmp_path):
+    from ntp_ssl.runs import claim_run_dir
+
+    first = _compose("pretrain", "optim.lr=0.1")
+    assert claim_run_dir(tmp_path, first) is False
+    (tmp_path / "last.safetensors").write_bytes(b"work")
+    assert claim_run_dir(tmp_path, first) is True  # the same config resumes
+    with pytest.raises(ConfigError) as info:
+        claim_run_dir(tmp_path, _compose("pretrain", "optim.lr=0.01"))
+    _one_line(info, "holds a run with a different config", "optim.lr: 0.1 -> 0.01", "run_name=NEW_NAME")
+    # presentation keys are not part of the config a run directory belongs to
+    assert claim_run_dir(tmp_path, _compose("pretrain", "optim.lr=0.1", "trainer.threads=2")) is True
+
+
+def test_a_run_directory_left_by_a_start_up_error_is_taken_over_by_the_corrected_command(tmp_path):
+    """`ntp-ssl pretrain optim.batch_size=4096` stops at start-up; the corrected command, same run name, runs."""
+    from ntp_ssl.runs import claim_run_dir
+
+    bad = _compose("pretrain", "optim.batch_size=4096")
+    good = _compose("pretrain", "optim.batch_size=64")
+    run_dir = tmp_path / "run"
+    claim_run_dir(run_dir, bad)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("x: 1\n")
+    (run_dir / "pretrain.log").write_text("error\n")
+    (run_dir / "tb").mkdir()
+    assert claim_run_dir(run_dir, good) is False
+    assert json.loads((run_dir / "run_config.json").read_text())["optim"]["batch_size"] == 64
+    (run_dir / "tb" / "events.out.tfevents.1").write_bytes(b"x")  # once it has logged anything, it is a run
+    with pytest.raises(ConfigError, match="different config"):
+        claim_run_dir(run_dir, bad)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _run_evaluate(tmp_path: Path, cache_dir: Path, *overrides: str):
+    from ntp_ssl.evaluate.stage import run_evaluate
+
+    cfg = _compose("evaluate", "data.targets=[optdigits]", "sweep.fractions=[1.0]", "sweep.seeds=[0]", "sweep.steps=1",
+                   *overrides, cache_dir=cache_dir)
+    return run_evaluate(cfg, tmp_path / "evaluate-run")
+
+
+def test_evaluate_with_a_missing_checkpoint(tmp_path, cache_dir):
+    with pytest.raises(CheckpointError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{tmp_path / 'nope.safetensors'}]")
+    _one_line(info, "nope.safetensors", "does not exist", "a .safetensors file or a run directory")
+
+
+def test_evaluate_with_one_channel_data_and_a_three_channel_checkpoint(tmp_path, cache_dir, pretrained):
+    with pytest.raises(ConfigError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained / 'encoder.safetensors'}]", "data.channels=1")
+    _one_line(info, "built for 16x16 images with 3 channel(s)", "data.channels=1", "set them to match")
+
+
+def test_evaluate_with_two_checkpoints_of_the_same_name(tmp_path, cache_dir, pretrained):
+    path = pretrained / "encoder.safetensors"
+    with pytest.raises(ConfigError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{path}]")
+    _one_line(info, "model names ['encoder', 'encoder'] are not unique", "names=[...]")
+
+
+def test_a_training_state_is_not_an_encoder(tmp_path, cache_dir, pretrained):
+    with pytest.raises(CheckpointError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained / 'last.safetensors'}]")
+    _one_line(info, "last.safetensors", "is a resumable training state, not an encoder", "encoder.safetensors")
+
+
+def test_a_folder_without_an_encoder(tmp_path, cache_dir):
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(CheckpointError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{tmp_path / 'empty-run'}]")
+    _one_line(info, "empty-run", "holds no encoder.safetensors or protected.safetensors")
+
+
+def test_a_plain_pt_state_dict_does_not_say_what_built_it(tmp_path, cache_dir):
+    torch.save({"features.0.weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{tmp_path / 'weights.pt'}]")
+    _one_line(info, "weights.pt", "does not say which backbone built it")
+
+
+def test_checkpoints_of_two_backbones_in_one_evaluation():
+    from ntp_ssl.encoders import build_encoder
+    from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep
+
+    fields = SweepSettings.__dataclass_fields__
+    settings = SweepSettings(fractions=(1.0,), seeds=(0,), attacks=("knn",), steps=1, batch_size=8, lr_linear=0.01,
+                             lr_finetune=0.001, weight_decay=0.0, knn_k=5,
+                             **({"linear_steps": 1} if "linear_steps" in fields else {}))
+    models = [ModelUnderTest("a", build_encoder("small_cnn", image_size=16), "small_cnn"),
+              ModelUnderTest("b", build_encoder("vgg11_bn", image_size=16), "vgg11_bn")]
+    with pytest.raises(ConfigError) as info:
+        run_sweep(models, [], settings, progress=False)
+    _one_line(info, "mix backbones ['small_cnn', 'vgg11_bn']", "one architecture per run")
+
+
+def test_checkpoint_metadata_that_is_not_json(tmp_path):
+    path = save_checkpoint(tmp_path / "encoder", {"w": torch.zeros(2)}, {"backbone": "small_cnn"})
+    path.with_suffix(".json").write_text('{"backbone": "small_')
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    _one_line(info, "encoder.json", "is not valid JSON")
+
+
+def test_a_file_that_matches_its_hash_but_is_not_safetensors(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    path.with_suffix(".json").write_text(json.dumps({"sha256": sha256_file(path), "backbone": "small_cnn"}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    _one_line(info, "is not a readable safetensors file")
+
+
+def _run_protect(tmp_path: Path, cache_dir: Path, *overrides: str):
+    from ntp_ssl.protect.stage import run_protect
+
+    cfg = _compose("protect", "data.targets=[optdigits]", "evaluate=false", "admm.iterations=1",
+                   "admm.steps_per_iteration=1", "admm.retrain_steps=0", *overrides, cache_dir=cache_dir)
+    return run_protect(cfg, tmp_path / "protect-run")
+
+
+def test_protect_of_a_protected_checkpoint(tmp_path, cache_dir, pretrained):
+    tensors, meta = load_checkpoint(pretrained / "encoder.safetensors")
+    mask = {"mask.features.0.weight": (tensors["encoder.features.0.weight"] != 0).to(torch.uint8)}
+    protected = save_checkpoint(tmp_path / "protected", {**tensors, **mask},
+                                {k: v for k, v in meta.items() if k != "sha256"})
+    with pytest.raises(ConfigError) as info:
+        _run_protect(tmp_path, cache_dir, f"checkpoint={protected}")
+    _one_line(info, "protected.safetensors", "is already protected", "protect an unprotected encoder")
+
+
+def test_protect_with_a_missing_checkpoint(tmp_path, cache_dir):
+    with pytest.raises(CheckpointError) as info:
+        _run_protect(tmp_path, cache_dir, f"checkpoint={tmp_path / 'missing.safetensors'}")
+    _one_line(info, "missing.safetensors", "does not exist")
+
+
+def test_protect_with_another_image_size_than_the_checkpoint(tmp_path, cache_dir, pretrained):
+    with pytest.raises(ConfigError) as info:
+        _run_protect(tmp_path, cache_dir, f"checkpoint={pretrained / 'encoder.safetensors'}", "data.image_size=32")
+    _one_line(info, "built for 16x16 images", "data.image_size=32")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_with_no_runs():
+    from ntp_ssl.evaluate.stage import run_report
+
+    with pytest.raises(ConfigError) as info:
+        run_report(_compose("report"), Path("unused"))
+    _one_line(info, "runs=[] is empty")
+
+
+def test_report_of_a_run_without_results(tmp_path):
+    from ntp_ssl.evaluate.stage import run_report
+
+    (tmp_path / "pretrain-run").mkdir()
+    with pytest.raises(ConfigError) as info:
+        run_report(_compose("report", f"runs=[{tmp_path / 'pretrain-run'}]"), tmp_path / "report")
+    _one_line(info, "pretrain-run", "has no results.csv")
+
+
+def test_report_of_a_damaged_results_file(tmp_path):
+    from ntp_ssl.evaluate.stage import run_report
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\nssl,optdigits,linear,zero,")
+    with pytest.raises(DataError) as info:
+        run_report(_compose("report", f"runs=[{tmp_path / 'run'}]"), tmp_path / "report")
+    _one_line(info, "results.csv", "is not a results table")
+
+
+# ----------------------------------------------------------------------------- the real command: exit 2, one line
+
+
+def _npz_with_mismatched_lengths(folder: Path) -> Path:
+    path = folder / "bad.npz"
+    np.savez(path, x=np.zeros((3, 8, 8), np.uint8), y=np.zeros(2, np.int64))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["evaluate-missing-checkpoint", "report-without-results", "npz-length-mismatch", "missing-folder",
+     "negative-momentum", "unknown-plus-key", "protect-negative-weight-decay"],
+)
+def test_the_command_exits_2_with_one_error_line(cli, tmp_path, case):
+    args = {
+        "evaluate-missing-checkpoint": (["evaluate", *TINY_DATA, "checkpoints=[nope.safetensors]",
+                                         "data.targets=[optdigits]"], "'nope.safetensors' does not exist"),
+        "report-without-results": (["report", f"runs=[{tmp_path}]"], "has no results.csv"),
+        "npz-length-mismatch": (["pretrain", *TINY_DATA, f"data.source=npz:{_npz_with_mismatched_lengths(tmp_path)}"],
+                                "'y' has 2 labels but 'x' has 3 images"),
+        "missing-folder": (["pretrain", *TINY_DATA, f"data.source=folder:{tmp_path / 'no-such-folder'}"],
+                           "no-such-folder' does not exist"),
+        "negative-momentum": (["pretrain", *TINY_DATA, "optim.momentum=-1"], "optim.momentum=-1.0 must be in [0, 1)"),
+        "unknown-plus-key": (["pretrain", *TINY_DATA, "+optim.lrr=0.1"], "unknown config key(s) optim.lrr"),
+        "protect-negative-weight-decay": (["protect", *TINY_DATA, "checkpoint=x.safetensors", "admm.weight_decay=-1"],
+                                          "admm.weight_decay=-1.0 must be >= 0"),
+    }
+    command, fragment = args[case]
+    result = cli(*command, env_extra=ONE_THREAD)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cli.py: Hydra creates the run directory before the stage runs and reports its OSError itself "
+    "(NotADirectoryError traceback, exit 1) when paths.root is a file or not writable"))
+def test_a_run_root_that_is_a_file_is_one_line(cli, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = cli("pretrain", *TINY_DATA, "paths.root=afile", env_extra=ONE_THREAD)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cli.py: a wrong type, a misspelt key or a bad override syntax is reported by Hydra (exit 1, several lines, "
+    "no `error:` prefix), unlike every other bad input (exit 2, one `error:` line)"))
+def test_a_value_of_the_wrong_type_is_one_line_exit_2(cli):
+    result = cli("pretrain", "optim.lr=fast", env_extra=ONE_THREAD)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "optim.lr" in lines[0]
