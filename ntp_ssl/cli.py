@@ -81,6 +81,43 @@ def _run_in_hydra(stage: str, cfg) -> dict:
         sys.exit(130)
 
 
+HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-p", "--package", "-i", "--info",
+               "--resolve", "-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+               "--config-dir", "--run", "-r", "--experimental-rerun", "--version")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
+
+
+def precheck(stage: str, overrides: list[str]) -> str | None:
+    """Compose the config as Hydra will and create the run directory; a problem becomes one line.
+
+    Hydra itself reports a bad override in several lines (exit 1) and fails on an unusable run
+    directory with a traceback; checked here first, both are one ``error:`` line (exit 2).
+    Skipped when Hydra's own flags are given (multirun, help, ...), which Hydra handles.
+    """
+    if any(arg.split("=")[0] in HYDRA_FLAGS for arg in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
+            cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
+            run_dir = Path(str(cfg.hydra.run.dir))
+    except Exception as exc:  # Hydra's composition and override-parsing errors
+        message = _first_line(exc)
+        if exc.__cause__ is not None:
+            message = f"{message.rstrip('.')}: {_first_line(exc.__cause__)}"
+        return message
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the run directory {str(run_dir)!r} ({exc.strerror}); set paths.root to a writable folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage_lines = "\n".join(f"  {name:<10} {text}" for name, text in STAGES.items())
@@ -105,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
         _run_in_hydra(stage, cfg)
 
+    problem = precheck(stage, argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     app = hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")(task)
     saved_argv = sys.argv
     sys.argv = [f"ntp-ssl-{stage}", *argv[1:]]

@@ -347,9 +347,6 @@ def test_the_command_exits_2_with_one_error_line(cli, tmp_path, case):
     assert len(lines) == 1 and fragment in lines[0], result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py: Hydra creates the run directory before the stage runs and reports its OSError itself "
-    "(NotADirectoryError traceback, exit 1) when paths.root is a file or not writable"))
 def test_a_run_root_that_is_a_file_is_one_line(cli, tmp_path):
     (tmp_path / "afile").write_text("")
     result = cli("pretrain", *TINY_DATA, "paths.root=afile", env_extra=ONE_THREAD)
@@ -357,9 +354,6 @@ def test_a_run_root_that_is_a_file_is_one_line(cli, tmp_path):
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py: a wrong type, a misspelt key or a bad override syntax is reported by Hydra (exit 1, several lines, "
-    "no `error:` prefix), unlike every other bad input (exit 2, one `error:` line)"))
 def test_a_value_of_the_wrong_type_is_one_line_exit_2(cli):
     result = cli("pretrain", "optim.lr=fast", env_extra=ONE_THREAD)
     assert result.returncode == 2

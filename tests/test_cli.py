@@ -43,7 +43,8 @@ def test_unknown_stage_is_one_line_error(cli):
 
 def test_config_typo_is_a_short_error(cli):
     result = cli("pretrain", "optim.lrr=0.1")
-    assert result.returncode != 0
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert "lrr" in result.stderr
     assert "Traceback" not in result.stderr
 

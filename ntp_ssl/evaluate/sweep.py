@@ -182,8 +182,12 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                           "scratch baseline serves all")
     rows: list[dict] = []
     if progress_path is not None and progress_path.exists():
-        rows = json.loads(progress_path.read_text())
-        log.info("resuming the sweep: %d finished rows in %s", len(rows), progress_path)
+        try:
+            rows = json.loads(progress_path.read_text())
+            log.info("resuming the sweep: %d finished rows in %s", len(rows), progress_path)
+        except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically, so only a disk or a hand did this
+            log.warning("ignoring the unreadable sweep progress file %s; the sweep starts over", progress_path)
+            rows = []
     done = {_row_key(r) for r in rows}
     domain_specs = domain_specs or {}
 

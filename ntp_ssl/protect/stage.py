@@ -391,6 +391,26 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
     return masks, metrics
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def write_sparsity_files(run_dir: Path, report: dict, *, writer, encoder: nn.Module,
+                         masks: dict[str, torch.Tensor]) -> None:
+    """sparsity.json, sparsity.txt, the printed table, and TensorBoard text and kept-weight histograms."""
+    table = format_sparsity_table(report)
+    atomic_write_json(run_dir / "sparsity.json", report)
+    atomic_write_text(run_dir / "sparsity.txt", table + "\n")
+    print(table)
+    writer.add_text("sparsity", f"```\n{table}\n```", 0)
+    for name, param in encoder.named_parameters():
+        if name in masks:
+            writer.add_histogram(f"weights/{name}", param.detach().cpu()[masks[name].cpu()], 0)
+    writer.flush()
+
+
 def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
     validate_protect(cfg)
     run_dir = Path(run_dir)
@@ -419,16 +439,23 @@ def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
         protected_method, protected_meta, masks = load_method(protected_path, device)
         protected_encoder = protected_method.encoder
         report = protected_meta.get("sparsity", {})
+        if not (run_dir / "sparsity.json").exists():  # killed between the export and the report files
+            write_sparsity_files(run_dir, report, writer=writer, encoder=protected_encoder, masks=masks)
     else:
         log.info("[2/3 protect] %s loss, %s projection to sparsity %.3f, against %s", cfg.loss.kind,
                  cfg.prune.projection, cfg.prune.sparsity, ", ".join(t.name for t in targets))
         masks, metrics = protect_encoder(cfg, method, source, targets, run_dir=run_dir, device=device, writer=writer)
-        tensors = export_state(method)
         named = dict(method.encoder.named_parameters())
-        for name, mask in masks.items():  # bake W * M: the file holds exactly the mask's nonzeros
-            tensors[f"encoder.{name}"] = named[name].detach() * mask.to(named[name].dtype)
+        with torch.no_grad():  # bake W * M: the file holds exactly the mask's nonzeros
+            for name, mask in masks.items():
+                named[name].mul_(mask.to(named[name].dtype))
+        tensors = export_state(method)
+        for name, mask in masks.items():
             tensors[f"{MASK_PREFIX}{name}"] = mask.to(torch.uint8).cpu()
         dense_bytes = sum(p.numel() * p.element_size() for p in method.encoder.parameters())
+        protected_encoder = method.encoder
+        report = sparsity_report(protected_encoder, masks, dense_bytes=dense_bytes,
+                                 saved_bytes=len(safetensors_bytes(tensors)))
         protected_meta = {
             **{k: v for k, v in meta.items() if k not in ("sha256", "history")},
             "kind": "protected_encoder",
@@ -438,6 +465,7 @@ def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
                                                                     "loss": cfg.loss}), resolve=True),
             "source": cfg.data.source, "targets": list(cfg.data.targets), "seed": cfg.seed,
             "metrics": metrics,
+            "sparsity": report,
         }
         save_checkpoint(protected_path, tensors, protected_meta)
         # Reload and verify what was written: exactly the mask's nonzeros, nothing dense besides.
@@ -446,20 +474,7 @@ def run_protect(cfg: Any, run_dir: Path) -> dict[str, Any]:
             nonzeros = int((saved[f"encoder.{name}"] != 0).sum())
             if nonzeros > int(mask.sum()):
                 raise RuntimeError(f"export bug: {name} has {nonzeros} nonzeros but its mask keeps {int(mask.sum())}")
-        protected_encoder = method.encoder
-        report = sparsity_report(protected_encoder, masks, dense_bytes=dense_bytes,
-                                 saved_bytes=protected_path.stat().st_size)
-        protected_meta["sparsity"] = report
-        save_checkpoint(protected_path, saved, protected_meta)  # same tensors, metadata with the report
-        atomic_write_json(run_dir / "sparsity.json", report)
-        table = format_sparsity_table(report)
-        atomic_write_text(run_dir / "sparsity.txt", table + "\n")
-        print(table)
-        writer.add_text("sparsity", f"```\n{table}\n```", 0)
-        for name, param in protected_encoder.named_parameters():
-            if name in masks:
-                writer.add_histogram(f"weights/{name}", param.detach().cpu()[masks[name].cpu()], 0)
-        writer.flush()
+        write_sparsity_files(run_dir, report, writer=writer, encoder=protected_encoder, masks=masks)
         log.info("[2/3 protect] wrote %s", protected_path)
 
     result: dict[str, Any] = {"checkpoint": str(protected_path), "sparsity": report.get("prunable"),
