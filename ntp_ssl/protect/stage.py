@@ -295,8 +295,15 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
     prunable = select_prunable(method.encoder, include_bias=cfg.prune.include_bias,
                                include_batchnorm=cfg.prune.include_batchnorm,
                                exclude_first_layer=cfg.prune.exclude_first_layer)
+    soft_delta = cfg.prune.soft_delta
+    if cfg.prune.projection == "soft" and soft_delta is None:
+        # delta = the |w| quantile at the target sparsity, so the first soft threshold zeroes that share of weights
+        magnitudes = torch.cat([p.detach().abs().flatten() for p in prunable.values()])
+        soft_delta = float(torch.quantile(magnitudes.cpu().double(), cfg.prune.sparsity))
+        log.info("prune.soft_delta not set: %.4g hits sparsity %.3f on the pretrained weights", soft_delta,
+                 cfg.prune.sparsity)
     pruner = ADMMPruner(prunable, sparsity=cfg.prune.sparsity, projection=cfg.prune.projection, rho=cfg.admm.rho,
-                        rho_growth=cfg.admm.rho_growth, rho_max=cfg.admm.rho_max, soft_delta=cfg.prune.soft_delta,
+                        rho_growth=cfg.admm.rho_growth, rho_max=cfg.admm.rho_max, soft_delta=soft_delta,
                         coupled=find_conv_bn_pairs(method.encoder) if cfg.prune.projection == "channel" else None,
                         all_params=dict(method.encoder.named_parameters()))
     params = [p for p in method.encoder.parameters()] + (
