@@ -9,7 +9,7 @@ config); ``--quick`` shrinks them.
 - fast: ``run_sweep(models, [target], settings, cache_dir=fresh)``: features extracted once
   per model and domain, the scratch baseline computed once per grid point and cached;
 - cache hit: the same call again on the same cache (scratch read from disk);
-- naive: ``reuse_features=False, cache_scratch=False`` and one ``run_sweep`` per model with
+- naive: ``reuse_features=False, cache_scratch=False, reuse_results=False`` and one ``run_sweep`` per model with
   a fresh cache: features re-extracted at every grid point, scratch trained per model.
 
 The accuracies must be equal row by row; reported: wall times, speed-ups (goal >= 5x), and
@@ -230,7 +230,7 @@ def compare_fast_naive(models, target, settings, *, spec, device, progress, coun
         hit, t_hit, w_hit = timed_sweep(f"{tag} fast, scratch cache hit", models, target, settings,
                                         cache_dir=fast_cache, spec=spec, device=device, progress=progress,
                                         counter=counter)
-    naive_settings = dataclasses.replace(settings, reuse_features=False, cache_scratch=False)
+    naive_settings = dataclasses.replace(settings, reuse_features=False, cache_scratch=False, reuse_results=False)
     naive_runs, t_naive, w_naive, per_model = [], 0.0, [], []
     for model in models:
         rows, seconds, work = timed_sweep(f"{tag} naive", [model], target, naive_settings,

@@ -73,6 +73,7 @@ class SweepSettings:
     # and recompute the scratch baseline instead of reading the cache.
     reuse_features: bool = True
     cache_scratch: bool = True
+    reuse_results: bool = True  # equal n -> same result; no mask -> mask-kept is the dense fine-tune
 
     @classmethod
     def from_config(cls, sweep: Any, **overrides) -> "SweepSettings":
@@ -230,7 +231,7 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                 idx_t = torch.as_tensor(idx, dtype=torch.long)
                 bar.set_postfix_str(f"{domain.name} seed={seed} n={n}")
                 if settings.scratch and (SCRATCH, domain.name, SCRATCH, seed, fraction) not in done:
-                    acc = memo.get((SCRATCH, SCRATCH, seed, n))
+                    acc = memo.get((SCRATCH, SCRATCH, seed, n)) if settings.reuse_results else None
                     if acc is None:
                         acc, _ = scratch_accuracy(models[0].backbone, domain, domain_specs.get(domain.name, {}),
                                                   tensors, idx, fraction=fraction, seed=seed, settings=settings,
@@ -239,7 +240,8 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                     record([_row(SCRATCH, domain.name, SCRATCH, seed, fraction, n, acc)])
                 for model in models:
                     todo = [a for a in settings.attacks if (model.name, domain.name, a, seed, fraction) not in done]
-                    results = {a: memo[(model.name, a, seed, n)] for a in todo if (model.name, a, seed, n) in memo}
+                    results = {a: memo[(model.name, a, seed, n)] for a in todo
+                               if settings.reuse_results and (model.name, a, seed, n) in memo}
                     todo = [a for a in todo if a not in results]
                     if "linear" in todo or "knn" in todo:
                         f_train, f_test = features_of(model)
@@ -250,14 +252,15 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                         if "knn" in todo:
                             results["knn"] = knn_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
                                                                 num_classes=domain.num_classes, k=settings.knn_k)
-                    if "finetune_dense" in todo or ("finetune_masked" in todo and not model.masks):
+                    reuse_dense = not model.masks and settings.reuse_results
+                    if "finetune_dense" in todo or ("finetune_masked" in todo and reuse_dense):
                         dense_acc = fine_tune_accuracy(model.encoder, None, x_train[idx_t], y_train[idx_t], x_test,
                                                        y_test, num_classes=domain.num_classes, settings=settings,
                                                        seed=seed, device=device)
                         results["finetune_dense"] = dense_acc
-                        if not model.masks and "finetune_masked" in todo:
+                        if reuse_dense and "finetune_masked" in todo:
                             results["finetune_masked"] = dense_acc
-                    if "finetune_masked" in todo and model.masks:
+                    if "finetune_masked" in todo and not reuse_dense:
                         results["finetune_masked"] = fine_tune_accuracy(
                             model.encoder, model.masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
                             num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
