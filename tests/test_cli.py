@@ -105,3 +105,12 @@ def test_domains_command_lists_and_draws(cli, tmp_path):
     assert sheet.exists() and sheet.stat().st_size > 1000
     listing = json.loads((sheet.parent / "domains.json").read_text())
     assert {d["name"] for d in listing} == {"mnist", "optdigits", "syndigits", "mnistm"}
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_run_directory_per_job(cli, tmp_path):
+    result = cli("domains", "-m", "data.image_size=16,24", "names=[optdigits]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sheets = sorted((tmp_path / "runs" / "multirun" / "domains").rglob("contact_sheet.png"))
+    assert [p.parent.name for p in sheets] == ["data.image_size=16,names=[optdigits]",
+                                               "data.image_size=24,names=[optdigits]"]
