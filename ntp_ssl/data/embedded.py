@@ -75,11 +75,10 @@ def mnist_split(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return stratified_split(labels, TEST_FRACTION, rng_for(seed, "mnist", "split"))
 
 
-def build_mnist(seed: int, image_size: int, channels: int) -> Domain:
-    images, labels = mnist_source()
-    train, test = mnist_split(seed)
+def _digit_domain(name: str, images, labels, train, test, image_size: int, channels: int) -> Domain:
+    """A 10-digit domain from source images and split indices, at the common size and channels."""
     return Domain(
-        name="mnist",
+        name=name,
         train_images=conform(images[train], image_size, channels),
         train_labels=labels[train],
         test_images=conform(images[test], image_size, channels),
@@ -87,20 +86,18 @@ def build_mnist(seed: int, image_size: int, channels: int) -> Domain:
         num_classes=10,
         class_names=DIGIT_NAMES,
     )
+
+
+def build_mnist(seed: int, image_size: int, channels: int) -> Domain:
+    images, labels = mnist_source()
+    train, test = mnist_split(seed)
+    return _digit_domain("mnist", images, labels, train, test, image_size, channels)
 
 
 def build_optdigits(seed: int, image_size: int, channels: int) -> Domain:
     images, labels = optdigits_source()
     train, test = stratified_split(labels, TEST_FRACTION, rng_for(seed, "optdigits", "split"))
-    return Domain(
-        name="optdigits",
-        train_images=conform(images[train], image_size, channels),
-        train_labels=labels[train],
-        test_images=conform(images[test], image_size, channels),
-        test_labels=labels[test],
-        num_classes=10,
-        class_names=DIGIT_NAMES,
-    )
+    return _digit_domain("optdigits", images, labels, train, test, image_size, channels)
 
 
 def blend_with_photos(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
