@@ -47,12 +47,14 @@ def run_setup(name: str, overrides: list[str], seed: int, root: Path, extra: lis
     exe = Path(sys.executable).parent / "ntp-ssl"
     cmd = [str(exe), "protect", *overrides, f"seed={seed}", f"sweep.seeds=[{seed}]", f"run_name={run_name}",
            f"paths.root={root}", "trainer.progress=false", *extra]
-    started = time.perf_counter()
+    wall_file = run_dir / "bench_wall.json"
     if not (run_dir / "summary.json").exists():
+        started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    wall = time.perf_counter() - started
+        wall_file.write_text(json.dumps({"wall_s": time.perf_counter() - started}))
+    wall = json.loads(wall_file.read_text())["wall_s"] if wall_file.exists() else float("nan")
     summary = json.loads((run_dir / "summary.json").read_text())
     meta = json.loads((run_dir / "protected.json").read_text())
     return {"setup": name, "seed": seed, "command": "ntp-ssl " + " ".join(cmd[1:]), "wall_s": wall,
