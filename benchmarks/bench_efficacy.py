@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--sparsity-sweep", choices=list(SETUPS), help="also sweep prune.sparsity for this setup")
     parser.add_argument("--root", default="benchmarks/results/efficacy")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    parser.add_argument("--table", default="efficacy", help="name of the table files written in --root")
     args = parser.parse_args()
     root = Path(args.root).resolve()
     results = []
@@ -116,8 +117,8 @@ def main() -> None:
                                 f"prune.sparsity={sparsity}"], seed, root, args.extra)
                 results.append(res)
     text = table(results)
-    (root / "efficacy.md").write_text(text + "\n")
-    (root / "efficacy.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / f"{args.table}.md").write_text(text + "\n")
+    (root / f"{args.table}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(text)
 
 
