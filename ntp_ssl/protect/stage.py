@@ -47,9 +47,8 @@ from ntp_ssl.evaluate.stage import check_compatible, domain_spec, evaluate_model
 from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings
 from ntp_ssl.features import extract_features
 from ntp_ssl.io import atomic_write_json, atomic_write_text
-from ntp_ssl.knn import knn_accuracy
 from ntp_ssl.pretrain.methods import build_method, build_train_transform, export_state, load_exported_state
-from ntp_ssl.pretrain.stage import run_pretrain
+from ntp_ssl.pretrain.stage import evaluate_knn, run_pretrain
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.losses import (
     kmeans_pseudo_labels,
@@ -245,14 +244,8 @@ class NonTransferableObjective:
 
 def knn_scores(encoder: nn.Module, domains: list[Domain], *, device) -> dict[str, float]:
     """kNN top-1 (k=20) of each domain, its own train split as memory and its test split as queries."""
-    scores = {}
-    for domain in domains:
-        train = extract_features(encoder, to_float_tensor(domain.train_images), device=device)
-        test = extract_features(encoder, to_float_tensor(domain.test_images), device=device)
-        result = knn_accuracy(train, torch.tensor(domain.train_labels), test, torch.tensor(domain.test_labels),
-                              num_classes=domain.num_classes, ks=(20,), temperature=0.07)
-        scores[domain.name] = float(next(iter(result.values())))
-    return scores
+    return {domain.name: evaluate_knn(encoder, domain, domain, device=device, ks=(20,))["knn_top1_k20"]
+            for domain in domains}
 
 
 # ----------------------------------------------------------------------------- the stage
