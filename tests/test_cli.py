@@ -114,3 +114,18 @@ def test_multirun_writes_one_run_directory_per_job(cli, tmp_path):
     sheets = sorted((tmp_path / "runs" / "multirun" / "domains").rglob("contact_sheet.png"))
     assert [p.parent.name for p in sheets] == ["data.image_size=16,names=[optdigits]",
                                                "data.image_size=24,names=[optdigits]"]
+
+
+@pytest.mark.slow
+def test_multirun_with_the_parallel_joblib_launcher(cli, tmp_path):
+    """The efficacy grid's local form: Hydra's joblib launcher runs the jobs in worker processes."""
+    result = cli("domains", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.image_size=16,24",
+                 "names=[optdigits]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    sheets = sorted((tmp_path / "runs" / "multirun" / "domains").rglob("contact_sheet.png"))
+    assert [p.parent.name for p in sheets] == ["data.image_size=16,names=[optdigits]",
+                                               "data.image_size=24,names=[optdigits]"]
+    for sheet in sheets:
+        hydra_cfg = (sheet.parent / ".hydra" / "hydra.yaml").read_text()
+        assert "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher" in hydra_cfg
