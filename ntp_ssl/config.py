@@ -135,7 +135,9 @@ class LossConfig:
     mmd_clamp: float = 1.0
     w_fisher_pseudo: float = 1.0
     w_fisher_labels: float = 0.0  # > 0 uses target labels
-    pseudo_clusters: int = 10  # k of the k-means target pseudo-labels
+    w_fisher_source: float = 0.0  # > 0 keeps the source's k-means cluster structure: - w_fs min(FDR_S, c_fs)
+    fisher_source_clamp: float = 1.0
+    pseudo_clusters: int = 10  # k of the k-means pseudo-labels (target, and source when w_fisher_source > 0)
     # supervised NTP and NTL
     alpha: float = 0.1
     ce_clamp: float = 10.0
@@ -362,7 +364,7 @@ def validate_protect(cfg: Any) -> None:
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; protect needs at least one unauthorized target domain")
     _check(cfg.data.source not in cfg.data.targets, f"data.source={cfg.data.source!r} is also in data.targets; a domain cannot be both")
     for key in ("w_source_ssl", "w_target_ssl", "target_ssl_clamp", "w_mmd", "mmd_clamp", "w_fisher_pseudo",
-                "w_fisher_labels", "alpha", "ce_clamp", "fisher_weight", "ntl_mmd_clamp"):
+                "w_fisher_labels", "w_fisher_source", "fisher_source_clamp", "alpha", "ce_clamp", "fisher_weight", "ntl_mmd_clamp"):
         _check_positive(f"loss.{key}", getattr(cfg.loss, key), allow_zero=True)
     _check(cfg.loss.pseudo_clusters >= 2, f"loss.pseudo_clusters={cfg.loss.pseudo_clusters!r} must be >= 2")
     _check_positive("loss.head_epochs", cfg.loss.head_epochs, allow_zero=True)

@@ -321,3 +321,25 @@ def test_kmeans_bad_iterations_and_nan():
     feats[0, 0] = float("nan")
     with pytest.raises(NumericalError):
         kmeans_pseudo_labels(feats, 3)
+
+
+def test_representation_loss_source_fisher_term_is_clamped_and_rewarded():
+    b = batch(6)
+    g = torch.Generator().manual_seed(6)
+    source_pseudo = torch.randint(0, 3, (16,), generator=g)
+    fs = ref_fisher(b["source_features"].detach(), source_pseudo)
+    kwargs = dict(source_ssl=torch.tensor(1.0, dtype=F64), target_ssl=None, source_features=b["source_features"],
+                  target_features=b["target_features"], w_mmd=0.0, w_fisher_pseudo=0.0,
+                  source_pseudo_labels=source_pseudo, w_fisher_source=2.0)
+    total, terms = representation_ntp_loss(**kwargs, fisher_source_clamp=fs + 1.0)
+    assert terms["fisher_source"] == pytest.approx(fs, rel=1e-9)
+    assert total.item() == pytest.approx(1.0 - 2.0 * fs, rel=1e-9)  # higher source FDR = lower loss
+    total.backward()
+    assert b["source_features"].grad.abs().sum() > 0
+    b["source_features"].grad = None
+    clamped, _ = representation_ntp_loss(**kwargs, fisher_source_clamp=fs / 2)
+    assert clamped.item() == pytest.approx(1.0 - 2.0 * fs / 2, rel=1e-9)
+    clamped.backward()
+    assert b["source_features"].grad is None or b["source_features"].grad.abs().sum() == 0
+    unused, terms = representation_ntp_loss(**{**kwargs, "source_pseudo_labels": None})
+    assert "fisher_source" not in terms and unused.item() == pytest.approx(1.0)

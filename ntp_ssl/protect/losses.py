@@ -143,14 +143,22 @@ def representation_ntp_loss(
     mmd_clamp: float = 1.0,
     w_fisher_pseudo: float = 1.0,
     w_fisher_labels: float = 0.0,
+    source_pseudo_labels: Tensor | None = None,
+    w_fisher_source: float = 0.0,
+    fisher_source_clamp: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Label-free NT loss:
-    ``w_s*SSL_S - w_t*min(SSL_T, c_t) - w_mmd*min(MMD^2(f_S, f_T), c_m) + w_fp*FDR(f_T, pseudo) + w_fl*FDR(f_T, y_T)``.
+    ``w_s*SSL_S - w_t*min(SSL_T, c_t) - w_mmd*min(MMD^2(f_S, f_T), c_m) + w_fp*FDR(f_T, pseudo_T)
+    + w_fl*FDR(f_T, y_T) - w_fs*min(FDR(f_S, pseudo_S), c_fs)``.
 
     ``source_ssl`` / ``target_ssl`` are the encoder's own SSL loss on source / target
-    views. A term whose weight is 0 or whose input is ``None`` is skipped (not computed,
-    not reported). Terms: ``ssl_source``, ``ssl_target``, ``mmd``, ``fisher_pseudo``,
-    ``fisher_labels`` (unweighted, unclamped; those computed), ``total``.
+    views. The last term is the source's counterweight to ``w_fp``: both Fisher terms act
+    on the encoder features at the same scale, so the cluster structure the target loses
+    is kept on the source (the SSL term alone, through the projection head, is too weak
+    against a large ``w_fp``). A term whose weight is 0 or whose input is ``None`` is
+    skipped (not computed, not reported). Terms: ``ssl_source``, ``ssl_target``, ``mmd``,
+    ``fisher_pseudo``, ``fisher_labels``, ``fisher_source`` (unweighted, unclamped; those
+    computed), ``total``.
     """
     total = source_ssl * w_source_ssl
     terms: dict[str, Tensor] = {"ssl_source": source_ssl}
@@ -167,6 +175,9 @@ def representation_ntp_loss(
     if w_fisher_labels != 0 and target_labels is not None:
         terms["fisher_labels"] = fisher_ratio(target_features, target_labels)
         total = total + w_fisher_labels * terms["fisher_labels"]
+    if w_fisher_source != 0 and source_pseudo_labels is not None:
+        terms["fisher_source"] = fisher_ratio(source_features, source_pseudo_labels)
+        total = total - w_fisher_source * terms["fisher_source"].clamp(max=fisher_source_clamp)
     terms["total"] = total
     return total, _floats(**terms)
 

@@ -134,7 +134,8 @@ def _batches(dataset: Dataset, batch_size: int, seed: int, workers: int) -> Iter
 class NonTransferableObjective:
     """``L_NT`` of the configured kind on a paired source/target batch, with each term reported.
 
-    - ``ssl``: w_s SSL_S - w_t min(SSL_T, c_t) - w_mmd min(MMD, c_m) + w_fp FDR(f_T, k-means) + w_fl FDR(f_T, y_T)
+    - ``ssl``: w_s SSL_S - w_t min(SSL_T, c_t) - w_mmd min(MMD, c_m) + w_fp FDR(f_T, k-means_T) + w_fl FDR(f_T, y_T)
+      - w_fs min(FDR(f_S, k-means_S), c_fs)
     - ``supervised``: CE_S - alpha min(CE_T, c) + lambda FDR(f_T, y_T)   (the paper's)
     - ``ntl``: CE_S - alpha min(CE_T, c) min(MMD, c_m)
     - ``none``: the source term alone (plain pruning, the magnitude-pruning baseline)
@@ -149,6 +150,7 @@ class NonTransferableObjective:
         self.source_labels = torch.tensor(source.train_labels, dtype=torch.long)
         self.target_labels = [torch.tensor(t.train_labels, dtype=torch.long) for t in targets]
         self.pseudo_labels: list[torch.Tensor] = [torch.zeros(len(t.train_labels), dtype=torch.long) for t in targets]
+        self.source_pseudo_labels = torch.zeros(len(source.train_labels), dtype=torch.long)
         if self.kind == "ssl" and not self.has_ssl_head:
             raise ConfigError("loss.kind=ssl needs an encoder with an SSL projection head (simclr or moco); this "
                               "checkpoint is supervised: use loss.kind=supervised, ntl or none")
@@ -187,12 +189,19 @@ class NonTransferableObjective:
             p.requires_grad_(False)  # the paper's target head stays fixed during pruning
         return scores
 
-    def refresh_pseudo_labels(self, targets: list[Domain], *, seed: int) -> None:
-        if self.kind != "ssl" or self.cfg.w_fisher_pseudo <= 0:
+    def refresh_pseudo_labels(self, source: Domain, targets: list[Domain], *, seed: int) -> None:
+        """k-means pseudo-labels of the current encoder's features, for the Fisher terms that use them."""
+        if self.kind != "ssl":
             return
-        for i, domain in enumerate(targets):
+
+        def cluster(domain: Domain) -> torch.Tensor:
             features = extract_features(self.method.encoder, to_float_tensor(domain.train_images), device=self.device)
-            self.pseudo_labels[i] = kmeans_pseudo_labels(features, self.cfg.pseudo_clusters, seed=seed).cpu()
+            return kmeans_pseudo_labels(features, self.cfg.pseudo_clusters, seed=seed).cpu()
+
+        if self.cfg.w_fisher_pseudo > 0:
+            self.pseudo_labels = [cluster(domain) for domain in targets]
+        if self.cfg.w_fisher_source > 0:
+            self.source_pseudo_labels = cluster(source)
 
     def _ssl(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         head = self.method.projection_head
@@ -222,7 +231,9 @@ class NonTransferableObjective:
                 target_labels=self.target_labels[target_index][t_idx].to(dev) if c.w_fisher_labels > 0 else None,
                 w_source_ssl=c.w_source_ssl, w_target_ssl=c.w_target_ssl, target_ssl_clamp=c.target_ssl_clamp,
                 w_mmd=c.w_mmd, mmd_clamp=c.mmd_clamp, w_fisher_pseudo=c.w_fisher_pseudo,
-                w_fisher_labels=c.w_fisher_labels)
+                w_fisher_labels=c.w_fisher_labels,
+                source_pseudo_labels=self.source_pseudo_labels[s_idx].to(dev) if c.w_fisher_source > 0 else None,
+                w_fisher_source=c.w_fisher_source, fisher_source_clamp=c.fisher_source_clamp)
         fs = encoder(sa)
         ys = self.source_labels[s_idx].to(dev)
         source_logits = self.source_head(fs)
@@ -337,7 +348,7 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
     bar = tqdm(range(start_iteration, iterations), desc="[2/3 protect] ADMM", initial=start_iteration,
                total=iterations, disable=not progress or phase != "admm", dynamic_ncols=True)
     for iteration in (bar if phase == "admm" else []):
-        objective.refresh_pseudo_labels(targets, seed=seed + iteration)
+        objective.refresh_pseudo_labels(source, targets, seed=seed + iteration)
         source_iter = _batches(source_ds, cfg.admm.batch_size, seed * 1000 + iteration, cfg.data.num_workers)
         target_iters = [_batches(ds, cfg.admm.batch_size, seed * 1000 + iteration + 17 * (i + 1), cfg.data.num_workers)
                         for i, ds in enumerate(target_ds)]
@@ -380,7 +391,7 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
         source_iter = _batches(source_ds, cfg.admm.batch_size, seed * 1000 + 999, cfg.data.num_workers)
         target_iters = [_batches(ds, cfg.admm.batch_size, seed * 1000 + 999 + 17 * (i + 1), cfg.data.num_workers)
                         for i, ds in enumerate(target_ds)]
-        objective.refresh_pseudo_labels(targets, seed=seed + iterations)
+        objective.refresh_pseudo_labels(source, targets, seed=seed + iterations)
         terms = _train_steps(objective, masked_opt, source_iter, target_iters, cfg.admm.retrain_steps,
                              start_step=0, desc="masked retraining", progress=progress, params=params)
         metrics["retrain"] = terms
