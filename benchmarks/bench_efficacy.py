@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ntp_ssl.config import PruneConfig
+
 SETUPS: dict[str, list[str]] = {
     "magnitude": ["experiment=protect_magnitude"],
     "ntl": ["experiment=protect_ntl"],
@@ -39,6 +41,7 @@ SETUPS: dict[str, list[str]] = {
     "target_free": ["experiment=protect_target_free"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
+DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
 
 
 def run_setup(name: str, overrides: list[str], seed: int, root: Path, extra: list[str]) -> dict:
@@ -111,10 +114,14 @@ def main() -> None:
             results.append(run_setup(name, SETUPS[name], seed, root, args.extra))
             print(f"done: {name} seed {seed} ({results[-1]['wall_s'] / 60:.1f} min)", flush=True)
     if args.sparsity_sweep:
+        base = args.sparsity_sweep
         for sparsity in SPARSITIES:
             for seed in args.seeds:
-                res = run_setup(f"{args.sparsity_sweep}-s{sparsity}", [*SETUPS[args.sparsity_sweep],
-                                f"prune.sparsity={sparsity}"], seed, root, args.extra)
+                if sparsity == DEFAULT_SPARSITY:  # the setup's own run: the same config, already run above or now
+                    res = {**run_setup(base, SETUPS[base], seed, root, args.extra), "setup": f"{base}-s{sparsity}"}
+                else:
+                    res = run_setup(f"{base}-s{sparsity}", [*SETUPS[base], f"prune.sparsity={sparsity}"], seed, root,
+                                    args.extra)
                 results.append(res)
     text = table(results)
     (root / f"{args.table}.md").write_text(text + "\n")
