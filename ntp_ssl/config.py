@@ -133,9 +133,12 @@ class LossConfig:
     target_ssl_clamp: float = 5.0
     w_mmd: float = 1.0
     mmd_clamp: float = 1.0
-    w_fisher_pseudo: float = 1.0
+    # The two Fisher terms on the encoder's features dominate on purpose (the paper's lambda is
+    # 1e3): Adam is invariant to the loss's scale, so these weights set the terms' share of
+    # each step; the SSL and MMD terms are the tie-breakers (docs/RESULTS.md, the sweeps of them).
+    w_fisher_pseudo: float = 1000.0  # + w_fp FDR(f_T, k-means pseudo-labels): the target loses its clusters
     w_fisher_labels: float = 0.0  # > 0 uses target labels
-    w_fisher_source: float = 0.0  # > 0 keeps the source's k-means cluster structure: - w_fs min(FDR_S, c_fs)
+    w_fisher_source: float = 1000.0  # - w_fs min(FDR(f_S, k-means), c_fs): the source keeps its clusters
     fisher_source_clamp: float = 1.0
     pseudo_clusters: int = 10  # k of the k-means pseudo-labels (target, and source when w_fisher_source > 0)
     # supervised NTP and NTL

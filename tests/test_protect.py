@@ -67,6 +67,7 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     assert "total (prunable)" in result.stdout
     tags = _scalar_tags(run_dir / "tb")
     for tag in ("protect/loss/ssl_source", "protect/loss/ssl_target", "protect/loss/mmd", "protect/loss/fisher_pseudo",
+                "protect/loss/fisher_source",
                 "protect/admm/rho", "protect/admm/primal_total", "protect/admm/dual_total", "protect/z_sparsity",
                 "protect/knn_top1/mnist", "protect/knn_top1/optdigits"):
         assert tag in tags, tag
