@@ -37,6 +37,7 @@ SETUPS: dict[str, list[str]] = {
     "label_free_no_target_ssl": ["experiment=protect_label_free", "loss.w_target_ssl=0"],
     "label_free_no_mmd": ["experiment=protect_label_free", "loss.w_mmd=0"],
     "label_free_no_fisher": ["experiment=protect_label_free", "loss.w_fisher_pseudo=0"],
+    "label_free_no_source_fisher": ["experiment=protect_label_free", "loss.w_fisher_source=0"],
     "label_free_moco": ["experiment=protect_label_free", "pretrain.method.name=moco"],
     "target_free": ["experiment=protect_target_free"],
 }
