@@ -159,3 +159,24 @@ def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, 
     assert any(k.startswith("classifier.") for k in tensors) and meta["method"] == "supervised"
     with pytest.raises(ConfigError, match="loss.kind=ssl needs an encoder with an SSL projection head"):
         run_protect(label_free, tmp_path / "label_free")
+
+
+@pytest.mark.slow
+def test_protect_gives_the_same_encoder_whether_the_default_encoder_was_cached_or_not(tmp_path):
+    """Cold: the run pretrains the default encoder itself; warm: it finds it in the cache. Same numbers."""
+    from conftest import run_cli
+
+    cache = tmp_path / "cache"  # an empty cache of its own, so the first run must pretrain
+    common = [*TINY_PROTECT, "evaluate=false", "pretrain.optim.epochs=1", "pretrain.optim.batch_size=64",
+              "pretrain.method.hidden_dim=64", "pretrain.method.projection_dim=32"]
+    tensors = {}
+    for name in ("cold", "warm"):
+        result = run_cli(["protect", *common, f"run_name={name}"], cwd=tmp_path, cache=cache)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert ("already finished" in result.stderr + result.stdout) == (name == "warm")
+        from safetensors.torch import load_file
+
+        tensors[name] = load_file(str(tmp_path / "runs" / "protect" / name / "protected.safetensors"))
+    assert tensors["cold"].keys() == tensors["warm"].keys()
+    for key, value in tensors["cold"].items():
+        assert torch.equal(value, tensors["warm"][key]), key

@@ -86,7 +86,15 @@ def default_encoder(cfg: Any, cache_dir: Path) -> Path:
     digest = hashlib.sha256(json.dumps(fingerprint(pcfg), sort_keys=True).encode()).hexdigest()[:12]
     run_dir = cache_dir / "encoders" / f"{pcfg.run_name}-{digest}"
     log.info("[1/3 encoder] no checkpoint given: using the default %s encoder from %s", pcfg.method.name, run_dir)
-    return Path(run_pretrain(pcfg, run_dir)["checkpoint"])
+    # Pretraining here draws from (and reseeds) the global RNGs, a cached encoder does not: restore
+    # them so that protection starts from the same state either way (same seed, same numbers).
+    state = rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    checkpoint = Path(run_pretrain(pcfg, run_dir)["checkpoint"])
+    set_rng_state(state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    return checkpoint
 
 
 def load_method(path: Path, device) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
