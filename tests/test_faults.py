@@ -179,6 +179,16 @@ def encoder_checkpoint(tmp_path_factory, cache_dir) -> Path:
 # ----------------------------------------------------------------------------- kill -9 through the command
 
 
+def _reference_run_then_fresh_dirs(stage: str, args: list[str], tmp_path: Path, cache_dir: Path):
+    """Run the command undisturbed (with a cache of its own) for reference; return its run directory,
+    and the work directory, run directory and fresh private cache for the run that gets killed."""
+    reference = tmp_path / "reference"
+    _run(args, reference, _private_cache(tmp_path / "cache-ref", cache_dir))
+    work = tmp_path / "killed"
+    return (reference / "runs" / stage / "crash", work, work / "runs" / stage / "crash",
+            _private_cache(tmp_path / "cache-killed", cache_dir))
+
+
 @pytest.mark.slow
 def test_pretrain_killed_at_any_moment_finishes_like_an_uninterrupted_run(tmp_path, cache_dir):
     reference = tmp_path / "reference"
@@ -218,13 +228,7 @@ def test_pretrain_killed_at_any_moment_finishes_like_an_uninterrupted_run(tmp_pa
 def test_protect_with_evaluation_killed_at_any_moment_finishes_like_an_uninterrupted_run(
         tmp_path, cache_dir, encoder_checkpoint):
     args = [*PROTECT_ARGS, f"checkpoint={encoder_checkpoint}"]
-    reference = tmp_path / "reference"
-    _run(args, reference, _private_cache(tmp_path / "cache-ref", cache_dir))
-    ref_dir = reference / "runs" / "protect" / "crash"
-
-    cache = _private_cache(tmp_path / "cache-killed", cache_dir)
-    work = tmp_path / "killed"
-    run_dir = work / "runs" / "protect" / "crash"
+    ref_dir, work, run_dir, cache = _reference_run_then_fresh_dirs("protect", args, tmp_path, cache_dir)
     # 1. early: loading, fitting the heads, the first kNN
     _run_and_kill(args, work, cache, _after(3.0))
     # 2. right after the first ADMM iteration's resume point
@@ -252,13 +256,7 @@ def test_protect_with_evaluation_killed_at_any_moment_finishes_like_an_uninterru
 @pytest.mark.slow
 def test_evaluate_killed_at_any_moment_finishes_like_an_uninterrupted_run(tmp_path, cache_dir, encoder_checkpoint):
     args = [*EVALUATE_ARGS, f"checkpoints=[{encoder_checkpoint}]"]
-    reference = tmp_path / "reference"
-    _run(args, reference, _private_cache(tmp_path / "cache-ref", cache_dir))
-    ref_dir = reference / "runs" / "evaluate" / "crash"
-
-    cache = _private_cache(tmp_path / "cache-killed", cache_dir)
-    work = tmp_path / "killed"
-    run_dir = work / "runs" / "evaluate" / "crash"
+    ref_dir, work, run_dir, cache = _reference_run_then_fresh_dirs("evaluate", args, tmp_path, cache_dir)
     progress = run_dir / "sweep_progress.json"
     _run_and_kill(args, work, cache, _after(2.5))
     assert _run_and_kill(args, work, cache, _exists(progress))
