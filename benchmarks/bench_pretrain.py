@@ -246,7 +246,7 @@ def _train_setup(cfg, *, seed: int = 0):
     from ntp_ssl.data import ImageArrayDataset, load_domains_for
     from ntp_ssl.pretrain.methods import build_train_transform
     from ntp_ssl.pretrain.stage import build_model
-    from ntp_ssl.train import build_optimizer, warmup_cosine
+    from ntp_ssl.shared.train import build_optimizer, warmup_cosine
 
     torch.manual_seed(seed)
     source = load_domains_for(cfg, [cfg.data.source])[0]
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntp-bench-cache-")))
         root = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntp-bench-runs-")))
         base = pretrain_config("simclr", cache_dir, root, args.quick)
-        from ntp_ssl.train import configure_threads
+        from ntp_ssl.shared.train import configure_threads
 
         configure_threads(base.trainer.threads)  # the thread count every measurement uses
         info = system_info()

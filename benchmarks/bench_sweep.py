@@ -129,7 +129,7 @@ def pretrain_checkpoint(cache_dir: Path, work_dir: Path, quick: bool, source: st
 
 def build_models(checkpoint: Path, sparsity: float):
     """The checkpoint's encoder and a copy magnitude-pruned per layer on its conv weights."""
-    from ntp_ssl.checkpoint import load_encoder
+    from ntp_ssl.shared.checkpoint import load_encoder
     from ntp_ssl.evaluate.sweep import ModelUnderTest
     from ntp_ssl.protect.projections import project_topk_per_layer
 
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     from ntp_ssl.evaluate.sweep import SweepSettings
     from ntp_ssl.io import atomic_write_json
     from ntp_ssl.data import load_domains_for
-    from ntp_ssl.train import configure_threads, resolve_device, seed_everything
+    from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntp-bench-sweep-")))

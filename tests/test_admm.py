@@ -76,7 +76,7 @@ def test_admm_recovers_known_sparse_solution(kind):
         assert torch.allclose(params[k].detach(), w_star[k], atol=2e-2)
 
     pruner.hard_prune()
-    from ntp_ssl.protect.masking import MaskedOptimizer
+    from ntp_ssl.shared.masking import MaskedOptimizer
 
     masked = MaskedOptimizer(torch.optim.SGD(params.values(), lr=1 / lip), params, masks)
     gd(params, lambda: ls_loss(A, y, params), None, 300, masked)  # masked retraining: exact restricted LS

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import TINY_DATA, TINY_PRETRAIN
-from ntp_ssl.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from ntp_ssl.shared.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ntp_ssl.cli import config_dir
 from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
 from ntp_ssl.errors import CheckpointError, ConfigError, DataError, NtpSslError
@@ -113,7 +113,7 @@ def test_the_shipped_configs_have_no_unknown_keys():
 
 
 def test_cuda_device_without_cuda_is_one_line():
-    from ntp_ssl.train import resolve_device
+    from ntp_ssl.shared.train import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -125,7 +125,7 @@ def test_cuda_device_without_cuda_is_one_line():
 def test_batches_larger_than_the_data_are_clamped_not_errors():
     """admm.batch_size and sweep.batch_size larger than the data: accepted, one batch is the whole set."""
     from ntp_ssl.protect.stage import _batches
-    from ntp_ssl.train import batch_indices
+    from ntp_ssl.shared.train import batch_indices
 
     batches = list(batch_indices(7, 64, 3, torch.Generator().manual_seed(0)))
     assert [len(b) for b in batches] == [7, 7, 7]
@@ -137,7 +137,7 @@ def test_batches_larger_than_the_data_are_clamped_not_errors():
 
 
 def test_a_run_directory_with_work_from_another_config_is_refused(tmp_path):
-    from ntp_ssl.runs import claim_run_dir
+    from ntp_ssl.shared.runs import claim_run_dir
 
     first = _compose("pretrain", "optim.lr=0.1")
     assert claim_run_dir(tmp_path, first) is False
@@ -152,7 +152,7 @@ def test_a_run_directory_with_work_from_another_config_is_refused(tmp_path):
 
 def test_a_run_directory_left_by_a_start_up_error_is_taken_over_by_the_corrected_command(tmp_path):
     """`ntp-ssl pretrain optim.batch_size=4096` stops at start-up; the corrected command, same run name, runs."""
-    from ntp_ssl.runs import claim_run_dir
+    from ntp_ssl.shared.runs import claim_run_dir
 
     bad = _compose("pretrain", "optim.batch_size=4096")
     good = _compose("pretrain", "optim.batch_size=64")

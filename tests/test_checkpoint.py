@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from ntp_ssl.checkpoint import (
+from ntp_ssl.shared.checkpoint import (
     flatten_state,
     load_checkpoint,
     load_encoder,

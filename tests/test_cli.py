@@ -78,7 +78,7 @@ def test_pretrain_end_to_end(cli, tmp_path):
     result = cli("pretrain", *TINY_DATA, *TINY_PRETRAIN, "run_name=tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "pretrain" / "tiny"
-    from ntp_ssl.checkpoint import load_encoder
+    from ntp_ssl.shared.checkpoint import load_encoder
 
     encoder, meta, masks, _ = load_encoder(run_dir / "encoder.safetensors")
     assert meta["backbone"] == "small_cnn" and meta["method"] == "simclr" and masks == {}

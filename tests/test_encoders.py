@@ -1,4 +1,4 @@
-"""Backbones (ntp_ssl.encoders) and feature extraction (ntp_ssl.features)."""
+"""Backbones (ntp_ssl.encoders) and feature extraction (ntp_ssl.shared.features)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from ntp_ssl.encoders import BACKBONES, DEFAULT_BACKBONE, build_encoder
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.features import extract_features
+from ntp_ssl.shared.features import extract_features
 
 FEATURE_DIMS = {"small_cnn": 256, "resnet18": 512, "resnet50": 2048, "vgg11_bn": 512}
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import TINY_DATA, TINY_PRETRAIN
-from ntp_ssl.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint
+from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint
 from ntp_ssl.errors import CheckpointError, NumericalError
 from test_pretrain import compose_pretrain
 
@@ -297,7 +297,7 @@ def test_a_checkpoint_save_killed_at_any_step_leaves_the_old_or_the_new_one(tmp_
     by its hash) or no checkpoint at all, never a pair that fails to load: a resuming stage
     would otherwise stop with an error instead of finishing the job.
     """
-    from ntp_ssl import checkpoint as ckpt
+    from ntp_ssl.shared import checkpoint as ckpt
     from ntp_ssl import io as ntp_io
 
     path = tmp_path / "last.safetensors"

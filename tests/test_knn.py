@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.knn import knn_accuracy, knn_predict
+from ntp_ssl.shared.knn import knn_accuracy, knn_predict
 
 
 def brute_force_knn(train, labels, queries, num_classes, k, temperature):

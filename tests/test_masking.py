@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.protect.masking import MaskedOptimizer, apply_masks_, mask_gradients_, zero_optimizer_state_
+from ntp_ssl.shared.masking import MaskedOptimizer, apply_masks_, mask_gradients_, zero_optimizer_state_
 
 OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),

@@ -60,7 +60,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, cache_dir, monkeyp
     for a, b in zip(resumed, uninterrupted):  # same seed, same machine: the same numbers
         assert a["loss"] == b["loss"]
         assert a.get("knn_top1_k20") == b.get("knn_top1_k20")
-    from ntp_ssl.checkpoint import load_checkpoint
+    from ntp_ssl.shared.checkpoint import load_checkpoint
 
     state_a, _ = load_checkpoint(interrupted / "encoder.safetensors")
     state_b, _ = load_checkpoint(reference / "encoder.safetensors")
@@ -122,7 +122,7 @@ def test_resume_from_a_missing_path_is_a_clear_error(tmp_path, cache_dir):
 def test_resume_from_a_run_of_another_backbone_is_refused(tmp_path, cache_dir):
     import torch
 
-    from ntp_ssl.checkpoint import save_training_state
+    from ntp_ssl.shared.checkpoint import save_training_state
     from ntp_ssl.errors import CheckpointError
     from ntp_ssl.pretrain.stage import run_pretrain
 

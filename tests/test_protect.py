@@ -38,7 +38,7 @@ def _scalar_tags(event_dir: Path) -> set[str]:
 def _check_protected_file(path: Path, sparsity: float) -> None:
     from safetensors import safe_open
 
-    from ntp_ssl.checkpoint import load_encoder
+    from ntp_ssl.shared.checkpoint import load_encoder
 
     encoder, meta, masks, tensors = load_encoder(path)
     assert meta["kind"] == "protected_encoder" and masks
@@ -125,7 +125,7 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
     monkeypatch.setattr(stage.ADMMPruner, "update", real_update)
     stage.run_protect(cfg, tmp_path / "resumed")
 
-    from ntp_ssl.checkpoint import load_checkpoint
+    from ntp_ssl.shared.checkpoint import load_checkpoint
 
     a, meta_a = load_checkpoint(tmp_path / "reference" / "protected.safetensors")
     b, meta_b = load_checkpoint(tmp_path / "resumed" / "protected.safetensors")
@@ -138,7 +138,7 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
 def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, cache_dir):
     from hydra import compose, initialize_config_dir
 
-    from ntp_ssl.checkpoint import load_checkpoint
+    from ntp_ssl.shared.checkpoint import load_checkpoint
     from ntp_ssl.cli import config_dir
     from ntp_ssl.config import register_schemas
     from ntp_ssl.errors import ConfigError

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ntp_ssl.checkpoint import load_encoder
+from ntp_ssl.shared.checkpoint import load_encoder
 from ntp_ssl.config import validate_evaluate
 from ntp_ssl.data import Domain, default_cache_dir, load_domains_for
 from ntp_ssl.errors import ConfigError
@@ -19,8 +19,8 @@ from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
 from ntp_ssl.evaluate.results import read_results, summarize, summary_markdown, summary_text, write_results
 from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep, source_accuracy
 from ntp_ssl.io import atomic_write_json, atomic_write_text
-from ntp_ssl.runs import claim_run_dir
-from ntp_ssl.train import configure_threads, resolve_device, seed_everything
+from ntp_ssl.shared.runs import claim_run_dir
+from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
 log = logging.getLogger("ntp_ssl.evaluate")
 

@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.slc import draw_subset, samples_for_fraction, validate_grid
-from ntp_ssl.features import extract_features
+from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
-from ntp_ssl.knn import knn_accuracy
-from ntp_ssl.train import classifier_accuracy, fit_classifier
+from ntp_ssl.shared.knn import knn_accuracy
+from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
@@ -100,7 +100,7 @@ def fine_tune_accuracy(encoder: nn.Module, masks: dict[str, torch.Tensor] | None
     model = copy.deepcopy(encoder)
     head = nn.Linear(model.feature_dim, num_classes)
     if masks:
-        from ntp_ssl.protect.masking import apply_masks_
+        from ntp_ssl.shared.masking import apply_masks_
 
         named = dict(model.named_parameters())
         apply_masks_({k: named[k] for k in masks}, masks)

@@ -21,16 +21,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ntp_ssl.checkpoint import load_training_state, save_checkpoint, save_training_state
+from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ntp_ssl.config import validate_pretrain
 from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
-from ntp_ssl.features import extract_features
-from ntp_ssl.knn import knn_accuracy
+from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.knn import knn_accuracy
 from ntp_ssl.pretrain.methods import MoCoV2, build_method, build_train_transform, export_state
-from ntp_ssl.runs import claim_run_dir
-from ntp_ssl.train import (
+from ntp_ssl.shared.runs import claim_run_dir
+from ntp_ssl.shared.train import (
     autocast_context,
     build_optimizer,
     check_finite,
@@ -291,7 +291,7 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if history and "knn_top1_k20" in history[-1]:
         metrics.update({k: history[-1][k] for k in history[-1] if k.startswith("knn")})
     if cfg.method.name == "supervised":
-        from ntp_ssl.train import classifier_accuracy
+        from ntp_ssl.shared.train import classifier_accuracy
 
         metrics["source_test_accuracy"] = classifier_accuracy(
             method.encoder, method.classifier, to_float_tensor(source.test_images),

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ntp_ssl.checkpoint import (
+from ntp_ssl.shared.checkpoint import (
     MASK_PREFIX,
     load_checkpoint,
     load_encoder,
@@ -45,7 +45,7 @@ from ntp_ssl.data import Domain, ImageArrayDataset, default_cache_dir, load_doma
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.stage import check_compatible, domain_spec, evaluate_models
 from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings
-from ntp_ssl.features import extract_features
+from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.pretrain.methods import build_method, build_train_transform, export_state, load_exported_state
 from ntp_ssl.pretrain.stage import evaluate_knn, run_pretrain
@@ -56,10 +56,10 @@ from ntp_ssl.protect.losses import (
     representation_ntp_loss,
     supervised_ntp_loss,
 )
-from ntp_ssl.protect.masking import MaskedOptimizer, mask_gradients_
+from ntp_ssl.shared.masking import MaskedOptimizer, mask_gradients_
 from ntp_ssl.protect.sparsity import format_sparsity_table, sparsity_report
-from ntp_ssl.runs import claim_run_dir, fingerprint
-from ntp_ssl.train import (
+from ntp_ssl.shared.runs import claim_run_dir, fingerprint
+from ntp_ssl.shared.train import (
     build_optimizer,
     rng_state,
     set_rng_state,

@@ -126,7 +126,7 @@ def fit_classifier(
     moments at pruned positions are zeroed. With ``train_encoder=False`` the encoder is
     frozen (eval mode, no gradients). Returns the mean loss of the last 10 steps.
     """
-    from ntp_ssl.protect.masking import MaskedOptimizer  # the masking math lives with protection
+    from ntp_ssl.shared.masking import MaskedOptimizer  # the masking math lives with protection
 
     device = torch.device(device)
     encoder.to(device)
