@@ -14,6 +14,7 @@ from torch import nn
 from ntp_ssl.encoders.resnet import ResNetEncoder, resnet18, resnet50
 from ntp_ssl.encoders.small_cnn import SmallCNN, small_cnn
 from ntp_ssl.encoders.vgg import VGGEncoder, vgg11_bn
+from ntp_ssl.checks import check_image_size
 from ntp_ssl.errors import ConfigError
 
 DEFAULT_BACKBONE = "small_cnn"
@@ -35,8 +36,7 @@ def build_encoder(name: str, *, in_channels: int = 3, image_size: int = 32) -> n
         )
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"in_channels must be a positive integer (e.g. 1 or 3), got {in_channels!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-        raise ConfigError(f"image_size must be an integer >= 4 (e.g. 32), got {image_size!r}")
+    check_image_size(image_size)
     encoder = BACKBONES[name](in_channels=in_channels, image_size=image_size)
     assert isinstance(getattr(encoder, "feature_dim", None), int)
     return encoder

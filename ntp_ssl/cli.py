@@ -52,7 +52,7 @@ def stage_runner(stage: str) -> Callable:
     if stage == "pretrain":
         from ntp_ssl.pretrain.stage import run_pretrain as runner
     elif stage == "protect":
-        from ntp_ssl.protect.stage import run_protect as runner
+        from ntp_ssl.pipeline import run_main_job as runner
     elif stage == "evaluate":
         from ntp_ssl.evaluate.stage import run_evaluate as runner
     elif stage == "report":

@@ -9,20 +9,22 @@ checked by the ``validate_*`` functions at start-up, each failure a one-line
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ntp_ssl.checks import check_channels, check_image_size
 from ntp_ssl.errors import ConfigError
 
-PAPER_FRACTIONS = [0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0]
+PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
 ATTACKS = ("linear", "finetune_masked", "finetune_dense", "knn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-LOSS_KINDS = ("ssl", "supervised", "ntl", "none")
 
 
 @dataclass
@@ -101,6 +103,17 @@ class PretrainConfig:
 
 
 @dataclass
+class DefaultEncoderConfig:
+    """How the main job pretrains its default encoder when no checkpoint is given: on
+    data.source, with the run's own data, paths and trainer settings (cached)."""
+
+    seed: int = 0
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
 class PruneConfig:
     sparsity: float = 0.9
     projection: str = "layer"  # layer | global | channel | soft
@@ -125,9 +138,12 @@ class AdmmConfig:
 
 
 @dataclass
-class LossConfig:
-    kind: str = "ssl"  # ssl (label-free) | supervised (the paper's) | ntl (MMD variant) | none (source only)
-    # representation-level, label-free
+class LabelFreeLossConfig:
+    """``loss=ssl``, this project's representation-level loss (no labels needed):
+    w_s SSL_S - w_t min(SSL_T, c_t) - w_mmd min(MMD, c_m) + w_fp FDR(f_T, k-means_T)
+    + w_fl FDR(f_T, y_T) - w_fs min(FDR(f_S, k-means_S), c_fs)."""
+
+    kind: str = "ssl"  # set by the option; choose the loss with loss=ssl|supervised|ntl|none
     w_source_ssl: float = 1.0
     w_target_ssl: float = 1.0
     target_ssl_clamp: float = 5.0
@@ -141,17 +157,47 @@ class LossConfig:
     w_fisher_source: float = 1000.0  # - w_fs min(FDR(f_S, k-means), c_fs): the source keeps its clusters
     fisher_source_clamp: float = 1.0
     pseudo_clusters: int = 10  # k of the k-means pseudo-labels (target, and source when w_fisher_source > 0)
-    # supervised NTP and NTL
+
+
+@dataclass
+class SupervisedLossConfig:
+    """``loss=supervised``, the paper's loss with labels on both sides:
+    CE_S - alpha min(CE_T, c) + w_fl FDR(f_T, y_T)."""
+
+    kind: str = "supervised"
+    alpha: float = 0.1
+    ce_clamp: float = 10.0  # c = 10 in the authors' code
+    w_fisher_labels: float = 1e3  # the paper's lambda
+    head_steps: int = 100  # optimiser steps fitting the source/target heads on the frozen encoder
+
+
+@dataclass
+class NtlLossConfig:
+    """``loss=ntl``, the NTL-style variant: CE_S - alpha min(CE_T, c) min(MMD(f_S, f_T), c_m)."""
+
+    kind: str = "ntl"
     alpha: float = 0.1
     ce_clamp: float = 10.0
-    fisher_weight: float = 1e3
-    ntl_mmd_clamp: float = 1.0
-    head_epochs: int = 5  # epochs to fit the source/target heads on the frozen encoder
+    mmd_clamp: float = 1.0
+    head_steps: int = 100
+
+
+@dataclass
+class SourceOnlyLossConfig:
+    """``loss=none``: the source term alone (the encoder's SSL loss, or cross-entropy for a
+    supervised checkpoint); with admm.iterations=0 this is plain magnitude pruning."""
+
+    kind: str = "none"
+
+
+#: loss option (the ``loss=`` choice and each node's ``kind``) -> its schema
+LOSSES: dict[str, type] = {"ssl": LabelFreeLossConfig, "supervised": SupervisedLossConfig, "ntl": NtlLossConfig,
+                           "none": SourceOnlyLossConfig}
 
 
 @dataclass
 class SweepConfig:
-    fractions: List[float] = field(default_factory=lambda: list(PAPER_FRACTIONS))
+    fractions: List[float] = field(default_factory=lambda: list(PAPER_GRID))
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     attacks: List[str] = field(default_factory=lambda: list(ATTACKS))
     steps: int = 150  # fine-tune optimiser steps per grid point, the same for every model and scratch
@@ -193,8 +239,8 @@ class ProtectConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     admm: AdmmConfig = field(default_factory=AdmmConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # used when checkpoint is None
+    loss: Any = MISSING  # a node of the loss group: loss=ssl (default) | supervised | ntl | none
+    pretrain: DefaultEncoderConfig = field(default_factory=DefaultEncoderConfig)  # used when checkpoint is None
     sweep: SweepConfig = field(default_factory=SweepConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -230,6 +276,15 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for stage, schema in SCHEMAS.items():
         store.store(name=f"{stage}_schema", node=schema)
+    for name, schema in LOSSES.items():
+        store.store(group="loss", name=name, node=schema)
+
+
+def to_plain(cfg: Any) -> dict:
+    """A config node (or a mapping) as plain, resolved Python containers."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -250,8 +305,8 @@ def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None
 
 
 def validate_data(data: Any) -> None:
-    _check(data.image_size >= 8, f"data.image_size={data.image_size!r} must be an integer >= 8")
-    _check_choice("data.channels", data.channels, (1, 3))
+    check_image_size(data.image_size, "data.image_size")
+    check_channels(data.channels, "data.channels")
     _check_positive("data.num_workers", data.num_workers, allow_zero=True)
     _check_positive("data.train_limit", data.train_limit, allow_zero=True)
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
@@ -260,7 +315,6 @@ def validate_data(data: Any) -> None:
 def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
     """Keys of ``cfg`` that ``schema`` does not have, dotted; ``+key=value`` overrides add such
     keys without an error from Hydra, and nothing would ever read them."""
-    import dataclasses
     import typing
 
     if not hasattr(cfg, "keys"):
@@ -302,23 +356,24 @@ def validate_trainer(trainer: Any) -> None:
         _check_positive("trainer.projector_samples", trainer.projector_samples)
 
 
+def validate_optim_and_method(optim: Any, method: Any) -> None:
+    _check_choice("optim.name", optim.name, OPTIMIZERS)
+    _check(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum!r} must be in [0, 1)")
+    for key in ("lr", "batch_size", "epochs"):
+        _check_positive(f"optim.{key}", optim[key])
+    for key in ("weight_decay", "warmup_epochs"):
+        _check_positive(f"optim.{key}", optim[key], allow_zero=True)
+    for key in ("hidden_dim", "projection_dim", "temperature", "memory_bank_size"):
+        _check_positive(f"method.{key}", method[key])
+    _check(0 <= method.momentum_base <= 1, f"method.momentum_base={method.momentum_base!r} must be in [0, 1]")
+
+
 def validate_pretrain(cfg: Any) -> None:
     _check_known_keys(cfg, PretrainConfig, "pretrain")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
-    _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    _check_positive("optim.lr", cfg.optim.lr)
-    _check(0 <= cfg.optim.momentum < 1, f"optim.momentum={cfg.optim.momentum!r} must be in [0, 1)")
-    _check_positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _check_positive("optim.batch_size", cfg.optim.batch_size)
-    _check_positive("optim.epochs", cfg.optim.epochs)
-    _check_positive("optim.warmup_epochs", cfg.optim.warmup_epochs, allow_zero=True)
-    _check_positive("method.hidden_dim", cfg.method.hidden_dim)
-    _check_positive("method.projection_dim", cfg.method.projection_dim)
-    _check_positive("method.temperature", cfg.method.temperature)
-    _check_positive("method.memory_bank_size", cfg.method.memory_bank_size)
-    _check(0 <= cfg.method.momentum_base <= 1, f"method.momentum_base={cfg.method.momentum_base!r} must be in [0, 1]")
+    validate_optim_and_method(cfg.optim, cfg.method)
 
 
 def validate_sweep(sweep: Any) -> None:
@@ -332,13 +387,51 @@ def validate_sweep(sweep: Any) -> None:
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)
-    _check_positive("sweep.steps", sweep.steps)
-    _check_positive("sweep.linear_steps", sweep.linear_steps)
-    _check_positive("sweep.batch_size", sweep.batch_size)
-    _check_positive("sweep.lr_linear", sweep.lr_linear)
-    _check_positive("sweep.lr_finetune", sweep.lr_finetune)
+    for key in ("steps", "linear_steps", "batch_size", "lr_linear", "lr_finetune", "knn_k"):
+        _check_positive(f"sweep.{key}", sweep[key])
     _check_positive("sweep.weight_decay", sweep.weight_decay, allow_zero=True)
-    _check_positive("sweep.knn_k", sweep.knn_k)
+
+
+def validate_prune(prune: Any) -> None:
+    _check(0 <= prune.sparsity < 1, f"prune.sparsity={prune.sparsity!r} must be in [0, 1)")
+    _check_choice("prune.projection", prune.projection, ("layer", "global", "channel", "soft"))
+    if prune.soft_delta is not None:
+        _check_positive("prune.soft_delta", prune.soft_delta)
+
+
+def validate_admm(admm: Any) -> None:
+    _check_choice("admm.optimizer", admm.optimizer, OPTIMIZERS)
+    for key in ("iterations", "retrain_steps", "weight_decay"):
+        _check_positive(f"admm.{key}", admm[key], allow_zero=True)
+    for key in ("steps_per_iteration", "rho", "rho_growth", "lr", "batch_size"):
+        _check_positive(f"admm.{key}", admm[key])
+    _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
+           f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
+
+
+def validate_loss(loss: Any) -> None:
+    """The loss node: its option's own keys only, each weight >= 0."""
+    kind = loss.get("kind") if hasattr(loss, "get") else None
+    _check_choice("loss.kind", kind, tuple(LOSSES))
+    schema = LOSSES[kind]
+    chosen = OmegaConf.get_type(loss) if isinstance(loss, DictConfig) else schema
+    option = next((name for name, cls in LOSSES.items() if cls is chosen), kind)
+    _check(option == kind, f"loss.kind={kind!r} does not change the loss option (loss={option}); choose the loss "
+                           f"with loss={kind}")
+    extra = unknown_keys(loss, schema, "loss.")
+    _check(not extra, f"{', '.join(extra)} is not a key of loss={kind} (keys: "
+                      f"{', '.join(f.name for f in dataclasses.fields(schema) if f.name != 'kind')}); "
+                      "choose another loss with loss=ssl|supervised|ntl|none")
+    for f in dataclasses.fields(schema):
+        if f.name == "pseudo_clusters":
+            _check(loss.pseudo_clusters >= 2, f"loss.pseudo_clusters={loss.pseudo_clusters!r} must be >= 2")
+        elif f.name != "kind":
+            _check_positive(f"loss.{f.name}", loss[f.name], allow_zero=True)
+
+
+def validate_default_encoder(node: Any) -> None:
+    _check_seed("pretrain.seed", node.seed)
+    validate_optim_and_method(node.optim, node.method)
 
 
 def validate_protect(cfg: Any) -> None:
@@ -347,30 +440,12 @@ def validate_protect(cfg: Any) -> None:
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
     if cfg.checkpoint is None:
-        validate_pretrain(cfg.pretrain)
-    _check(0 <= cfg.prune.sparsity < 1, f"prune.sparsity={cfg.prune.sparsity!r} must be in [0, 1)")
-    _check_choice("prune.projection", cfg.prune.projection, ("layer", "global", "channel", "soft"))
-    if cfg.prune.soft_delta is not None:
-        _check_positive("prune.soft_delta", cfg.prune.soft_delta)
-    _check_choice("loss.kind", cfg.loss.kind, LOSS_KINDS)
-    _check_choice("admm.optimizer", cfg.admm.optimizer, OPTIMIZERS)
-    _check_positive("admm.iterations", cfg.admm.iterations, allow_zero=True)
-    _check_positive("admm.steps_per_iteration", cfg.admm.steps_per_iteration)
-    _check_positive("admm.rho", cfg.admm.rho)
-    _check_positive("admm.rho_growth", cfg.admm.rho_growth)
-    _check(math.isfinite(cfg.admm.rho_max) and cfg.admm.rho_max >= cfg.admm.rho,
-           f"admm.rho_max={cfg.admm.rho_max!r} must be >= admm.rho={cfg.admm.rho!r}")
-    _check_positive("admm.lr", cfg.admm.lr)
-    _check_positive("admm.weight_decay", cfg.admm.weight_decay, allow_zero=True)
-    _check_positive("admm.batch_size", cfg.admm.batch_size)
-    _check_positive("admm.retrain_steps", cfg.admm.retrain_steps, allow_zero=True)
+        validate_default_encoder(cfg.pretrain)
+    validate_prune(cfg.prune)
+    validate_admm(cfg.admm)
+    validate_loss(cfg.loss)
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; protect needs at least one unauthorized target domain")
     _check(cfg.data.source not in cfg.data.targets, f"data.source={cfg.data.source!r} is also in data.targets; a domain cannot be both")
-    for key in ("w_source_ssl", "w_target_ssl", "target_ssl_clamp", "w_mmd", "mmd_clamp", "w_fisher_pseudo",
-                "w_fisher_labels", "w_fisher_source", "fisher_source_clamp", "alpha", "ce_clamp", "fisher_weight", "ntl_mmd_clamp"):
-        _check_positive(f"loss.{key}", getattr(cfg.loss, key), allow_zero=True)
-    _check(cfg.loss.pseudo_clusters >= 2, f"loss.pseudo_clusters={cfg.loss.pseudo_clusters!r} must be >= 2")
-    _check_positive("loss.head_epochs", cfg.loss.head_epochs, allow_zero=True)
     if cfg.evaluate:
         validate_sweep(cfg.sweep)
         _check(cfg.eval_targets is None or len(cfg.eval_targets) > 0,

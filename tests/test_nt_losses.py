@@ -167,7 +167,7 @@ def test_supervised_ntp_loss_terms_and_gradients():
     b = batch()
     total, terms = supervised_ntp_loss(
         b["source_logits"], b["source_labels"], b["target_logits"], b["target_labels"], b["target_features"],
-        alpha=0.5, ce_clamp=10.0, fisher_weight=3.0,
+        alpha=0.5, ce_clamp=10.0, w_fisher_labels=3.0,
     )
     ce_s = F.cross_entropy(b["source_logits"], b["source_labels"]).item()
     ce_t = F.cross_entropy(b["target_logits"], b["target_labels"]).item()
@@ -188,7 +188,7 @@ def test_supervised_ntp_loss_clamps_target_ce():
     wrong[torch.arange(16), (b["target_labels"] + 1) % 5] = 30.0  # confidently wrong: CE ~ 60
     logits = wrong.detach().requires_grad_()
     total, terms = supervised_ntp_loss(
-        b["source_logits"], b["source_labels"], logits, b["target_labels"], b["target_features"], alpha=1.0, ce_clamp=2.0, fisher_weight=0.0
+        b["source_logits"], b["source_labels"], logits, b["target_labels"], b["target_features"], alpha=1.0, ce_clamp=2.0, w_fisher_labels=0.0
     )
     assert terms["ce_target"] > 50
     assert total.item() == pytest.approx(terms["ce_source"] - 2.0)

@@ -19,7 +19,7 @@ import pytest
 from conftest import TINY_DATA
 
 TINY_DEFAULT_ENCODER = ["pretrain.optim.epochs=1", "pretrain.optim.batch_size=64", "pretrain.method.hidden_dim=64",
-                        "pretrain.method.projection_dim=32", "pretrain.trainer.projector=false"]
+                        "pretrain.method.projection_dim=32", "trainer.projector=false"]
 TINY_ADMM = ["data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
              "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8", "evaluate=false",
              "trainer.threads=1"]

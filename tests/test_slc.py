@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from ntp_ssl.errors import ConfigError, DataError
+from ntp_ssl.config import PAPER_GRID
+from ntp_ssl.data.subsets import draw_subset, subset_order
 from ntp_ssl.evaluate.slc import (
-    PAPER_GRID,
-    draw_subset,
     learning_curve_auc,
     mean_ci95,
     samples_for_fraction,
     slc_auc,
     student_t_quantile,
-    subset_order,
     validate_grid,
 )
 

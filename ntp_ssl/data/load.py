@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import numbers
 import time
 from pathlib import Path
 from typing import Any
 
+from ntp_ssl.checks import check_channels, check_image_size, is_int
 from ntp_ssl.data import cache, embedded, external
 from ntp_ssl.data.domain import Domain
+from ntp_ssl.data.subsets import draw_subset
 from ntp_ssl.errors import ConfigError, DataError
 
 log = logging.getLogger("ntp_ssl.data")
@@ -19,20 +20,12 @@ EMBEDDED_DOMAINS = ("mnist", "optdigits", "syndigits", "mnistm")
 TORCHVISION_DOMAINS = ("tv-mnist", "usps", "svhn", "cifar10", "stl10")
 PATH_FORMS = ("folder:/path/to/images", "npz:/path/to/file.npz")
 ALL_FORMS = EMBEDDED_DOMAINS + TORCHVISION_DOMAINS + PATH_FORMS
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_settings(image_size: object, channels: object, seed: object) -> tuple[int, int, int]:
     """Validate the shared settings and return them as plain ints."""
-    if not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"image_size must be an int from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
-    if not _is_int(channels) or channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
-    if not _is_int(seed) or seed < 0:
+    image_size, channels = check_image_size(image_size), check_channels(channels)
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     return int(image_size), int(channels), int(seed)
 
@@ -104,6 +97,11 @@ def _load_embedded(name: str, image_size: int, channels: int, seed: int, cache_d
 # ----------------------------------------------------------------------------- from a config
 
 
+def domain_spec(data: Any) -> dict:
+    """What, besides its name, a domain's pixels depend on (``data`` is a config's data node)."""
+    return {"image_size": data.image_size, "channels": data.channels, "seed": data.seed}
+
+
 def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
     """The domains named, as the config builds them (size, channels, seed, cache, limits)."""
     data = cfg.data
@@ -119,8 +117,6 @@ def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
 def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
     """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
     import dataclasses
-
-    from ntp_ssl.evaluate.slc import draw_subset  # the sweep's nested, class-covering draw
 
     changes = {}
     for split, limit in (("train", train_limit), ("test", test_limit)):

@@ -17,11 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ntp_ssl.errors import ConfigError, DataError
-
-PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
-"""The fractions of the target training split used by the paper."""
-
+from ntp_ssl.data.subsets import check_count
+from ntp_ssl.errors import ConfigError
 
 # --------------------------------------------------------------------------- grid and n
 
@@ -46,12 +43,6 @@ def validate_grid(fractions: Sequence[float]) -> tuple[float, ...]:
     return tuple(grid)
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"{name} {value!r} is not a positive integer")
-    return int(value)
-
-
 def samples_for_fraction(fraction: float, n_total: int, num_classes: int) -> int:
     """Number of target samples for fraction r: ``n = min(max(round(r * N), C), N)``.
 
@@ -59,8 +50,8 @@ def samples_for_fraction(fraction: float, n_total: int, num_classes: int) -> int
     ``r * N = 2.5`` gives 3. At least one sample per class; ``N < C`` is a ConfigError.
     """
     r = _check_fraction(fraction)
-    n_total = _check_count("target sample count N", n_total)
-    num_classes = _check_count("number of classes C", num_classes)
+    n_total = check_count("target sample count N", n_total)
+    num_classes = check_count("number of classes C", num_classes)
     if n_total < num_classes:
         raise ConfigError(
             f"target has {n_total} samples, fewer than its {num_classes} classes; "
@@ -68,59 +59,6 @@ def samples_for_fraction(fraction: float, n_total: int, num_classes: int) -> int
         )
     n = math.floor(r * n_total + 0.5)
     return min(max(n, num_classes), n_total)
-
-
-# --------------------------------------------------------------------------- subsets
-
-
-def subset_order(labels: np.ndarray, *, seed: int) -> np.ndarray:
-    """The fixed order in which a seed draws samples; a subset of size n is its first n.
-
-    Two permutations come from ``numpy.random.default_rng(seed)``. The first picks one
-    representative per class present (the class's earliest index in it); these form the
-    prefix, by ascending class. The second orders everything else (uniform without
-    replacement over the non-representatives). Because every n takes a prefix of the same
-    order, the subset for a smaller n is contained in the subset for a larger n.
-    """
-    labels = _check_labels(labels)
-    rng = np.random.default_rng(seed)
-    pick_perm = rng.permutation(labels.size)
-    rest_perm = rng.permutation(labels.size)
-    # First occurrence of each class along pick_perm; np.unique returns classes ascending.
-    _, first = np.unique(labels[pick_perm], return_index=True)
-    representatives = pick_perm[first]
-    is_rep = np.zeros(labels.size, dtype=bool)
-    is_rep[representatives] = True
-    rest = rest_perm[~is_rep[rest_perm]]
-    return np.concatenate([representatives, rest]).astype(np.int64)
-
-
-def draw_subset(labels: np.ndarray, n: int, *, seed: int, num_classes: int) -> np.ndarray:
-    """Sorted int64 indices of n samples: one per class present, the rest uniform.
-
-    Deterministic for (labels, n, seed) and nested in n for one seed: it is the first n
-    entries of :func:`subset_order`. Requires ``C <= n <= len(labels)``.
-    """
-    labels = _check_labels(labels)
-    num_classes = _check_count("number of classes C", num_classes)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise ConfigError(f"subset size n {n!r} is not an integer")
-    if n < num_classes or n > labels.size:
-        raise ConfigError(
-            f"subset size n={n} is outside [{num_classes}, {labels.size}]; accepted: "
-            f"at least one per class (C={num_classes}) and at most the {labels.size} samples"
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise DataError(f"label {int(bad)} is outside 0..{num_classes - 1} (C={num_classes} classes)")
-    return np.sort(subset_order(labels, seed=seed)[: int(n)])
-
-
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
-        raise DataError(f"labels of shape {array.shape} and dtype {array.dtype} are not a 1-D integer array")
-    return array.astype(np.int64, copy=False)
 
 
 # --------------------------------------------------------------------------- areas

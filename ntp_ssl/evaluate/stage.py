@@ -1,8 +1,8 @@
 """``ntp-ssl evaluate`` and ``ntp-ssl report``.
 
-``evaluate_models`` is the piece protect's main job calls too: sweep, summarise, and write
-results.csv/json, summary.md, slc_curves.png and TensorBoard scalars and figures into the
-run directory.
+``evaluate_models`` is the piece the main job (:mod:`ntp_ssl.pipeline`) calls too: sweep,
+summarise, and write results.csv/json, summary.md, slc_curves.png and TensorBoard scalars
+and figures into the run directory.
 """
 
 from __future__ import annotations
@@ -11,27 +11,21 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ntp_ssl.shared.checkpoint import load_encoder
-from ntp_ssl.config import validate_evaluate
-from ntp_ssl.data import Domain, default_cache_dir, load_domains_for
+from ntp_ssl.config import SweepConfig, validate_evaluate
+from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
 from ntp_ssl.evaluate.results import read_results, summarize, summary_markdown, summary_text, write_results
-from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep, source_accuracy
+from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, source_accuracy
 from ntp_ssl.io import atomic_write_json, atomic_write_text
-from ntp_ssl.shared.runs import claim_run_dir
-from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
+from ntp_ssl.shared.checkpoint import check_compatible, load_encoder
+from ntp_ssl.shared.stage import start_stage
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
 
-def domain_spec(cfg: Any) -> dict:
-    """What, besides the name, a domain's pixels depend on (part of the scratch cache key)."""
-    return {"image_size": cfg.data.image_size, "channels": cfg.data.channels, "seed": cfg.data.seed}
-
-
 def evaluate_models(models: Sequence[ModelUnderTest], source: Domain | None, targets: Sequence[Domain],
-                    settings: SweepSettings, *, run_dir: Path, cache_dir: Path, device, progress: bool,
+                    settings: SweepConfig, *, run_dir: Path, cache_dir: Path, device, progress: bool,
                     spec: dict, writer=None) -> dict[str, Any]:
     """Run the SLC sweep and write every output; returns {"rows", "summary", "source_accuracy"}."""
     rows = run_sweep(models, targets, settings, domain_specs={d.name: spec for d in targets},
@@ -82,36 +76,19 @@ def load_models(checkpoints: Sequence[str], names: Sequence[str] | None) -> list
     return models
 
 
-def check_compatible(meta_size: int, meta_channels: int, cfg: Any, what: str) -> None:
-    if (meta_size, meta_channels) != (cfg.data.image_size, cfg.data.channels):
-        raise ConfigError(
-            f"{what} was built for {meta_size}x{meta_size} images with {meta_channels} channel(s) but "
-            f"data.image_size={cfg.data.image_size} data.channels={cfg.data.channels}; set them to match"
-        )
-
-
 def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
     validate_evaluate(cfg)
-    settings = SweepSettings.from_config(cfg.sweep)
-    run_dir = Path(run_dir)
-    claim_run_dir(run_dir, cfg)
-    configure_threads(cfg.trainer.threads)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    ctx = start_stage(cfg, run_dir)
     models = load_models(cfg.checkpoints, cfg.names)
     for model, path in zip(models, cfg.checkpoints):
-        check_compatible(int(model.meta.get("image_size", 32)), int(model.meta.get("channels", 3)), cfg,
-                         f"checkpoint {path!r}")
+        check_compatible(model.meta, cfg.data.image_size, cfg.data.channels, f"checkpoint {path!r}")
     targets = load_domains_for(cfg, list(cfg.data.targets))
     source = load_domains_for(cfg, [cfg.data.source])[0] if cfg.sweep.source_accuracy and cfg.data.source else None
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tb"))
-    result = evaluate_models(models, source, targets, settings, run_dir=run_dir,
-                             cache_dir=Path(cfg.paths.cache_dir or default_cache_dir()), device=device,
-                             progress=cfg.trainer.progress, spec=domain_spec(cfg), writer=writer)
-    writer.close()
-    log.info("evaluation written to %s", run_dir)
+    result = evaluate_models(models, source, targets, cfg.sweep, run_dir=ctx.run_dir, cache_dir=ctx.cache_dir,
+                             device=ctx.device, progress=cfg.trainer.progress, spec=domain_spec(cfg.data),
+                             writer=ctx.writer)
+    ctx.close()
+    log.info("evaluation written to %s", ctx.run_dir)
     return result
 
 

@@ -33,12 +33,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ntp_ssl.config import SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
-from ntp_ssl.evaluate.slc import draw_subset, samples_for_fraction, validate_grid
+from ntp_ssl.errors import ConfigError
+from ntp_ssl.data.subsets import draw_subset
+from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
-from ntp_ssl.shared.knn import knn_accuracy
+from ntp_ssl.shared.knn import knn_top1
+from ntp_ssl.shared.masking import apply_masks_
 from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
 log = logging.getLogger("ntp_ssl.evaluate")
@@ -56,36 +60,15 @@ class ModelUnderTest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    fractions: tuple[float, ...]
-    seeds: tuple[int, ...]
-    attacks: tuple[str, ...]
-    steps: int
-    linear_steps: int
-    batch_size: int
-    lr_linear: float
-    lr_finetune: float
-    weight_decay: float
-    knn_k: int
-    scratch: bool = True
-    # Switches for the naive-way benchmark only: re-extract features at every grid point,
-    # and recompute the scratch baseline instead of reading the cache.
-    reuse_features: bool = True
-    cache_scratch: bool = True
-    reuse_results: bool = True  # equal n -> same result; no mask -> mask-kept is the dense fine-tune
+@dataclass
+class SweepWork:
+    """Counts of the sweep's expensive work, for benchmarks and logs: pass one to :func:`run_sweep`."""
 
-    @classmethod
-    def from_config(cls, sweep: Any, **overrides) -> "SweepSettings":
-        values = dict(
-            fractions=validate_grid(list(sweep.fractions)), seeds=tuple(int(s) for s in sweep.seeds),
-            attacks=tuple(sweep.attacks), steps=int(sweep.steps), linear_steps=int(sweep.linear_steps),
-            batch_size=int(sweep.batch_size),
-            lr_linear=float(sweep.lr_linear), lr_finetune=float(sweep.lr_finetune),
-            weight_decay=float(sweep.weight_decay), knn_k=int(sweep.knn_k), scratch=bool(sweep.scratch),
-        )
-        values.update(overrides)
-        return cls(**values)
+    fine_tunes: int = 0  # full fine-tunes run (masked, dense and scratch trainings)
+    scratch_trained: int = 0  # scratch baselines trained (cache misses)
+    scratch_cached: int = 0  # scratch baselines read from the cache
+    feature_extractions: int = 0
+    images_extracted: int = 0
 
 
 def _tensors(domain: Domain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,14 +77,12 @@ def _tensors(domain: Domain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def fine_tune_accuracy(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, x_train, y_train, x_test, y_test,
-                       *, num_classes: int, settings: SweepSettings, seed: int, device) -> float:
+                       *, num_classes: int, settings: SweepConfig, seed: int, device) -> float:
     """Full fine-tune of a fresh copy of ``encoder`` plus a fresh head; final test accuracy."""
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder)
     head = nn.Linear(model.feature_dim, num_classes)
     if masks:
-        from ntp_ssl.shared.masking import apply_masks_
-
         named = dict(model.named_parameters())
         apply_masks_({k: named[k] for k in masks}, masks)
     fit_classifier(model, head, x_train, y_train, steps=settings.steps, batch_size=settings.batch_size,
@@ -111,7 +92,7 @@ def fine_tune_accuracy(encoder: nn.Module, masks: dict[str, torch.Tensor] | None
 
 
 def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num_classes: int,
-                          settings: SweepSettings, seed: int, device) -> float:
+                          settings: SweepConfig, seed: int, device) -> float:
     torch.manual_seed(seed)
     head = nn.Linear(train_features.shape[1], num_classes)
     identity = nn.Identity()
@@ -121,15 +102,8 @@ def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num
     return classifier_accuracy(identity, head, test_features, y_test, device=device)
 
 
-def knn_probe_accuracy(train_features, y_train, test_features, y_test, *, num_classes: int, k: int) -> float:
-    k = max(1, min(k, len(y_train)))
-    result = knn_accuracy(train_features, y_train, test_features, y_test, num_classes=num_classes, ks=(k,),
-                          temperature=0.07)
-    return float(next(iter(result.values())))
-
-
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
-                settings: SweepSettings) -> str:
+                settings: SweepConfig) -> str:
     """Hash of everything the from-scratch accuracy depends on."""
     key = {
         "version": SCRATCH_CACHE_VERSION, "backbone": backbone, "domain": domain.name, "spec": domain_spec,
@@ -140,22 +114,28 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, idx: np.ndarray, *, fraction: float,
-                     seed: int, settings: SweepSettings, cache_dir: Path | None, device) -> tuple[float, bool]:
-    """Accuracy of the architecture trained from scratch; (accuracy, was_cached)."""
+def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, seed: int, settings: SweepConfig,
+                  device) -> float:
+    """Accuracy of the architecture trained from random initialisation on the samples ``idx``."""
     x_train, y_train, x_test, y_test = tensors
+    torch.manual_seed(10_000 + seed)  # the same random initialisation for every model and run
+    encoder = build_encoder(backbone, in_channels=domain.channels, image_size=domain.image_size)
+    return fine_tune_accuracy(encoder, None, x_train[idx], y_train[idx], x_test, y_test,
+                              num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
+
+
+def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, idx: np.ndarray, *, fraction: float,
+                     seed: int, settings: SweepConfig, cache_dir: Path | None, device) -> tuple[float, bool]:
+    """:func:`train_scratch`, cached under ``cache_dir/scratch`` (None: no cache); (accuracy, was_cached)."""
     key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings)
     path = (cache_dir / "scratch" / f"{key}.json") if cache_dir is not None else None
-    if settings.cache_scratch and path is not None and path.exists():
+    if path is not None and path.exists():
         try:
             return float(json.loads(path.read_text())["accuracy"]), True
         except (json.JSONDecodeError, KeyError):
             log.warning("ignoring unreadable scratch cache entry %s", path)
-    torch.manual_seed(10_000 + seed)  # the same random initialisation for every model and run
-    encoder = build_encoder(backbone, in_channels=domain.channels, image_size=domain.image_size)
-    acc = fine_tune_accuracy(encoder, None, x_train[idx], y_train[idx], x_test, y_test,
-                             num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
-    if path is not None and settings.cache_scratch:
+    acc = train_scratch(backbone, domain, tensors, idx, seed=seed, settings=settings, device=device)
+    if path is not None:
         atomic_write_json(path, {"accuracy": acc, "backbone": backbone, "domain": domain.name, "n": len(idx),
                                  "fraction": fraction, "seed": seed})
     return acc, False
@@ -170,113 +150,138 @@ def _row_key(row: dict) -> tuple:
     return (row["model"], row["domain"], row["attack"], int(row["seed"]), float(row["fraction"]))
 
 
-def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], settings: SweepSettings, *,
-              domain_specs: dict[str, dict] | None = None, cache_dir: Path | None = None, device="cpu",
-              progress_path: Path | None = None, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run the sweep and return tidy rows; resumable through ``progress_path`` (a JSON list of rows)."""
+class _Progress:
+    """The rows so far, which grid points they cover, and the file that lets a rerun resume."""
+
+    def __init__(self, path: Path | None, on_row: Callable[[dict], None] | None):
+        self.path, self.on_row, self.rows = path, on_row, []
+        if path is not None and path.exists():
+            try:
+                self.rows = json.loads(path.read_text())
+                log.info("resuming the sweep: %d finished rows in %s", len(self.rows), path)
+            except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically: only a disk or a hand did this
+                log.warning("ignoring the unreadable sweep progress file %s; the sweep starts over", path)
+        self.done = {_row_key(r) for r in self.rows}
+
+    def has(self, model: str, domain: str, attack: str, seed: int, fraction: float) -> bool:
+        return (model, domain, attack, seed, fraction) in self.done
+
+    def record(self, new_rows: Iterable[dict]) -> None:
+        for row in new_rows:
+            self.rows.append(row)
+            self.done.add(_row_key(row))
+            if self.on_row is not None:
+                self.on_row(row)
+        if self.path is not None:
+            atomic_write_json(self.path, self.rows)
+
+
+@dataclass
+class _Target:
+    """One target domain as the sweep uses it: tensors, frozen features per model, results per n."""
+
+    domain: Domain
+    tensors: tuple
+    features: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # (model, attack, seed, n) -> accuracy: equal n, equal draw
+
+    def features_of(self, model: ModelUnderTest, device, work: SweepWork):
+        if model.name not in self.features:  # extracted once per model and domain
+            x_train, _, x_test, _ = self.tensors
+            self.features[model.name] = (extract_features(model.encoder, x_train, device=device),
+                                         extract_features(model.encoder, x_test, device=device))
+            work.feature_extractions += 2
+            work.images_extracted += int(x_train.shape[0] + x_test.shape[0])
+        return self.features[model.name]
+
+
+def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torch.Tensor, *, seed: int,
+            settings: SweepConfig, device, work: SweepWork) -> dict[str, float]:
+    """The accuracy of each attack in ``todo`` on the samples ``idx_t``."""
+    x_train, y_train, x_test, y_test = target.tensors
+    num_classes = target.domain.num_classes
+    results: dict[str, float] = {}
+    if "linear" in todo or "knn" in todo:
+        f_train, f_test = target.features_of(model, device, work)
+        if "linear" in todo:
+            results["linear"] = linear_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
+                                                      num_classes=num_classes, settings=settings, seed=seed,
+                                                      device=device)
+        if "knn" in todo:
+            results["knn"] = knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=num_classes,
+                                      k=settings.knn_k)
+    # A model without a mask: its mask-kept fine-tune is the dense one, trained once.
+    for attack, masks in (("finetune_dense", None), ("finetune_masked", model.masks)):
+        if attack not in todo or attack in results:
+            continue
+        results[attack] = fine_tune_accuracy(model.encoder, masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
+                                             num_classes=num_classes, settings=settings, seed=seed, device=device)
+        work.fine_tunes += 1
+        if not model.masks:
+            results.update({a: results[attack] for a in ("finetune_dense", "finetune_masked") if a in todo})
+    return results
+
+
+def _check_one_backbone(models: Sequence[ModelUnderTest], settings: SweepConfig) -> None:
     backbones = {m.backbone for m in models}
     if settings.scratch and len(backbones) > 1:
-        from ntp_ssl.errors import ConfigError
-
         raise ConfigError(f"checkpoints mix backbones {sorted(backbones)}; evaluate one architecture per run so one "
                           "scratch baseline serves all")
-    rows: list[dict] = []
-    if progress_path is not None and progress_path.exists():
-        try:
-            rows = json.loads(progress_path.read_text())
-            log.info("resuming the sweep: %d finished rows in %s", len(rows), progress_path)
-        except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically, so only a disk or a hand did this
-            log.warning("ignoring the unreadable sweep progress file %s; the sweep starts over", progress_path)
-            rows = []
-    done = {_row_key(r) for r in rows}
-    domain_specs = domain_specs or {}
-
     for model in models:
         if "finetune_masked" in settings.attacks and not model.masks:
             log.info("%s has no pruning mask: its finetune_masked attack is the same as finetune_dense "
                      "and is reported as such", model.name)
 
-    def record(new_rows: Iterable[dict]) -> None:
-        for row in new_rows:
-            rows.append(row)
-            done.add(_row_key(row))
-            if on_row is not None:
-                on_row(row)
-        if progress_path is not None:
-            atomic_write_json(progress_path, rows)
 
+def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], settings: SweepConfig, *,
+              domain_specs: dict[str, dict] | None = None, cache_dir: Path | None = None, device="cpu",
+              progress_path: Path | None = None, progress: bool = True,
+              on_row: Callable[[dict], None] | None = None, work: SweepWork | None = None) -> list[dict]:
+    """Run the sweep and return tidy rows; resumable through ``progress_path`` (a JSON list of rows).
+
+    ``work``, when given, counts the fine-tunes, scratch trainings and feature extractions."""
+    _check_one_backbone(models, settings)
+    fractions, work = validate_grid(list(settings.fractions)), work if work is not None else SweepWork()
+    state = _Progress(progress_path, on_row)
     for model in models:  # features are extracted where the attacks run
         model.encoder.to(device)
-    total = len(targets) * len(settings.seeds) * len(settings.fractions)
-    bar = tqdm(total=total, desc="evaluate", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(targets) * len(settings.seeds) * len(fractions), desc="evaluate", disable=not progress,
+               dynamic_ncols=True)
     for domain in targets:
-        tensors = _tensors(domain)
-        x_train, y_train, x_test, y_test = tensors
-        feature_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Nested draws: fractions that round to the same n train on the same samples, so
-        # their result is computed once (the paper's grid gives n = C for several r).
-        memo: dict[tuple, float] = {}
-
-        def features_of(model: ModelUnderTest):
-            if not settings.reuse_features or model.name not in feature_cache:
-                feature_cache[model.name] = (extract_features(model.encoder, x_train, device=device),
-                                             extract_features(model.encoder, x_test, device=device))
-            return feature_cache[model.name]
-
+        target = _Target(domain, _tensors(domain))
         for seed in settings.seeds:
-            for fraction in settings.fractions:
-                n = samples_for_fraction(fraction, len(y_train), domain.num_classes)
+            for fraction in fractions:
+                n = samples_for_fraction(fraction, len(domain.train_labels), domain.num_classes)
                 idx = draw_subset(domain.train_labels, n, seed=seed, num_classes=domain.num_classes)
-                idx_t = torch.as_tensor(idx, dtype=torch.long)
                 bar.set_postfix_str(f"{domain.name} seed={seed} n={n}")
-                if settings.scratch and (SCRATCH, domain.name, SCRATCH, seed, fraction) not in done:
-                    acc = memo.get((SCRATCH, SCRATCH, seed, n)) if settings.reuse_results else None
+                if settings.scratch and not state.has(SCRATCH, domain.name, SCRATCH, seed, fraction):
+                    acc = target.memo.get((SCRATCH, SCRATCH, seed, n))
                     if acc is None:
-                        acc, _ = scratch_accuracy(models[0].backbone, domain, domain_specs.get(domain.name, {}),
-                                                  tensors, idx, fraction=fraction, seed=seed, settings=settings,
-                                                  cache_dir=cache_dir, device=device)
-                    memo[(SCRATCH, SCRATCH, seed, n)] = acc
-                    record([_row(SCRATCH, domain.name, SCRATCH, seed, fraction, n, acc)])
+                        acc, cached = scratch_accuracy(models[0].backbone, domain, (domain_specs or {}).get(
+                            domain.name, {}), target.tensors, idx, fraction=fraction, seed=seed, settings=settings,
+                            cache_dir=cache_dir, device=device)
+                        work.scratch_cached += int(cached)
+                        work.scratch_trained += int(not cached)
+                        work.fine_tunes += int(not cached)
+                    target.memo[(SCRATCH, SCRATCH, seed, n)] = acc
+                    state.record([_row(SCRATCH, domain.name, SCRATCH, seed, fraction, n, acc)])
                 for model in models:
-                    todo = [a for a in settings.attacks if (model.name, domain.name, a, seed, fraction) not in done]
-                    results = {a: memo[(model.name, a, seed, n)] for a in todo
-                               if settings.reuse_results and (model.name, a, seed, n) in memo}
-                    todo = [a for a in todo if a not in results]
-                    if "linear" in todo or "knn" in todo:
-                        f_train, f_test = features_of(model)
-                        if "linear" in todo:
-                            results["linear"] = linear_probe_accuracy(
-                                f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=domain.num_classes,
-                                settings=settings, seed=seed, device=device)
-                        if "knn" in todo:
-                            results["knn"] = knn_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                                num_classes=domain.num_classes, k=settings.knn_k)
-                    reuse_dense = not model.masks and settings.reuse_results
-                    if "finetune_dense" in todo or ("finetune_masked" in todo and reuse_dense):
-                        dense_acc = fine_tune_accuracy(model.encoder, None, x_train[idx_t], y_train[idx_t], x_test,
-                                                       y_test, num_classes=domain.num_classes, settings=settings,
-                                                       seed=seed, device=device)
-                        results["finetune_dense"] = dense_acc
-                        if reuse_dense and "finetune_masked" in todo:
-                            results["finetune_masked"] = dense_acc
-                    if "finetune_masked" in todo and not reuse_dense:
-                        results["finetune_masked"] = fine_tune_accuracy(
-                            model.encoder, model.masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
-                            num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
-                    new = []
-                    for attack in settings.attacks:
-                        if attack in results and (model.name, domain.name, attack, seed, fraction) not in done:
-                            memo[(model.name, attack, seed, n)] = results[attack]
-                            new.append(_row(model.name, domain.name, attack, seed, fraction, n, results[attack]))
-                    if new:
-                        record(new)
+                    todo = [a for a in settings.attacks if not state.has(model.name, domain.name, a, seed, fraction)]
+                    results = {a: target.memo[(model.name, a, seed, n)] for a in todo
+                               if (model.name, a, seed, n) in target.memo}
+                    results.update(_attack(model, target, [a for a in todo if a not in results],
+                                           torch.as_tensor(idx, dtype=torch.long), seed=seed, settings=settings,
+                                           device=device, work=work))
+                    target.memo.update({(model.name, a, seed, n): acc for a, acc in results.items()})
+                    state.record([_row(model.name, domain.name, a, seed, fraction, n, results[a])
+                                  for a in settings.attacks if a in results])
                 bar.update(1)
     bar.close()
-    return rows
+    log.info("sweep work: %s", work)
+    return state.rows
 
 
-def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: SweepSettings, *,
+def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: SweepConfig, *,
                     device="cpu") -> dict[str, dict[str, float]]:
     """Source accuracy each model keeps under the frozen-encoder attacks (linear probe, kNN) on all source data."""
     x_train, y_train, x_test, y_test = _tensors(source)
@@ -288,7 +293,6 @@ def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: 
         result[model.name] = {
             "linear": linear_probe_accuracy(f_train, y_train, f_test, y_test, num_classes=source.num_classes,
                                             settings=settings, seed=0, device=device),
-            "knn": knn_probe_accuracy(f_train, y_train, f_test, y_test, num_classes=source.num_classes,
-                                      k=settings.knn_k),
+            "knn": knn_top1(f_train, y_train, f_test, y_test, num_classes=source.num_classes, k=settings.knn_k),
         }
     return result

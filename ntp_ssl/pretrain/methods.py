@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
+from ntp_ssl.checks import check_channels, check_image_size
 from ntp_ssl.errors import CheckpointError, ConfigError
+from ntp_ssl.shared.checkpoint import MASK_PREFIX, load_encoder
 
 #: Child modules whose weights a released checkpoint holds (MoCo's key branch is not one).
 EXPORTED_MODULES = ("encoder", "projection_head", "classifier")
@@ -247,6 +250,33 @@ def build_method(name: str, encoder: nn.Module, *, num_classes: int = 10, **kwar
     return cls(encoder, **kwargs)
 
 
+#: method -> the config keys (``method.*``) its constructor takes
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "simclr": ("hidden_dim", "projection_dim", "temperature"),
+    "moco": ("hidden_dim", "projection_dim", "temperature", "memory_bank_size", "momentum_base"),
+    "supervised": (),
+}
+
+
+def method_from_config(name: str, encoder: nn.Module, *, num_classes: int, options: Mapping[str, Any],
+                       gather_distributed: bool = False) -> nn.Module:
+    """The method ``name`` around ``encoder``, its options read from ``options`` (a ``method``
+    config node, or the ``method_config`` a checkpoint recorded): the one way a method is built."""
+    kwargs: dict[str, Any] = {key: options[key] for key in METHOD_OPTIONS.get(name, ()) if key in options}
+    if name in ("simclr", "moco"):
+        kwargs["gather_distributed"] = gather_distributed
+    return build_method(name, encoder, num_classes=num_classes, **kwargs)
+
+
+def load_method(path: str | Path, device) -> tuple[nn.Module, dict, dict[str, Tensor]]:
+    """The method module (encoder + its heads) of a checkpoint, its metadata, and its masks."""
+    encoder, meta, masks, tensors = load_encoder(path)
+    method = method_from_config(meta["method"], encoder, num_classes=int(meta.get("num_classes", 10)),
+                                options=meta.get("method_config") or {})
+    load_exported_state(method, {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)})
+    return method.to(device), meta, masks
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -304,10 +334,8 @@ def build_train_transform(method: str, *, image_size: int, channels: int = 3) ->
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of: {', '.join(sorted(METHODS))}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-        raise ConfigError(f"image_size must be an integer >= 4 (e.g. 32), got {image_size!r}")
-    if channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+    check_image_size(image_size)
+    check_channels(channels)
     mode = "L" if channels == 1 else "RGB"
     normalize = {"mean": [0.5] * channels, "std": [0.5] * channels}
     if method == "supervised":

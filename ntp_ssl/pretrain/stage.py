@@ -1,7 +1,7 @@
 """``ntp-ssl pretrain``: train an encoder with SimCLR, MoCo v2 or supervised learning.
 
-``train_one_epoch``, ``evaluate_knn`` and ``run_pretrain`` are kept apart, as in the
-torchvision references. The run directory holds ``last.safetensors`` (the resumable
+``train_one_epoch``, the kNN monitoring (:func:`ntp_ssl.shared.knn.domain_knn`) and
+``run_pretrain`` are kept apart, as in the torchvision references. The run directory holds ``last.safetensors`` (the resumable
 state, rewritten every ``trainer.checkpoint_every`` epochs) and, at the end,
 ``encoder.safetensors`` with its ``encoder.json``. Distributed data parallel runs under
 torchrun (``torchrun --nproc_per_node N -m ntp_ssl.cli pretrain ...``): gloo on CPU, nccl
@@ -10,10 +10,12 @@ on CUDA, contrastive negatives gathered across processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,23 +23,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save_training_state
-from ntp_ssl.config import validate_pretrain
+from ntp_ssl.config import to_plain, validate_pretrain
 from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
+from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state, method_from_config
+from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ntp_ssl.shared.features import extract_features
-from ntp_ssl.shared.knn import knn_accuracy
-from ntp_ssl.pretrain.methods import MoCoV2, build_method, build_train_transform, export_state
-from ntp_ssl.shared.runs import claim_run_dir
+from ntp_ssl.shared.knn import domain_knn
+from ntp_ssl.shared.stage import StageContext, start_stage
 from ntp_ssl.shared.train import (
     autocast_context,
     build_optimizer,
     check_finite,
-    configure_threads,
-    resolve_device,
+    classifier_accuracy,
     rng_state,
-    seed_everything,
+    seeded_loader,
     set_rng_state,
     warmup_cosine,
     world_info,
@@ -48,14 +49,8 @@ log = logging.getLogger("ntp_ssl.pretrain")
 
 def build_model(cfg: Any, num_classes: int) -> nn.Module:
     encoder = build_encoder(cfg.encoder.backbone, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
-    rank, _, world = world_info()
-    kwargs: dict[str, Any] = {}
-    if cfg.method.name in ("simclr", "moco"):
-        kwargs = dict(hidden_dim=cfg.method.hidden_dim, projection_dim=cfg.method.projection_dim,
-                      temperature=cfg.method.temperature, gather_distributed=world > 1)
-    if cfg.method.name == "moco":
-        kwargs.update(memory_bank_size=cfg.method.memory_bank_size, momentum_base=cfg.method.momentum_base)
-    return build_method(cfg.method.name, encoder, num_classes=num_classes, **kwargs)
+    return method_from_config(cfg.method.name, encoder, num_classes=num_classes, options=cfg.method,
+                              gather_distributed=world_info()[2] > 1)
 
 
 class _LossModule(nn.Module):
@@ -67,14 +62,6 @@ class _LossModule(nn.Module):
 
     def forward(self, views, labels):
         return self.method.training_loss(views, labels)
-
-
-def evaluate_knn(encoder: nn.Module, bank: Domain, query: Domain, *, device, ks=(20, 200)) -> dict[str, float]:
-    """Weighted kNN top-1 (cosine, T=0.07) with ``bank``'s train split as memory, ``query``'s test split."""
-    train = extract_features(encoder, to_float_tensor(bank.train_images), device=device)
-    test = extract_features(encoder, to_float_tensor(query.test_images), device=device)
-    return knn_accuracy(train, torch.tensor(bank.train_labels), test, torch.tensor(query.test_labels),
-                        num_classes=bank.num_classes, ks=ks, temperature=0.07)
 
 
 def _resume_path(cfg: Any, last_path: Path) -> Path | None:
@@ -151,46 +138,56 @@ def _log_projector(writer, encoder: nn.Module, domains: list[Domain], *, samples
                          label_img=torch.cat(images), global_step=step, tag="test_features")
 
 
-def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """Pretrain (or resume, or return the finished result) in ``run_dir``."""
-    validate_pretrain(cfg)
-    run_dir = Path(run_dir)
-    rank, local_rank, world = world_info()
-    final_path = run_dir / "encoder.safetensors"
-    if rank == 0:
-        claim_run_dir(run_dir, cfg)
-    if final_path.exists() and final_path.with_suffix(".json").exists():
-        import json
+@dataclass
+class PretrainRun:
+    """What one pretraining run holds while it runs."""
 
-        meta = json.loads(final_path.with_suffix(".json").read_text())
-        log.info("pretrain already finished in %s; nothing to do", run_dir)
-        return {"checkpoint": str(final_path), "metrics": meta.get("metrics", {})}
+    cfg: Any
+    ctx: StageContext
+    rank: int
+    world: int
+    source: Domain
+    train_names: list[str]
+    method: nn.Module
+    dataset: ImageArrayDataset
+    sampler: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    steps_per_epoch: int
+    on_event: Callable[[str], None]
+    epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
 
-    configure_threads(cfg.trainer.threads)
-    seed_everything(cfg.seed + rank)
-    device = resolve_device(cfg.trainer.device)
-    if world > 1:
-        import torch.distributed as dist
 
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def _init_distributed(device: torch.device, local_rank: int, world: int) -> torch.device:
+    if world == 1:
+        return device
+    import torch.distributed as dist
 
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _build_run(cfg: Any, ctx: StageContext, on_event) -> PretrainRun:
+    """Data, model, optimiser and schedule, as the config says (``ctx.device`` already chosen)."""
+    rank, _, world = world_info()
     train_names = list(cfg.domains) if cfg.domains else [cfg.data.source]
     train_domains = load_domains_for(cfg, train_names)
     source = train_domains[0] if train_names[0] == cfg.data.source else load_domains_for(cfg, [cfg.data.source])[0]
     images = np.concatenate([d.train_images for d in train_domains])
     labels = np.concatenate([d.train_labels for d in train_domains])
-    per_process = cfg.optim.batch_size // world
-    if per_process < 2 or cfg.optim.batch_size > len(labels):
+    if cfg.optim.batch_size // world < 2 or cfg.optim.batch_size > len(labels):
         raise ConfigError(
             f"optim.batch_size={cfg.optim.batch_size} does not fit the {len(labels)} training images of "
             f"{'+'.join(train_names)} over {world} process(es); use 2*processes <= batch_size <= {len(labels)}"
         )
-
-    method = build_model(cfg, source.num_classes).to(device)
+    method = build_model(cfg, source.num_classes).to(ctx.device)
     transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
     dataset = ImageArrayDataset(images, labels, transform=transform)
     sampler = None
@@ -205,112 +202,142 @@ def run_pretrain(cfg: Any, run_dir: Path) -> dict[str, Any]:
                                 momentum=cfg.optim.momentum)
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.trainer.precision == "16-mixed" else None
+    scaler = (torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and cfg.trainer.precision == "16-mixed"
+              else None)
+    return PretrainRun(cfg=cfg, ctx=ctx, rank=rank, world=world, source=source, train_names=train_names,
+                       method=method, dataset=dataset, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
+                       scaler=scaler, steps_per_epoch=steps_per_epoch, on_event=on_event)
 
-    start_epoch, global_step, history = 0, 0, []
-    last_path = run_dir / "last.safetensors"
-    resume_path = _resume_path(cfg, last_path)
+
+def _resume(run: PretrainRun, resume_path: Path) -> None:
+    cfg = run.cfg
+    try:
+        state, state_meta = load_training_state(resume_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume from {resume_path}: {exc}; remove it to start over") from None
+    built = (state_meta.get("backbone"), state_meta.get("method"))
+    if built != (cfg.encoder.backbone, cfg.method.name):
+        raise CheckpointError(
+            f"cannot resume from {resume_path}: it holds a {built[0]}/{built[1]} run, not "
+            f"{cfg.encoder.backbone}/{cfg.method.name}; set encoder.backbone and method.name to match")
+    run.method.load_state_dict(state["model"])
+    for name, buf in _nonpersistent_buffers(run.method).items():
+        buf.copy_(state["extra_buffers"][name])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    run.epoch, run.global_step, run.history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
+    log.info("resuming from %s at epoch %d (step %d)", resume_path, run.epoch, run.global_step)
+
+
+def _run_epoch(run: PretrainRun, loss_module: nn.Module, epoch: int) -> dict[str, float]:
+    """One epoch, then (on rank 0) kNN every ``trainer.eval_every`` epochs and the resumable checkpoint."""
+    cfg, writer = run.cfg, run.ctx.writer if run.rank == 0 else None
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    loader = seeded_loader(run.dataset, cfg.optim.batch_size // run.world, seed=cfg.seed * 100_003 + epoch,
+                           workers=cfg.data.num_workers, sampler=run.sampler,
+                           pin_memory=run.ctx.device.type == "cuda")
+    run.on_event("epoch_start")
+    run.global_step, mean_loss, throughput = train_one_epoch(
+        loss_module, run.method, loader, run.optimizer, run.scheduler, epoch=epoch, global_step=run.global_step,
+        total_steps=run.steps_per_epoch * cfg.optim.epochs, device=run.ctx.device, precision=cfg.trainer.precision,
+        scaler=run.scaler, writer=writer, progress=cfg.trainer.progress and run.rank == 0)
+    record = {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": throughput * run.world}
+    last_epoch = epoch + 1 == cfg.optim.epochs
+    if run.rank == 0 and ((epoch + 1) % cfg.trainer.eval_every == 0 or last_epoch):
+        run.on_event("knn_start")
+        knn = domain_knn(run.method.encoder, run.source, run.source, device=run.ctx.device)
+        run.on_event("knn_end")
+        record.update(knn)
+        for key, value in knn.items():
+            writer.add_scalar(f"pretrain/{key}", value, run.global_step)
+    if writer is not None:
+        writer.add_scalar("pretrain/epoch_loss", mean_loss, run.global_step)
+        writer.add_scalar("pretrain/images_per_s", record["images_per_s"], run.global_step)
+    run.history.append(record)
+    log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs,
+             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+    if run.rank == 0 and ((epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch):
+        state = {"model": run.method.state_dict(), "extra_buffers": _nonpersistent_buffers(run.method),
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": rng_state(), "epoch": epoch + 1, "global_step": run.global_step, "history": run.history}
+        save_training_state(run.ctx.run_dir / "last.safetensors", state,
+                            {"stage": "pretrain", "backbone": cfg.encoder.backbone, "method": cfg.method.name})
+        run.on_event("checkpoint_end")
+    return record
+
+
+def _finish(run: PretrainRun) -> dict[str, Any]:
+    """Final metrics (source kNN, other domains' kNN, supervised accuracy), the projector, the encoder file."""
+    cfg, method, device, writer = run.cfg, run.method, run.ctx.device, run.ctx.writer
+    metrics: dict[str, float] = {}
+    if run.history and "knn_top1_k20" in run.history[-1]:
+        metrics.update({k: run.history[-1][k] for k in run.history[-1] if k.startswith("knn")})
+    if cfg.method.name == "supervised":
+        metrics["source_test_accuracy"] = classifier_accuracy(
+            method.encoder, method.classifier, to_float_tensor(run.source.test_images),
+            torch.tensor(run.source.test_labels), device=device)
+    other_names = [name for name in cfg.data.targets if name != cfg.data.source]
+    others = load_domains_for(cfg, other_names) if other_names else []
+    for domain in others:
+        knn = domain_knn(method.encoder, domain, domain, device=device)
+        metrics.update({f"{domain.name}/{k}": v for k, v in knn.items()})
+        for key, value in knn.items():
+            writer.add_scalar(f"pretrain_targets/{domain.name}/{key}", value, run.global_step)
+    if cfg.trainer.projector:
+        _log_projector(writer, method.encoder, [run.source, *others], samples=cfg.trainer.projector_samples,
+                       device=device, step=run.global_step)
+    run.ctx.close()
+    final_path = run.ctx.run_dir / "encoder.safetensors"
+    save_checkpoint(final_path, export_state(method), checkpoint_meta(cfg, run.train_names, run.source, metrics,
+                                                                       run.history))
+    log.info("pretrain done: %s -> %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), final_path)
+    return {"checkpoint": str(final_path), "metrics": metrics}
+
+
+def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pretrain (or resume, or return the finished result) in ``run_dir``.
+
+    ``on_event`` (for benchmarks) is called with "epoch_start", "knn_start", "knn_end" and
+    "checkpoint_end" as they happen."""
+    validate_pretrain(cfg)
+    rank, local_rank, world = world_info()
+    ctx = start_stage(cfg, run_dir, rank=rank)
+    final_path = ctx.run_dir / "encoder.safetensors"
+    if final_path.exists() and final_path.with_suffix(".json").exists():
+        meta = json.loads(final_path.with_suffix(".json").read_text())
+        log.info("pretrain already finished in %s; nothing to do", ctx.run_dir)
+        return {"checkpoint": str(final_path), "metrics": meta.get("metrics", {})}
+    ctx.device = _init_distributed(ctx.device, local_rank, world)
+    run = _build_run(cfg, ctx, on_event or (lambda event: None))
+    resume_path = _resume_path(cfg, ctx.run_dir / "last.safetensors")
     if resume_path is not None:
-        try:
-            state, state_meta = load_training_state(resume_path)
-        except CheckpointError as exc:
-            raise CheckpointError(f"cannot resume from {resume_path}: {exc}; remove it to start over") from None
-        built = (state_meta.get("backbone"), state_meta.get("method"))
-        if built != (cfg.encoder.backbone, cfg.method.name):
-            raise CheckpointError(
-                f"cannot resume from {resume_path}: it holds a {built[0]}/{built[1]} run, not "
-                f"{cfg.encoder.backbone}/{cfg.method.name}; set encoder.backbone and method.name to match")
-        method.load_state_dict(state["model"])
-        for name, buf in _nonpersistent_buffers(method).items():
-            buf.copy_(state["extra_buffers"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_epoch, global_step, history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
-        log.info("resuming from %s at epoch %d (step %d)", resume_path, start_epoch, global_step)
-
-    loss_module: nn.Module = _LossModule(method)
+        _resume(run, resume_path)
+    loss_module: nn.Module = _LossModule(run.method)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    writer = None
+            loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=global_step if global_step else None)
-        if start_epoch == 0:
-            _log_augmentations(writer, dataset)
-            writer.add_text("config", f"```\n{_yaml(cfg)}\n```", 0)
-
-    log.info("pretrain %s/%s on %s: %d images, %d epochs x %d steps, device %s, %d process(es)",
-             cfg.method.name, cfg.encoder.backbone, "+".join(train_names), len(dataset), cfg.optim.epochs,
-             steps_per_epoch, device, world)
-    metrics: dict[str, float] = {}
-    epochs_bar = tqdm(range(start_epoch, cfg.optim.epochs), desc="pretrain", initial=start_epoch,
+        ctx.purge_step = run.global_step or None
+        if run.epoch == 0:
+            _log_augmentations(ctx.writer, run.dataset)
+            ctx.writer.add_text("config", f"```\n{_yaml(cfg)}\n```", 0)
+    log.info("pretrain %s/%s on %s: %d images, %d epochs x %d steps, device %s, %d process(es)", cfg.method.name,
+             cfg.encoder.backbone, "+".join(run.train_names), len(run.dataset), cfg.optim.epochs,
+             run.steps_per_epoch, ctx.device, world)
+    epochs_bar = tqdm(range(run.epoch, cfg.optim.epochs), desc="pretrain", initial=run.epoch,
                       total=cfg.optim.epochs, disable=not (cfg.trainer.progress and rank == 0), dynamic_ncols=True)
     for epoch in epochs_bar:
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
-                            drop_last=True, num_workers=cfg.data.num_workers, generator=generator,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        global_step, mean_loss, throughput = train_one_epoch(
-            loss_module, method, loader, optimizer, scheduler, epoch=epoch, global_step=global_step,
-            total_steps=total_steps, device=device, precision=cfg.trainer.precision, scaler=scaler,
-            writer=writer, progress=cfg.trainer.progress and rank == 0)
-        record = {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": throughput * world}
-        last_epoch = epoch + 1 == cfg.optim.epochs
-        if rank == 0 and ((epoch + 1) % cfg.trainer.eval_every == 0 or last_epoch):
-            knn = evaluate_knn(method.encoder, source, source, device=device)
-            record.update(knn)
-            for key, value in knn.items():
-                writer.add_scalar(f"pretrain/{key}", value, global_step)
-        if writer is not None:
-            writer.add_scalar("pretrain/epoch_loss", mean_loss, global_step)
-            writer.add_scalar("pretrain/images_per_s", record["images_per_s"], global_step)
-        history.append(record)
+        record = _run_epoch(run, loss_module, epoch)
         epochs_bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith(("loss", "knn_top1_k20"))})
-        log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if rank == 0 and ((epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch):
-            state = {"model": method.state_dict(), "extra_buffers": _nonpersistent_buffers(method),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                     "global_step": global_step, "history": history}
-            save_training_state(last_path, state, {"stage": "pretrain", "backbone": cfg.encoder.backbone,
-                                                   "method": cfg.method.name})
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     if rank != 0:
         return {"checkpoint": str(final_path), "metrics": {}}
-
-    if history and "knn_top1_k20" in history[-1]:
-        metrics.update({k: history[-1][k] for k in history[-1] if k.startswith("knn")})
-    if cfg.method.name == "supervised":
-        from ntp_ssl.shared.train import classifier_accuracy
-
-        metrics["source_test_accuracy"] = classifier_accuracy(
-            method.encoder, method.classifier, to_float_tensor(source.test_images),
-            torch.tensor(source.test_labels), device=device)
-    other_names = [name for name in cfg.data.targets if name != cfg.data.source]
-    others = load_domains_for(cfg, other_names) if other_names else []
-    for domain in others:
-        knn = evaluate_knn(method.encoder, domain, domain, device=device)
-        metrics.update({f"{domain.name}/{k}": v for k, v in knn.items()})
-        for key, value in knn.items():
-            writer.add_scalar(f"pretrain_targets/{domain.name}/{key}", value, global_step)
-    if cfg.trainer.projector:
-        _log_projector(writer, method.encoder, [source, *others], samples=cfg.trainer.projector_samples,
-                       device=device, step=global_step)
-    writer.close()
-    meta = checkpoint_meta(cfg, train_names, source, metrics, history)
-    save_checkpoint(final_path, export_state(method), meta)
-    log.info("pretrain done: %s -> %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), final_path)
-    return {"checkpoint": str(final_path), "metrics": metrics}
+    return _finish(run)
 
 
 def checkpoint_meta(cfg: Any, train_names: list[str], source: Domain, metrics: dict, history: list) -> dict:
@@ -318,7 +345,7 @@ def checkpoint_meta(cfg: Any, train_names: list[str], source: Domain, metrics: d
         "kind": "encoder",
         "backbone": cfg.encoder.backbone,
         "method": cfg.method.name,
-        "method_config": _plain(cfg.method),
+        "method_config": to_plain(cfg.method),
         "image_size": cfg.data.image_size,
         "channels": cfg.data.channels,
         "num_classes": source.num_classes,
@@ -328,12 +355,6 @@ def checkpoint_meta(cfg: Any, train_names: list[str], source: Domain, metrics: d
         "metrics": metrics,
         "history": history,
     }
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
 def _yaml(cfg: Any) -> str:

@@ -83,46 +83,32 @@ def mmd_multi_kernel(
     return k_xx.mean() + k_yy.mean() - 2.0 * k_xy.mean()
 
 
-def supervised_ntp_loss(
-    source_logits: Tensor,
-    source_labels: Tensor,
-    target_logits: Tensor,
-    target_labels: Tensor,
-    target_features: Tensor,
-    *,
-    alpha: float = 0.1,
-    ce_clamp: float = 10.0,
-    fisher_weight: float = 1e3,
-) -> tuple[Tensor, dict[str, float]]:
-    """The paper's loss: ``CE_S - alpha * min(CE_T, c) + lambda * FDR(f_T, y_T)``.
+def _cross_entropies(source_logits: Tensor, source_labels: Tensor, target_logits: Tensor,
+                     target_labels: Tensor) -> tuple[Tensor, Tensor]:
+    return F.cross_entropy(source_logits, source_labels), F.cross_entropy(target_logits, target_labels)
+
+
+def supervised_ntp_loss(source_logits: Tensor, source_labels: Tensor, target_logits: Tensor, target_labels: Tensor,
+                        target_features: Tensor, *, alpha: float, ce_clamp: float,
+                        w_fisher_labels: float) -> tuple[Tensor, dict[str, float]]:
+    """The paper's loss: ``CE_S - alpha * min(CE_T, c) + lambda * FDR(f_T, y_T)`` (lambda = ``w_fisher_labels``).
 
     Terms: ``ce_source``, ``ce_target`` (unclamped), ``fisher_target``, ``total``.
     """
-    ce_source = F.cross_entropy(source_logits, source_labels)
-    ce_target = F.cross_entropy(target_logits, target_labels)
+    ce_source, ce_target = _cross_entropies(source_logits, source_labels, target_logits, target_labels)
     fisher = fisher_ratio(target_features, target_labels)
-    total = ce_source - alpha * ce_target.clamp(max=ce_clamp) + fisher_weight * fisher
+    total = ce_source - alpha * ce_target.clamp(max=ce_clamp) + w_fisher_labels * fisher
     return total, _floats(ce_source=ce_source, ce_target=ce_target, fisher_target=fisher, total=total)
 
 
-def ntl_loss(
-    source_logits: Tensor,
-    source_labels: Tensor,
-    target_logits: Tensor,
-    target_labels: Tensor,
-    source_features: Tensor,
-    target_features: Tensor,
-    *,
-    alpha: float = 0.1,
-    ce_clamp: float = 1.0,
-    mmd_clamp: float = 1.0,
-) -> tuple[Tensor, dict[str, float]]:
+def ntl_loss(source_logits: Tensor, source_labels: Tensor, target_logits: Tensor, target_labels: Tensor,
+             source_features: Tensor, target_features: Tensor, *, alpha: float, ce_clamp: float,
+             mmd_clamp: float) -> tuple[Tensor, dict[str, float]]:
     """NTL-style loss: ``CE_S - alpha * min(CE_T, c1) * min(MMD^2(f_S, f_T), c2)``.
 
     Terms: ``ce_source``, ``ce_target``, ``mmd`` (unclamped), ``total``.
     """
-    ce_source = F.cross_entropy(source_logits, source_labels)
-    ce_target = F.cross_entropy(target_logits, target_labels)
+    ce_source, ce_target = _cross_entropies(source_logits, source_labels, target_logits, target_labels)
     mmd = mmd_multi_kernel(source_features, target_features)
     total = ce_source - alpha * ce_target.clamp(max=ce_clamp) * mmd.clamp(max=mmd_clamp)
     return total, _floats(ce_source=ce_source, ce_target=ce_target, mmd=mmd, total=total)

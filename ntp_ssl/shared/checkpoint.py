@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntp_ssl import __version__
-from ntp_ssl.errors import CheckpointError
+from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.io import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -271,3 +271,13 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
         )
     masks = {name: m.bool() for name, m in split_prefix(tensors, MASK_PREFIX).items()}
     return encoder, meta, masks, tensors
+
+
+def check_compatible(meta: dict, image_size: int, channels: int, what: str) -> None:
+    """A checkpoint's encoder takes the images the config builds, or a ConfigError says how to match them."""
+    built = (int(meta.get("image_size", 32)), int(meta.get("channels", 3)))
+    if built != (image_size, channels):
+        raise ConfigError(
+            f"{what} was built for {built[0]}x{built[0]} images with {built[1]} channel(s) but "
+            f"data.image_size={image_size} data.channels={channels}; set them to match"
+        )

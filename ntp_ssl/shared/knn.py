@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.errors import ConfigError
+from ntp_ssl.shared.features import extract_features
 
 
 def _as_float32_numpy(features: Tensor) -> np.ndarray:
@@ -123,3 +125,28 @@ def knn_accuracy(
         predictions = _vote(similarities[:, :k], indices[:, :k], train_labels, num_classes, temperature)
         result[f"knn_top1_k{k}"] = float((predictions == truth).float().mean())
     return result
+
+
+def knn_top1(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
+             num_classes: int, k: int, temperature: float = 0.07) -> float:
+    """Top-1 accuracy of weighted kNN with ``k`` clipped to the number of training samples."""
+    k = max(1, min(k, len(train_labels)))
+    return knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes=num_classes, ks=(k,),
+                        temperature=temperature)[f"knn_top1_k{k}"]
+
+
+# ----------------------------------------------------------------------------- on an encoder and domains
+
+
+def domain_knn(encoder: torch.nn.Module, bank: Domain, query: Domain, *, device, ks=(20, 200)) -> dict[str, float]:
+    """Weighted kNN top-1 of ``encoder``'s features: ``bank``'s train split as memory, ``query``'s test split."""
+    train = extract_features(encoder, to_float_tensor(bank.train_images), device=device)
+    test = extract_features(encoder, to_float_tensor(query.test_images), device=device)
+    return knn_accuracy(train, torch.tensor(bank.train_labels), test, torch.tensor(query.test_labels),
+                        num_classes=bank.num_classes, ks=ks, temperature=0.07)
+
+
+def knn_by_domain(encoder: torch.nn.Module, domains: Iterable[Domain], *, device, k: int = 20) -> dict[str, float]:
+    """kNN top-1 (k=20) of each domain, its own train split as memory and its test split as queries."""
+    return {domain.name: domain_knn(encoder, domain, domain, device=device, ks=(k,))[f"knn_top1_k{k}"]
+            for domain in domains}

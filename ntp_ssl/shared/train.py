@@ -195,3 +195,21 @@ def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def seeded_loader(dataset, batch_size: int, *, seed: int, workers: int = 0, sampler=None,
+                  pin_memory: bool = False) -> "torch.utils.data.DataLoader":
+    """One shuffled pass over ``dataset`` in full batches, its order fixed by ``seed``
+    (or by ``sampler``, under DDP), so that a run and its resumed twin see the same batches."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed), num_workers=workers, pin_memory=pin_memory)
+
+
+def endless_batches(dataset, batch_size: int, *, seed: int, workers: int = 0) -> Iterator:
+    """Batches without end: pass e of ``dataset`` is :func:`seeded_loader` with seed ``seed * 7919 + e``."""
+    epoch = 0
+    while True:
+        yield from seeded_loader(dataset, min(batch_size, len(dataset)), seed=seed * 7919 + epoch, workers=workers)
+        epoch += 1

@@ -1,0 +1,28 @@
+"""Checks of values that several layers take from the user: one rule, one message each."""
+
+from __future__ import annotations
+
+import numbers
+
+from ntp_ssl.errors import ConfigError
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
+
+
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (True is an int to Python, never to a config)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_image_size(value: object, key: str = "image_size") -> int:
+    """``value`` as an int in [8, 512] (square images), or a ConfigError naming it."""
+    if not is_int(value) or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"{key}={value!r} must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (e.g. 32)")
+    return int(value)
+
+
+def check_channels(value: object, key: str = "channels") -> int:
+    """``value`` as 1 (grey) or 3 (RGB), or a ConfigError naming it."""
+    if not is_int(value) or value not in (1, 3):
+        raise ConfigError(f"{key}={value!r} is not one of: 1, 3")
+    return int(value)

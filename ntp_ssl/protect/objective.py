@@ -1,0 +1,156 @@
+"""The non-transferable objective ``L_NT`` on a paired source/target batch, one option per loss.
+
+- ``ssl``: w_s SSL_S - w_t min(SSL_T, c_t) - w_mmd min(MMD, c_m) + w_fp FDR(f_T, k-means_T) + w_fl FDR(f_T, y_T)
+  - w_fs min(FDR(f_S, k-means_S), c_fs)
+- ``supervised``: CE_S - alpha min(CE_T, c) + w_fl FDR(f_T, y_T)   (the paper's)
+- ``ntl``: CE_S - alpha min(CE_T, c) min(MMD, c_m)
+- ``none``: the source term alone (plain pruning, the magnitude-pruning baseline)
+
+The math lives in :mod:`ntp_ssl.protect.losses`; this module feeds it batches, heads and
+pseudo-labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ntp_ssl.data import Domain, ImageArrayDataset, to_float_tensor
+from ntp_ssl.errors import ConfigError
+from ntp_ssl.protect.losses import kmeans_pseudo_labels, ntl_loss, representation_ntp_loss, supervised_ntp_loss
+from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
+
+
+class IndexedViews(Dataset):
+    """(views, index): labels and pseudo-labels are looked up by index, so they can change."""
+
+    def __init__(self, base: ImageArrayDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        return self.base[i][0], i
+
+
+class NonTransferableObjective:
+    """``L_NT`` of the configured loss on a paired batch, with each term reported."""
+
+    def __init__(self, loss: Any, method: nn.Module, source: Domain, targets: list[Domain], *, device):
+        self.cfg = loss
+        self.kind = loss.kind
+        self.method = method
+        self.device = device
+        self.has_ssl_head = hasattr(method, "projection_head")
+        self.source_labels = torch.tensor(source.train_labels, dtype=torch.long)
+        self.target_labels = [torch.tensor(t.train_labels, dtype=torch.long) for t in targets]
+        self.pseudo_labels: list[torch.Tensor] = [torch.zeros(len(t.train_labels), dtype=torch.long) for t in targets]
+        self.source_pseudo_labels = torch.zeros(len(source.train_labels), dtype=torch.long)
+        if self.kind == "ssl" and not self.has_ssl_head:
+            raise ConfigError("loss=ssl needs an encoder with an SSL projection head (simclr or moco); this "
+                              "checkpoint is supervised: use loss=supervised, ntl or none")
+        feature_dim = method.encoder.feature_dim
+        # A supervised checkpoint brings its trained classifier as the source head; otherwise a fresh one is fitted.
+        self.source_head_is_trained = hasattr(method, "classifier")
+        self.source_head = method.classifier if self.source_head_is_trained else nn.Linear(feature_dim,
+                                                                                           source.num_classes)
+        self.target_heads = nn.ModuleList(nn.Linear(feature_dim, t.num_classes) for t in targets)
+        self.source_head.to(device)
+        self.target_heads.to(device)
+        self.needs_heads = self.kind in ("supervised", "ntl")
+
+    def trainable_heads(self) -> list[nn.Parameter]:
+        """The source head learns with the encoder (it is part of the source task); target heads stay fixed."""
+        return list(self.source_head.parameters()) if self.needs_heads else []
+
+    def fit_heads(self, source: Domain, targets: list[Domain], *, seed: int) -> dict[str, float]:
+        """Fit the source head (unless the checkpoint has one) and the fixed target heads on frozen features."""
+        if not self.needs_heads:
+            return {}
+        steps = max(1, self.cfg.head_steps)
+        scores = {}
+        pairs = [] if self.source_head_is_trained else [(self.source_head, source, "source")]
+        pairs += [(head, t, t.name) for head, t in zip(self.target_heads, targets)]
+        for head, domain, name in pairs:
+            x = to_float_tensor(domain.train_images)
+            y = torch.tensor(domain.train_labels, dtype=torch.long)
+            features = extract_features(self.method.encoder, x, device=self.device)
+            fit_classifier(nn.Identity(), head, features, y, steps=steps, batch_size=256, lr=1e-2,
+                           train_encoder=False, seed=seed, device=self.device, stage="protect head fit")
+            scores[f"head_train_accuracy/{name}"] = classifier_accuracy(nn.Identity(), head, features, y,
+                                                                       device=self.device)
+        for p in self.target_heads.parameters():
+            p.requires_grad_(False)  # the paper's target head stays fixed during pruning
+        return scores
+
+    def refresh_pseudo_labels(self, source: Domain, targets: list[Domain], *, seed: int) -> None:
+        """k-means pseudo-labels of the current encoder's features, for the Fisher terms that use them."""
+        if self.kind != "ssl":
+            return
+
+        def cluster(domain: Domain) -> torch.Tensor:
+            features = extract_features(self.method.encoder, to_float_tensor(domain.train_images), device=self.device)
+            return kmeans_pseudo_labels(features, self.cfg.pseudo_clusters, seed=seed).cpu()
+
+        if self.cfg.w_fisher_pseudo > 0:
+            self.pseudo_labels = [cluster(domain) for domain in targets]
+        if self.cfg.w_fisher_source > 0:
+            self.source_pseudo_labels = cluster(source)
+
+    def _ssl(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        head = self.method.projection_head
+        criterion = getattr(self.method, "in_batch_criterion", None) or self.method.criterion
+        return criterion(head(fa), head(fb))
+
+    def __call__(self, source_batch, target_batch, target_index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        (sa, sb), s_idx = source_batch
+        (ta, tb), t_idx = target_batch
+        dev = self.device
+        sa, sb, ta, tb = sa.to(dev), sb.to(dev), ta.to(dev), tb.to(dev)
+        if self.has_ssl_head and self.kind in ("ssl", "none"):
+            return self._label_free(sa, sb, ta, tb, s_idx, t_idx, target_index)
+        return self._with_heads(sa, ta, s_idx, t_idx, target_index)
+
+    def _label_free(self, sa, sb, ta, tb, s_idx, t_idx, target_index: int):
+        """The SSL source term, and for ``ssl`` the representation-level target terms."""
+        encoder, c, dev = self.method.encoder, self.cfg, self.device
+        fs_a, fs_b = encoder(torch.cat([sa, sb])).chunk(2)
+        ssl_source = self._ssl(fs_a, fs_b)
+        if self.kind == "none":
+            return ssl_source, {"ssl_source": ssl_source.item(), "total": ssl_source.item()}
+        need_target_pair = c.w_target_ssl > 0
+        ft_a = encoder(torch.cat([ta, tb])) if need_target_pair else encoder(ta)
+        ft_a, ft_b = ft_a.chunk(2) if need_target_pair else (ft_a, None)
+        return representation_ntp_loss(
+            source_ssl=ssl_source, target_ssl=self._ssl(ft_a, ft_b) if need_target_pair else None,
+            source_features=fs_a, target_features=ft_a,
+            pseudo_labels=self.pseudo_labels[target_index][t_idx].to(dev) if c.w_fisher_pseudo > 0 else None,
+            target_labels=self.target_labels[target_index][t_idx].to(dev) if c.w_fisher_labels > 0 else None,
+            w_source_ssl=c.w_source_ssl, w_target_ssl=c.w_target_ssl, target_ssl_clamp=c.target_ssl_clamp,
+            w_mmd=c.w_mmd, mmd_clamp=c.mmd_clamp, w_fisher_pseudo=c.w_fisher_pseudo,
+            w_fisher_labels=c.w_fisher_labels,
+            source_pseudo_labels=self.source_pseudo_labels[s_idx].to(dev) if c.w_fisher_source > 0 else None,
+            w_fisher_source=c.w_fisher_source, fisher_source_clamp=c.fisher_source_clamp)
+
+    def _with_heads(self, sa, ta, s_idx, t_idx, target_index: int):
+        """The classification losses: source cross-entropy, and the target terms of ``supervised`` / ``ntl``."""
+        encoder, c, dev = self.method.encoder, self.cfg, self.device
+        fs = encoder(sa)
+        ys = self.source_labels[s_idx].to(dev)
+        source_logits = self.source_head(fs)
+        if self.kind == "none":  # a supervised checkpoint: its source task is classification
+            ce = nn.functional.cross_entropy(source_logits, ys)
+            return ce, {"ce_source": ce.item(), "total": ce.item()}
+        ft = encoder(ta)
+        yt = self.target_labels[target_index][t_idx].to(dev)
+        target_logits = self.target_heads[target_index](ft)
+        if self.kind == "supervised":
+            return supervised_ntp_loss(source_logits, ys, target_logits, yt, ft, alpha=c.alpha, ce_clamp=c.ce_clamp,
+                                       w_fisher_labels=c.w_fisher_labels)
+        return ntl_loss(source_logits, ys, target_logits, yt, fs, ft, alpha=c.alpha, ce_clamp=c.ce_clamp,
+                        mmd_clamp=c.mmd_clamp)

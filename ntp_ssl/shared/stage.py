@@ -1,0 +1,51 @@
+"""The start of every stage: the run directory claimed, threads, seed, device, cache, TensorBoard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ntp_ssl.data import default_cache_dir
+from ntp_ssl.shared.runs import claim_run_dir
+from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
+
+
+@dataclass
+class StageContext:
+    """Where a stage writes (``run_dir``, ``cache_dir``), what it runs on, and its TensorBoard
+    writer, made on first use so that a stage with nothing to do leaves no event file."""
+
+    run_dir: Path
+    cache_dir: Path
+    device: torch.device
+    purge_step: int | None = None
+    _writer: Any = field(default=None, repr=False)
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.purge_step)
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True) -> StageContext:
+    """Claim ``run_dir`` for ``cfg`` (rank 0), set the threads, seed every RNG with
+    ``cfg.seed + rank`` and pick the device; returns the stage's context."""
+    run_dir = Path(run_dir)
+    if claim and rank == 0:
+        claim_run_dir(run_dir, cfg)
+    configure_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed + rank)
+    device = resolve_device(cfg.trainer.device)
+    cache_dir = Path(cfg.paths.cache_dir or default_cache_dir()).expanduser()
+    return StageContext(run_dir=run_dir, cache_dir=cache_dir, device=device)
