@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -159,43 +159,25 @@ def gemm_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 class LoopTimer:
-    """Timestamps of the product's epochs, kNN evaluations and checkpoints, taken by thin
-    wrappers around ``ntp_ssl.pretrain.stage``'s own functions (nothing else changes)."""
+    """Timestamps of the product's epochs, kNN evaluations and checkpoints, taken through
+    ``run_pretrain``'s public ``on_event`` hook (nothing in the product is replaced)."""
 
     def __init__(self) -> None:
         self.epoch_starts: list[float] = []
         self.checkpoint_ends: list[float] = []
         self.knn: list[tuple[float, float]] = []
+        self._knn_start = 0.0
 
-    @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
-        from ntp_ssl.pretrain import stage
-
-        originals = (stage.train_one_epoch, stage.evaluate_knn, stage.save_training_state)
-
-        def train_one_epoch(*args, **kwargs):
-            self.epoch_starts.append(time.perf_counter())
-            return originals[0](*args, **kwargs)
-
-        def evaluate_knn(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return originals[1](*args, **kwargs)
-            finally:
-                self.knn.append((start, time.perf_counter()))
-
-        def save_training_state(*args, **kwargs):
-            try:
-                return originals[2](*args, **kwargs)
-            finally:
-                self.checkpoint_ends.append(time.perf_counter())
-
-        stage.train_one_epoch, stage.evaluate_knn, stage.save_training_state = (
-            train_one_epoch, evaluate_knn, save_training_state)
-        try:
-            yield
-        finally:
-            stage.train_one_epoch, stage.evaluate_knn, stage.save_training_state = originals
+    def __call__(self, event: str) -> None:
+        now = time.perf_counter()
+        if event == "epoch_start":
+            self.epoch_starts.append(now)
+        elif event == "knn_start":
+            self._knn_start = now
+        elif event == "knn_end":
+            self.knn.append((self._knn_start, now))
+        elif event == "checkpoint_end":
+            self.checkpoint_ends.append(now)
 
     def epochs(self) -> list[dict[str, float]]:
         """Per epoch: seconds from its start to the next epoch's start (the last: to its
@@ -225,10 +207,9 @@ def run_product(cfg, run_dir: Path) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     load_domains_for(cfg, [cfg.data.source, *cfg.data.targets])  # build the domain cache before timing
     timer = LoopTimer()
-    with timer.patched():
-        start = time.perf_counter()
-        result = run_pretrain(cfg, run_dir)
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    result = run_pretrain(cfg, run_dir, on_event=timer)
+    wall = time.perf_counter() - start
     metrics = dict(result["metrics"])
     history = json.loads((run_dir / "encoder.json").read_text()).get("history", [])
     epochs = timer.epochs()

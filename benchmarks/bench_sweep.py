@@ -9,8 +9,9 @@ config); ``--quick`` shrinks them.
 - fast: ``run_sweep(models, [target], settings, cache_dir=fresh)``: features extracted once
   per model and domain, the scratch baseline computed once per grid point and cached;
 - cache hit: the same call again on the same cache (scratch read from disk);
-- naive: ``reuse_features=False, cache_scratch=False, reuse_results=False`` and one ``run_sweep`` per model with
-  a fresh cache: features re-extracted at every grid point, scratch trained per model.
+- naive: :func:`naive_sweep` below, the obvious loop over the product's public pieces, one model at a time:
+  features re-extracted at every grid point, scratch trained per model, every grid point trained even
+  when two fractions round to the same n.
 
 The accuracies must be equal row by row; reported: wall times, speed-ups (goal >= 5x), and
 how many fine-tunes and feature extractions each way ran. A second, cheap comparison
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -56,61 +57,52 @@ QUICK_PRETRAIN_SWEEP = [o for o in QUICK_PRETRAIN if not o.startswith(("data.tra
     "data.train_limit=512", "optim.epochs=1", "trainer.projector=false"]
 
 
-# ----------------------------------------------------------------------------- work counters
+# ----------------------------------------------------------------------------- the naive reference
 
 
-class WorkCounter:
-    """Counts fine-tunes (all, and scratch trainings that missed the cache) and feature
-    extractions inside ``ntp_ssl.evaluate.sweep``, through thin wrappers of its own functions."""
+def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
+    """The sweep the obvious way, for one model: nothing extracted once, nothing cached, nothing reused."""
+    from ntp_ssl.data import to_float_tensor
+    from ntp_ssl.data.subsets import draw_subset
+    from ntp_ssl.evaluate.slc import samples_for_fraction
+    from ntp_ssl.evaluate.sweep import SCRATCH, fine_tune_accuracy, linear_probe_accuracy, train_scratch
+    from ntp_ssl.shared.features import extract_features
+    from ntp_ssl.shared.knn import knn_top1
 
-    def __init__(self) -> None:
-        self.reset()
+    x_train, x_test = to_float_tensor(target.train_images), to_float_tensor(target.test_images)
+    y_train, y_test = torch.as_tensor(target.train_labels), torch.as_tensor(target.test_labels)
+    c, rows = target.num_classes, []
+    model.encoder.to(device)
+    for seed in settings.seeds:
+        for fraction in settings.fractions:
+            n = samples_for_fraction(fraction, len(y_train), c)
+            idx = torch.as_tensor(draw_subset(target.train_labels, n, seed=seed, num_classes=c))
 
-    def reset(self) -> None:
-        self.fine_tunes = 0
-        self.scratch_trained = 0
-        self.scratch_cached = 0
-        self.extractions = 0
-        self.images_extracted = 0
+            def row(name: str, attack: str, accuracy: float) -> None:
+                rows.append({"model": name, "domain": target.name, "attack": attack, "seed": seed,
+                             "fraction": fraction, "n": n, "accuracy": float(accuracy)})
 
-    def snapshot(self) -> dict[str, int]:
-        return {"fine_tunes": self.fine_tunes, "scratch_trained": self.scratch_trained,
-                "scratch_cached": self.scratch_cached, "feature_extractions": self.extractions,
-                "images_extracted": self.images_extracted}
-
-    @contextlib.contextmanager
-    def patched(self) -> Iterator["WorkCounter"]:
-        from ntp_ssl.evaluate import sweep
-
-        names = ("fine_tune_accuracy", "scratch_accuracy", "extract_features")
-        originals = {name: getattr(sweep, name) for name in names}
-
-        def fine_tune_accuracy(*args, **kwargs):
-            self.fine_tunes += 1
-            return originals["fine_tune_accuracy"](*args, **kwargs)
-
-        def scratch_accuracy(*args, **kwargs):
-            acc, cached = originals["scratch_accuracy"](*args, **kwargs)
-            if cached:
-                self.scratch_cached += 1
-            else:
-                self.scratch_trained += 1
-            return acc, cached
-
-        def extract_features(encoder, images, *args, **kwargs):
-            self.extractions += 1
-            self.images_extracted += int(images.shape[0])
-            return originals["extract_features"](encoder, images, *args, **kwargs)
-
-        wrappers = {"fine_tune_accuracy": fine_tune_accuracy, "scratch_accuracy": scratch_accuracy,
-                    "extract_features": extract_features}
-        for name, wrapper in wrappers.items():
-            setattr(sweep, name, wrapper)
-        try:
-            yield self
-        finally:
-            for name, original in originals.items():
-                setattr(sweep, name, original)
+            if settings.scratch:
+                row(SCRATCH, SCRATCH, train_scratch(model.backbone, target, (x_train, y_train, x_test, y_test),
+                                                    idx.numpy(), seed=seed, settings=settings, device=device))
+                work.fine_tunes += 1
+                work.scratch_trained += 1
+            for attack in settings.attacks:
+                if attack in ("linear", "knn"):
+                    f_train = extract_features(model.encoder, x_train, device=device)[idx]
+                    f_test = extract_features(model.encoder, x_test, device=device)
+                    work.feature_extractions += 2
+                    work.images_extracted += len(y_train) + len(y_test)
+                    acc = (linear_probe_accuracy(f_train, y_train[idx], f_test, y_test, num_classes=c,
+                                                 settings=settings, seed=seed, device=device) if attack == "linear"
+                           else knn_top1(f_train, y_train[idx], f_test, y_test, num_classes=c, k=settings.knn_k))
+                else:
+                    masks = model.masks if attack == "finetune_masked" else None
+                    acc = fine_tune_accuracy(model.encoder, masks, x_train[idx], y_train[idx], x_test, y_test,
+                                             num_classes=c, settings=settings, seed=seed, device=device)
+                    work.fine_tunes += 1
+                row(model.name, attack, acc)
+    return rows
 
 
 # ----------------------------------------------------------------------------- models
@@ -187,18 +179,22 @@ def check_results(fast: list[dict], hit: list[dict], naive_runs: list[list[dict]
 # ----------------------------------------------------------------------------- the runs
 
 
-def timed_sweep(label: str, models, target, settings, *, cache_dir: Path, spec: dict, device, progress: bool,
-                counter: WorkCounter) -> tuple[list[dict], float, dict[str, int]]:
-    from ntp_ssl.evaluate.sweep import run_sweep
+def timed_sweep(label: str, models, target, settings, *, cache_dir: Path | None, spec: dict, device,
+                progress: bool, naive: bool = False) -> tuple[list[dict], float, dict[str, int]]:
+    """The product's ``run_sweep`` (or, with ``naive``, :func:`naive_sweep` per model), timed, with its work counted."""
+    from ntp_ssl.evaluate.sweep import SweepWork, run_sweep
 
-    counter.reset()
-    log(f"{label}: run_sweep over {', '.join(m.name for m in models)} (cache {cache_dir})")
+    work = SweepWork()
+    log(f"{label}: {'naive_sweep' if naive else 'run_sweep'} over {', '.join(m.name for m in models)}")
     start = time.perf_counter()
-    rows = run_sweep(models, [target], settings, domain_specs={target.name: spec}, cache_dir=cache_dir,
-                     device=device, progress=progress)
+    if naive:
+        rows = [row for model in models for row in naive_sweep(model, target, settings, device=device, work=work)]
+    else:
+        rows = run_sweep(models, [target], settings, domain_specs={target.name: spec}, cache_dir=cache_dir,
+                         device=device, progress=progress, work=work)
     seconds = time.perf_counter() - start
-    log(f"{label}: {seconds:.1f} s, {len(rows)} rows, {counter.snapshot()}")
-    return rows, seconds, counter.snapshot()
+    log(f"{label}: {seconds:.1f} s, {len(rows)} rows, {dataclasses.asdict(work)}")
+    return rows, seconds, dataclasses.asdict(work)
 
 
 def warm_up(models, target, settings, *, spec, device, tmp: Path) -> None:
@@ -206,40 +202,34 @@ def warm_up(models, target, settings, *, spec, device, tmp: Path) -> None:
     (lazy imports, oneDNN primitive creation, faiss start-up)."""
     from ntp_ssl.evaluate.sweep import run_sweep
 
-    small = {"fractions": settings.fractions[-1:], "seeds": settings.seeds[:1], "steps": 1}
-    if any(f.name == "linear_steps" for f in dataclasses.fields(settings)):
-        small["linear_steps"] = 1
+    small = {"fractions": settings.fractions[-1:], "seeds": settings.seeds[:1], "steps": 1, "linear_steps": 1}
     run_sweep(models, [target], dataclasses.replace(settings, **small), domain_specs={target.name: spec},
               cache_dir=tmp / "warm-up-cache", device=device, progress=False)
 
 
-def compare_fast_naive(models, target, settings, *, spec, device, progress, counter, tmp: Path,
+def compare_fast_naive(models, target, settings, *, spec, device, progress, tmp: Path,
                        tag: str, with_hit: bool, repeats: int = 1) -> dict[str, Any]:
     """Fast (and a cache-hit rerun) against naive; with ``repeats`` > 1 each way runs that
     often on fresh caches and the best time counts (for the short frozen-only comparison)."""
     fast_cache = tmp / f"{tag}-fast-cache"
     fast, t_fast, w_fast = timed_sweep(f"{tag} fast", models, target, settings, cache_dir=fast_cache, spec=spec,
-                                       device=device, progress=progress, counter=counter)
+                                       device=device, progress=progress)
     for i in range(1, repeats):
         _, seconds, _ = timed_sweep(f"{tag} fast (repeat {i + 1})", models, target, settings,
                                     cache_dir=tmp / f"{tag}-fast-cache-{i}", spec=spec, device=device,
-                                    progress=progress, counter=counter)
+                                    progress=progress)
         t_fast = min(t_fast, seconds)
     hit, t_hit, w_hit = fast, None, None
     if with_hit:
         hit, t_hit, w_hit = timed_sweep(f"{tag} fast, scratch cache hit", models, target, settings,
-                                        cache_dir=fast_cache, spec=spec, device=device, progress=progress,
-                                        counter=counter)
-    naive_settings = dataclasses.replace(settings, reuse_features=False, cache_scratch=False, reuse_results=False)
+                                        cache_dir=fast_cache, spec=spec, device=device, progress=progress)
     naive_runs, t_naive, w_naive, per_model = [], 0.0, [], []
     for model in models:
-        rows, seconds, work = timed_sweep(f"{tag} naive", [model], target, naive_settings,
-                                          cache_dir=tmp / f"{tag}-naive-cache-{model.name}", spec=spec,
-                                          device=device, progress=progress, counter=counter)
+        rows, seconds, work = timed_sweep(f"{tag} naive", [model], target, settings, cache_dir=None, spec=spec,
+                                          device=device, progress=progress, naive=True)
         for i in range(1, repeats):
-            _, again, _ = timed_sweep(f"{tag} naive (repeat {i + 1})", [model], target, naive_settings,
-                                      cache_dir=tmp / f"{tag}-naive-cache-{model.name}-{i}", spec=spec,
-                                      device=device, progress=progress, counter=counter)
+            _, again, _ = timed_sweep(f"{tag} naive (repeat {i + 1})", [model], target, settings, cache_dir=None,
+                                      spec=spec, device=device, progress=progress, naive=True)
             seconds = min(seconds, again)
         naive_runs.append(rows)
         t_naive += seconds
@@ -320,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or default_out("sweep.json", args.quick)
 
-    from ntp_ssl.evaluate.stage import domain_spec
-    from ntp_ssl.evaluate.sweep import SweepSettings
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.data import domain_spec, load_domains_for
     from ntp_ssl.io import atomic_write_json
-    from ntp_ssl.data import load_domains_for
     from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
     with contextlib.ExitStack() as stack:
@@ -341,26 +331,25 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.source)
         models, pruned = build_models(checkpoint, args.sparsity)
         target = load_domains_for(cfg, [args.target])[0]
-        settings = SweepSettings.from_config(cfg.sweep)
-        spec = domain_spec(cfg)
+        settings = OmegaConf.to_object(cfg.sweep)
+        spec = domain_spec(cfg.data)
         progress = cfg.trainer.progress and not args.no_progress
         log("warm-up sweep (untimed)")
         warm_up(models, target, settings, spec=spec, device=device, tmp=tmp)
-        counter = stack.enter_context(WorkCounter().patched())
         results: dict[str, Any] = {
             "system": info, "quick": args.quick, "checkpoint": str(checkpoint), "source": args.source,
             "target": args.target, "target_sizes": [len(target.train_labels), len(target.test_labels)],
             "config_overrides": overrides[1:], "pruned": pruned, "device": str(device)}
         results["full"] = compare_fast_naive(models, target, settings, spec=spec, device=device, progress=progress,
-                                             counter=counter, tmp=tmp, tag="full", with_hit=True)
+                                             tmp=tmp, tag="full", with_hit=True)
         results["full"]["speedup_goal"] = SPEEDUP_GOAL
         results["full"]["speedup_goal_met"] = results["full"]["speedup"] >= SPEEDUP_GOAL
         atomic_write_json(out, results)
         if not args.no_frozen:
-            frozen = dataclasses.replace(settings, attacks=tuple(a for a in ("linear", "knn") if a in settings.attacks)
-                                         or ("linear", "knn"), scratch=False)
+            frozen = dataclasses.replace(settings, attacks=[a for a in ("linear", "knn") if a in settings.attacks]
+                                         or ["linear", "knn"], scratch=False)
             results["frozen"] = compare_fast_naive(models, target, frozen, spec=spec, device=device,
-                                                   progress=progress, counter=counter, tmp=tmp, tag="frozen",
+                                                   progress=progress, tmp=tmp, tag="frozen",
                                                    with_hit=False, repeats=args.frozen_repeats)
         results["system"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     atomic_write_json(out, results)

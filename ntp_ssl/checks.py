@@ -24,5 +24,5 @@ def check_image_size(value: object, key: str = "image_size") -> int:
 def check_channels(value: object, key: str = "channels") -> int:
     """``value`` as 1 (grey) or 3 (RGB), or a ConfigError naming it."""
     if not is_int(value) or value not in (1, 3):
-        raise ConfigError(f"{key}={value!r} is not one of: 1, 3")
+        raise ConfigError(f"{key}={value!r} must be 1 or 3 (grey or RGB)")
     return int(value)

@@ -54,7 +54,9 @@ class EncoderConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"
+    """The pretraining method and its heads (``METHOD_OPTIONS`` in pretrain/methods.py says which keys each takes)."""
+
+    name: str = "simclr"  # simclr | moco | supervised
     hidden_dim: int = 512
     projection_dim: int = 128
     temperature: float = 0.2
@@ -86,20 +88,28 @@ class TrainerConfig:
 
 
 @dataclass
-class PretrainConfig:
-    stage: str = "pretrain"
-    # relative interpolations (leading dot) so the node also resolves when nested in protect's config
-    run_name: str = "${.data.source}-${.method.name}-${.encoder.backbone}-seed${.seed}"
+class StageConfig:
+    """What every training stage has: its name, its run's name, a seed, paths, data and trainer."""
+
+    stage: str = ""
+    run_name: str = ""
     seed: int = 0
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    stage: str = "pretrain"
+    # relative interpolations (leading dot), so that the name also resolves in a node of its own
+    run_name: str = "${.data.source}-${.method.name}-${.encoder.backbone}-seed${.seed}"
     domains: Optional[List[str]] = None  # train on these domains (default: [data.source])
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
     resume_from: Optional[str] = None  # or from this last.safetensors (or run directory) of an earlier run
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 @dataclass
@@ -212,37 +222,29 @@ class SweepConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(StageConfig):
     stage: str = "evaluate"
     run_name: str = "evaluate-${data.source}-seed${seed}"
-    seed: int = 0
     checkpoints: List[str] = field(default_factory=list)  # encoder checkpoints (.safetensors) or run dirs
     names: Optional[List[str]] = None  # display names of the checkpoints
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 @dataclass
-class ProtectConfig:
+class ProtectConfig(StageConfig):
     stage: str = "protect"
     run_name: str = "protect-${data.source}-${loss.kind}-${prune.projection}${prune.sparsity}-seed${seed}"
-    seed: int = 0
     checkpoint: Optional[str] = None  # encoder to protect; None: pretrain the default one (cached)
     evaluate: bool = True  # run the SLC sweep on the protected and unprotected encoders at the end
     # domains the sweep attacks (default: data.targets); others than those protected against
     # measure target-free generalisation
     eval_targets: Optional[List[str]] = None
     resume: bool = True
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     loss: Any = MISSING  # a node of the loss group: loss=ssl (default) | supervised | ntl | none
     pretrain: DefaultEncoderConfig = field(default_factory=DefaultEncoderConfig)  # used when checkpoint is None
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 @dataclass

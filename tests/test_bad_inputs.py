@@ -85,7 +85,7 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("protect", "admm.iterations=-1", "admm.iterations=-1 must be >= 0"),
         ("protect", "loss.w_mmd=-1", "loss.w_mmd=-1.0 must be >= 0"),
         ("protect", "pretrain.optim.lr=0", "optim.lr=0.0 must be > 0"),
-        ("protect", "+loss.w_typo=1", "unknown config key(s) loss.w_typo"),
+        ("protect", "+loss.w_typo=1", "loss.w_typo is not a key of loss=ssl"),
         ("evaluate", "sweep.weight_decay=-1", "sweep.weight_decay=-1.0 must be >= 0"),
         ("evaluate", "sweep.seeds=[0,-1]", "sweep.seeds contains -1"),
         ("evaluate", "sweep.steps=0", "sweep.steps=0 must be > 0"),
@@ -124,13 +124,12 @@ def test_cuda_device_without_cuda_is_one_line():
 
 def test_batches_larger_than_the_data_are_clamped_not_errors():
     """admm.batch_size and sweep.batch_size larger than the data: accepted, one batch is the whole set."""
-    from ntp_ssl.protect.stage import _batches
-    from ntp_ssl.shared.train import batch_indices
+    from ntp_ssl.shared.train import batch_indices, endless_batches
 
     batches = list(batch_indices(7, 64, 3, torch.Generator().manual_seed(0)))
     assert [len(b) for b in batches] == [7, 7, 7]
     dataset = torch.utils.data.TensorDataset(torch.arange(10.0))
-    assert len(next(_batches(dataset, 4096, seed=0, workers=0))[0]) == 10
+    assert len(next(endless_batches(dataset, 4096, seed=0, workers=0))[0]) == 10
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -221,12 +220,11 @@ def test_a_plain_pt_state_dict_does_not_say_what_built_it(tmp_path, cache_dir):
 
 def test_checkpoints_of_two_backbones_in_one_evaluation():
     from ntp_ssl.encoders import build_encoder
-    from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep
+    from ntp_ssl.config import SweepConfig
+    from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep
 
-    fields = SweepSettings.__dataclass_fields__
-    settings = SweepSettings(fractions=(1.0,), seeds=(0,), attacks=("knn",), steps=1, batch_size=8, lr_linear=0.01,
-                             lr_finetune=0.001, weight_decay=0.0, knn_k=5,
-                             **({"linear_steps": 1} if "linear_steps" in fields else {}))
+    settings = SweepConfig(fractions=[1.0], seeds=[0], attacks=["knn"], steps=1, linear_steps=1, batch_size=8,
+                           knn_k=5)
     models = [ModelUnderTest("a", build_encoder("small_cnn", image_size=16), "small_cnn"),
               ModelUnderTest("b", build_encoder("vgg11_bn", image_size=16), "vgg11_bn")]
     with pytest.raises(ConfigError) as info:
@@ -252,11 +250,11 @@ def test_a_file_that_matches_its_hash_but_is_not_safetensors(tmp_path):
 
 
 def _run_protect(tmp_path: Path, cache_dir: Path, *overrides: str):
-    from ntp_ssl.protect.stage import run_protect
+    from ntp_ssl.pipeline import run_main_job
 
     cfg = _compose("protect", "data.targets=[optdigits]", "evaluate=false", "admm.iterations=1",
                    "admm.steps_per_iteration=1", "admm.retrain_steps=0", *overrides, cache_dir=cache_dir)
-    return run_protect(cfg, tmp_path / "protect-run")
+    return run_main_job(cfg, tmp_path / "protect-run")
 
 
 def test_protect_of_a_protected_checkpoint(tmp_path, cache_dir, pretrained):

@@ -33,11 +33,27 @@ def test_pretrain_defaults_are_the_cpu_defaults():
     assert cfg.run_name == "mnist-simclr-small_cnn-seed0"
 
 
-def test_protect_nested_pretrain_resolves_relative_to_itself():
-    cfg = _compose("protect", ["pretrain.method.name=moco"])
+def test_the_default_encoder_is_pretrained_on_the_main_jobs_data_paths_and_trainer():
+    from ntp_ssl.pipeline import default_encoder_config
+
+    cfg = _compose("protect", ["pretrain.method.name=moco", "data.source=optdigits", "data.targets=[mnist]",
+                               "trainer.threads=1", "pretrain.optim.epochs=3"])
     validate_protect(cfg)
-    assert cfg.pretrain.run_name == "mnist-moco-small_cnn-seed0"
-    assert cfg.data.targets == ["optdigits", "syndigits", "mnistm"]
+    pretrain = default_encoder_config(cfg)
+    assert pretrain.run_name == "optdigits-moco-small_cnn-seed0"
+    assert (pretrain.data.source, pretrain.trainer.threads, pretrain.optim.epochs) == ("optdigits", 1, 3)
+    assert pretrain.stage == "pretrain" and pretrain.data.targets == ["mnist"]
+
+
+def test_each_loss_option_has_only_its_own_keys():
+    assert set(_compose("protect", ["loss=supervised"]).loss) == {"kind", "alpha", "ce_clamp", "w_fisher_labels",
+                                                                  "head_steps"}
+    assert set(_compose("protect", ["loss=none"]).loss) == {"kind"}
+    assert _compose("protect", []).loss.kind == "ssl"
+    with pytest.raises(Exception, match="w_mmd"):
+        _compose("protect", ["loss=supervised", "loss.w_mmd=1"])
+    with pytest.raises(ConfigError, match="loss=supervised"):  # the kind follows the option, not an override
+        validate_protect(_compose("protect", ["loss.kind=supervised"]))
 
 
 def test_overrides_apply():

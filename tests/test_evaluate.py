@@ -14,14 +14,15 @@ from ntp_ssl.data import Domain
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate import sweep as sweep_module
-from ntp_ssl.evaluate.sweep import ModelUnderTest, SweepSettings, run_sweep, scratch_accuracy
+from ntp_ssl.config import SweepConfig
+from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, scratch_accuracy
 from ntp_ssl.protect.projections import project_topk_per_layer
 
 from test_protect import _scalar_tags, encoder_checkpoint  # noqa: F401  (module fixture)
 
-SETTINGS = SweepSettings(fractions=(0.2, 1.0), seeds=(0,), attacks=("linear", "knn", "finetune_masked",
-                         "finetune_dense"), steps=3, linear_steps=5, batch_size=16, lr_linear=1e-2, lr_finetune=1e-3,
-                         weight_decay=0.0, knn_k=5)
+SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked",
+                       "finetune_dense"], steps=3, linear_steps=5, batch_size=16, lr_linear=1e-2, lr_finetune=1e-3,
+                       weight_decay=0.0, knn_k=5)
 
 
 def _domain(n_train=60, n_test=30, num_classes=10, seed=0, name="toy") -> Domain:

@@ -37,7 +37,7 @@ EXE = str(Path(sys.executable).parent / "ntp-ssl")
 PRETRAIN_ARGS = ["pretrain", *TINY_DATA, *TINY_PRETRAIN, "optim.epochs=3", "trainer.projector=false", "data.targets=[optdigits]",
                  "run_name=crash"]
 PROTECT_ARGS = ["protect", *TINY_DATA, "data.targets=[optdigits]", "admm.iterations=2", "admm.steps_per_iteration=3",
-                "admm.retrain_steps=3", "admm.batch_size=32", "loss.head_epochs=1", "prune.sparsity=0.8",
+                "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8",
                 "evaluate=true", "sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4",
                 "sweep.batch_size=16", "run_name=crash"]
 EVALUATE_ARGS = ["evaluate", *TINY_DATA, "names=[ssl]", "data.targets=[optdigits]", "sweep.fractions=[0.05,0.2,1.0]",
@@ -158,13 +158,11 @@ def _toy_domain(n_train: int = 30, n_test: int = 20):
 
 
 def _settings(**values):
-    from ntp_ssl.evaluate.sweep import SweepSettings
+    from ntp_ssl.config import SweepConfig
 
-    base = dict(fractions=(1.0,), seeds=(0,), attacks=("knn",), steps=2, batch_size=8, lr_linear=1e-2,
+    base = dict(fractions=[1.0], seeds=[0], attacks=["knn"], steps=2, linear_steps=2, batch_size=8, lr_linear=1e-2,
                 lr_finetune=1e-3, weight_decay=0.0, knn_k=5, scratch=False)
-    if "linear_steps" in SweepSettings.__dataclass_fields__:
-        base["linear_steps"] = 2
-    return SweepSettings(**{**base, **values})
+    return SweepConfig(**{**base, **values})
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +426,7 @@ def test_pretrain_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, 
 def test_protect_nan_loss_is_one_clear_line(cli, encoder_checkpoint):
     line = _one_error_line(cli("protect", *TINY_DATA, f"checkpoint={encoder_checkpoint}", "data.targets=[optdigits]",
                                "admm.iterations=1", "admm.steps_per_iteration=3", "admm.retrain_steps=1",
-                               "loss.head_epochs=1", "evaluate=false", "admm.lr=1e30", "run_name=nan",
+                               "evaluate=false", "admm.lr=1e30", "run_name=nan",
                                env_extra=ONE_THREAD))
     assert "protect" in line and "non-transferable loss" in line and "at step" in line
     assert "lower learning rate" in line and "lower weight on that loss term" in line
@@ -437,10 +435,11 @@ def test_protect_nan_loss_is_one_clear_line(cli, encoder_checkpoint):
 @pytest.mark.slow
 def test_protect_nan_in_a_later_iteration_keeps_the_last_good_state(tmp_path, cache_dir, encoder_checkpoint,
                                                                       monkeypatch):
-    from ntp_ssl.protect import stage
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.protect.objective import NonTransferableObjective
 
     cfg = _compose_protect(cache_dir, encoder_checkpoint, "evaluate=false")
-    real_call = stage.NonTransferableObjective.__call__
+    real_call = NonTransferableObjective.__call__
     calls = {"n": 0}
 
     def call(self, *args, **kwargs):
@@ -448,9 +447,9 @@ def test_protect_nan_in_a_later_iteration_keeps_the_last_good_state(tmp_path, ca
         loss, terms = real_call(self, *args, **kwargs)
         return (loss * float("inf") if calls["n"] == 5 else loss), terms  # 3 steps an iteration: iteration 2
 
-    monkeypatch.setattr(stage.NonTransferableObjective, "__call__", call)
+    monkeypatch.setattr(NonTransferableObjective, "__call__", call)
     with pytest.raises(NumericalError) as info:
-        stage.run_protect(cfg, tmp_path / "run")
+        run_main_job(cfg, tmp_path / "run")
     assert "at step 4" in str(info.value) and "non-transferable loss" in str(info.value)
     state, _ = load_training_state(tmp_path / "run" / "protect_state.safetensors")
     assert int(state["iteration"]) == 1 and state["phase"] == "admm"
@@ -489,6 +488,7 @@ def _compose_protect(cache_dir: Path, checkpoint: Path, *overrides: str):
 @pytest.mark.slow
 def test_protect_killed_between_export_and_report_still_writes_the_report(tmp_path, cache_dir, encoder_checkpoint,
                                                                           monkeypatch):
+    from ntp_ssl.pipeline import run_main_job
     from ntp_ssl.protect import stage
 
     cfg = _compose_protect(cache_dir, encoder_checkpoint, "evaluate=false")
@@ -499,12 +499,12 @@ def test_protect_killed_between_export_and_report_still_writes_the_report(tmp_pa
 
     monkeypatch.setattr(stage, "write_sparsity_files", killed)
     with pytest.raises(KeyboardInterrupt):
-        stage.run_protect(cfg, tmp_path / "run")
+        run_main_job(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "protected.json").exists()
     assert not (tmp_path / "run" / "sparsity.json").exists()
     assert "sparsity" in json.loads((tmp_path / "run" / "protected.json").read_text())  # one save, with the report
     monkeypatch.setattr(stage, "write_sparsity_files", real_files)
-    stage.run_protect(cfg, tmp_path / "run")
+    run_main_job(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "sparsity.json").read_text()) == json.loads(
         (tmp_path / "run" / "protected.json").read_text())["sparsity"]
 
@@ -514,13 +514,13 @@ def test_protect_killed_between_export_and_report_still_writes_the_report(tmp_pa
 
 @pytest.mark.slow
 def test_protect_with_evaluation_is_deterministic(tmp_path, cache_dir, encoder_checkpoint):
-    from ntp_ssl.protect.stage import run_protect
+    from ntp_ssl.pipeline import run_main_job
 
     results = []
     for name in ("a", "b"):
         cache = _private_cache(tmp_path / f"cache-{name}", cache_dir)  # scratch baselines computed twice
         cfg = _compose_protect(cache, encoder_checkpoint)
-        results.append(run_protect(cfg, tmp_path / name))
+        results.append(run_main_job(cfg, tmp_path / name))
     _assert_same_tensors(tmp_path / "a" / "protected.safetensors", tmp_path / "b" / "protected.safetensors")
     assert results[0]["rows"] == results[1]["rows"]
     assert _rows(tmp_path / "a" / "results.csv") == _rows(tmp_path / "b" / "results.csv")

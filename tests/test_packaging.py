@@ -34,6 +34,7 @@ def test_built_wheel_holds_only_ntp_ssl(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert {name for name in top_level if not name.endswith(".dist-info")} == {"ntp_ssl"}
     for required in ("ntp_ssl/encoders/small_cnn.py", "ntp_ssl/configs/pretrain.yaml", "ntp_ssl/configs/protect.yaml",
-                     "ntp_ssl/configs/experiment/protect_label_free.yaml"):
+                     "ntp_ssl/configs/experiment/protect_label_free.yaml", "ntp_ssl/configs/hydra/default.yaml",
+                     "ntp_ssl/shared/train.py", "ntp_ssl/pipeline.py"):
         assert required in names
     assert "ntp_ssl/configs/experiment/protect_magnitude.yaml" in names

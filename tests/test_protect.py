@@ -12,7 +12,7 @@ from conftest import TINY_DATA
 from test_pretrain import compose_pretrain
 
 TINY_PROTECT = [*TINY_DATA, "data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
-                "admm.retrain_steps=3", "admm.batch_size=32", "loss.head_epochs=1", "prune.sparsity=0.8"]
+                "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8"]
 TINY_SWEEP = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4", "sweep.batch_size=16"]
 
 
@@ -58,7 +58,7 @@ def _check_protected_file(path: Path, sparsity: float) -> None:
 @pytest.mark.slow
 def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, encoder_checkpoint):
     result = cli("protect", *TINY_PROTECT, *TINY_SWEEP, f"checkpoint={encoder_checkpoint}", "run_name=free",
-                 "loss.kind=ssl")
+                 "loss=ssl")
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "protect" / "free"
     _check_protected_file(run_dir / "protected.safetensors", 0.8)
@@ -83,7 +83,7 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
 @pytest.mark.slow
 def test_supervised_protect_through_the_command(cli, tmp_path, encoder_checkpoint):
     result = cli("protect", *TINY_PROTECT, f"checkpoint={encoder_checkpoint}", "run_name=sup",
-                 "loss.kind=supervised", "prune.projection=global", "evaluate=false")
+                 "loss=supervised", "loss.head_steps=20", "prune.projection=global", "evaluate=false")
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "protect" / "sup"
     _check_protected_file(run_dir / "protected.safetensors", 0.8)
@@ -101,15 +101,16 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
 
     from ntp_ssl.cli import config_dir
     from ntp_ssl.config import register_schemas
-    from ntp_ssl.protect import stage
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.protect.admm import ADMMPruner
 
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={encoder_checkpoint}",
                                                          f"paths.cache_dir={cache_dir}", "evaluate=false",
                                                          "admm.iterations=3"])
-    stage.run_protect(cfg, tmp_path / "reference")
-    real_update = stage.ADMMPruner.update
+    run_main_job(cfg, tmp_path / "reference")
+    real_update = ADMMPruner.update
     calls = {"n": 0}
 
     def crashing_update(self):
@@ -118,12 +119,12 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
             raise KeyboardInterrupt
         return real_update(self)
 
-    monkeypatch.setattr(stage.ADMMPruner, "update", crashing_update)
+    monkeypatch.setattr(ADMMPruner, "update", crashing_update)
     with pytest.raises(KeyboardInterrupt):
-        stage.run_protect(cfg, tmp_path / "resumed")
+        run_main_job(cfg, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "protected.safetensors").exists()
-    monkeypatch.setattr(stage.ADMMPruner, "update", real_update)
-    stage.run_protect(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(ADMMPruner, "update", real_update)
+    run_main_job(cfg, tmp_path / "resumed")
 
     from ntp_ssl.shared.checkpoint import load_checkpoint
 
@@ -143,7 +144,7 @@ def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, 
     from ntp_ssl.config import register_schemas
     from ntp_ssl.errors import ConfigError
     from ntp_ssl.pretrain.stage import run_pretrain
-    from ntp_ssl.protect.stage import run_protect
+    from ntp_ssl.pipeline import run_main_job
 
     checkpoint = run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "method.name=supervised"),
                               tmp_path / "sup")["checkpoint"]
@@ -152,13 +153,13 @@ def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, 
         def cfg(kind):
             return compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={checkpoint}",
                                                              f"paths.cache_dir={cache_dir}", "evaluate=false",
-                                                             f"loss.kind={kind}"])
+                                                             f"loss={kind}"])
         supervised, label_free = cfg("supervised"), cfg("ssl")
-    result = run_protect(supervised, tmp_path / "protected")
+    result = run_main_job(supervised, tmp_path / "protected")
     tensors, meta = load_checkpoint(result["checkpoint"])
     assert any(k.startswith("classifier.") for k in tensors) and meta["method"] == "supervised"
-    with pytest.raises(ConfigError, match="loss.kind=ssl needs an encoder with an SSL projection head"):
-        run_protect(label_free, tmp_path / "label_free")
+    with pytest.raises(ConfigError, match="loss=ssl needs an encoder with an SSL projection head"):
+        run_main_job(label_free, tmp_path / "label_free")
 
 
 @pytest.mark.slow

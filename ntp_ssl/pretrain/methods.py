@@ -46,6 +46,11 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
+def _check_head_options(hidden_dim: Any, projection_dim: Any, temperature: Any) -> None:
+    for name, value in (("hidden_dim", hidden_dim), ("projection_dim", projection_dim), ("temperature", temperature)):
+        _check_positive(name, value)
+
+
 def _check_views(views: Sequence[Tensor], needed: int, method: str) -> None:
     if len(views) < needed:
         raise ConfigError(
@@ -64,19 +69,10 @@ class SimCLR(nn.Module):
     averaged over the 2n projections, with the other 2n - 2 projections as negatives.
     """
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        *,
-        hidden_dim: int = 512,
-        projection_dim: int = 128,
-        temperature: float = 0.2,
-        gather_distributed: bool = False,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, *, hidden_dim: int = 512, projection_dim: int = 128,
+                 temperature: float = 0.2, gather_distributed: bool = False) -> None:
         super().__init__()
-        _check_positive("hidden_dim", hidden_dim)
-        _check_positive("projection_dim", projection_dim)
-        _check_positive("temperature", temperature)
+        _check_head_options(hidden_dim, projection_dim, temperature)
         self.encoder = encoder
         self.projection_head = SimCLRProjectionHead(
             input_dim=_feature_dim(encoder), hidden_dim=hidden_dim, output_dim=projection_dim
@@ -114,22 +110,11 @@ class MoCoV2(nn.Module):
     (l(q_a, k_b) + l(q_b, k_a)) / 2 against the same bank, and both key sets are enqueued.
     """
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        *,
-        hidden_dim: int = 512,
-        projection_dim: int = 128,
-        temperature: float = 0.2,
-        memory_bank_size: int = 4096,
-        momentum_base: float = 0.99,
-        symmetric: bool = False,
-        gather_distributed: bool = False,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, *, hidden_dim: int = 512, projection_dim: int = 128,
+                 temperature: float = 0.2, memory_bank_size: int = 4096, momentum_base: float = 0.99,
+                 symmetric: bool = False, gather_distributed: bool = False) -> None:
         super().__init__()
-        _check_positive("hidden_dim", hidden_dim)
-        _check_positive("projection_dim", projection_dim)
-        _check_positive("temperature", temperature)
+        _check_head_options(hidden_dim, projection_dim, temperature)
         if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) or memory_bank_size < 0:
             raise ConfigError(
                 f"memory_bank_size must be an integer >= 0 (0 = in-batch negatives), got {memory_bank_size!r}"

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntp_ssl import __version__
+from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.io import atomic_path, atomic_write_json
 
@@ -247,8 +248,6 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
 
     ``masks`` maps encoder parameter names to bool masks (empty for an unprotected encoder).
     """
-    from ntp_ssl.encoders import build_encoder
-
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") == "training_state":
         raise CheckpointError(f"checkpoint {str(path)!r} is a resumable training state, not an encoder; "

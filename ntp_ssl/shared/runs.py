@@ -13,8 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
-
+from ntp_ssl.config import to_plain
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
 
@@ -22,12 +21,6 @@ log = logging.getLogger("ntp_ssl")
 
 # Keys that change how a run is shown or where it lives, not what it computes.
 PRESENTATION_KEYS = ("trainer.progress", "trainer.threads", "paths", "resume", "resume_from", "run_name", "evaluate")
-
-
-def to_plain(cfg: Any) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def _drop(tree: dict, dotted: str) -> None:

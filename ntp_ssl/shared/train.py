@@ -18,8 +18,10 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ntp_ssl.errors import ConfigError, NumericalError
+from ntp_ssl.shared.masking import MaskedOptimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -126,8 +128,6 @@ def fit_classifier(
     moments at pruned positions are zeroed. With ``train_encoder=False`` the encoder is
     frozen (eval mode, no gradients). Returns the mean loss of the last 10 steps.
     """
-    from ntp_ssl.shared.masking import MaskedOptimizer  # the masking math lives with protection
-
     device = torch.device(device)
     encoder.to(device)
     head.to(device)
@@ -198,11 +198,9 @@ def world_info() -> tuple[int, int, int]:
 
 
 def seeded_loader(dataset, batch_size: int, *, seed: int, workers: int = 0, sampler=None,
-                  pin_memory: bool = False) -> "torch.utils.data.DataLoader":
+                  pin_memory: bool = False) -> DataLoader:
     """One shuffled pass over ``dataset`` in full batches, its order fixed by ``seed``
     (or by ``sampler``, under DDP), so that a run and its resumed twin see the same batches."""
-    from torch.utils.data import DataLoader
-
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                       generator=torch.Generator().manual_seed(seed), num_workers=workers, pin_memory=pin_memory)
 
