@@ -87,12 +87,13 @@ def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
                                                     idx.numpy(), seed=seed, settings=settings, device=device))
                 work.fine_tunes += 1
                 work.scratch_trained += 1
+            if {"linear", "knn"} & set(settings.attacks):  # extracted again at every grid point
+                f_train = extract_features(model.encoder, x_train, device=device)[idx]
+                f_test = extract_features(model.encoder, x_test, device=device)
+                work.feature_extractions += 2
+                work.images_extracted += len(y_train) + len(y_test)
             for attack in settings.attacks:
                 if attack in ("linear", "knn"):
-                    f_train = extract_features(model.encoder, x_train, device=device)[idx]
-                    f_test = extract_features(model.encoder, x_test, device=device)
-                    work.feature_extractions += 2
-                    work.images_extracted += len(y_train) + len(y_test)
                     acc = (linear_probe_accuracy(f_train, y_train[idx], f_test, y_test, num_classes=c,
                                                  settings=settings, seed=seed, device=device) if attack == "linear"
                            else knn_top1(f_train, y_train[idx], f_test, y_test, num_classes=c, k=settings.knn_k))
