@@ -25,7 +25,7 @@ GOAL_MINUTES = 15.0
 GOAL_PEAK_GIB = 4.0
 QUICK = ["data.image_size=16", "data.train_limit=300", "data.test_limit=200", "pretrain.optim.epochs=1",
          "admm.iterations=1", "admm.steps_per_iteration=2", "admm.retrain_steps=2", "sweep.steps=3",
-         "sweep.linear_steps=3", "sweep.fractions=[0.1,1.0]"]
+         "sweep.fractions=[0.1,1.0]"]
 
 
 def run_once(workdir: Path, cache: Path, run_name: str, extra: list[str]) -> dict:

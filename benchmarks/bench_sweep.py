@@ -50,7 +50,7 @@ from bench_pretrain import (  # noqa: E402  (shared helpers of the benchmarks fo
 
 SPEEDUP_GOAL = 5.0
 #: What --quick shrinks in the evaluate config.
-QUICK_EVALUATE = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=3", "sweep.linear_steps=20",
+QUICK_EVALUATE = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=3",
                   "data.train_limit=400", "data.test_limit=200"]
 #: The pretraining --quick runs when no --checkpoint is given.
 QUICK_PRETRAIN_SWEEP = [o for o in QUICK_PRETRAIN if not o.startswith(("data.train_limit=", "optim.epochs="))] + [
@@ -84,7 +84,8 @@ def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
 
             if settings.scratch:
                 row(SCRATCH, SCRATCH, train_scratch(model.backbone, target, (x_train, y_train, x_test, y_test),
-                                                    idx.numpy(), seed=seed, settings=settings, device=device))
+                                                    idx.numpy(), seed=seed, settings=settings,
+                                                    device=device).accuracy)
                 work.fine_tunes += 1
                 work.scratch_trained += 1
             if {"linear", "knn"} & set(settings.attacks):  # extracted again at every grid point
@@ -95,12 +96,12 @@ def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
             for attack in settings.attacks:
                 if attack in ("linear", "knn"):
                     acc = (linear_probe_accuracy(f_train, y_train[idx], f_test, y_test, num_classes=c,
-                                                 settings=settings, seed=seed, device=device) if attack == "linear"
+                                                 settings=settings, seed=seed).accuracy if attack == "linear"
                            else knn_top1(f_train, y_train[idx], f_test, y_test, num_classes=c, k=settings.knn_k))
                 else:
                     masks = model.masks if attack == "finetune_masked" else None
                     acc = fine_tune_accuracy(model.encoder, masks, x_train[idx], y_train[idx], x_test, y_test,
-                                             num_classes=c, settings=settings, seed=seed, device=device)
+                                             num_classes=c, settings=settings, seed=seed, device=device).accuracy
                     work.fine_tunes += 1
                 row(model.name, attack, acc)
     return rows
@@ -203,7 +204,7 @@ def warm_up(models, target, settings, *, spec, device, tmp: Path) -> None:
     (lazy imports, oneDNN primitive creation, faiss start-up)."""
     from ntp_ssl.evaluate.sweep import run_sweep
 
-    small = {"fractions": settings.fractions[-1:], "seeds": settings.seeds[:1], "steps": 1, "linear_steps": 1}
+    small = {"fractions": settings.fractions[-1:], "seeds": settings.seeds[:1], "steps": 1}
     run_sweep(models, [target], dataclasses.replace(settings, **small), domain_specs={target.name: spec},
               cache_dir=tmp / "warm-up-cache", device=device, progress=False)
 
@@ -253,7 +254,7 @@ def report(results: dict[str, Any]) -> str:
            f"({100 * results['pruned']['sparsity']:.0f}% of conv weights zero)", ""]
     s = main["settings"]
     out += [f"settings: fractions {list(s['fractions'])}, seeds {list(s['seeds'])}, attacks {list(s['attacks'])}, "
-            f"fine-tune steps {s['steps']}, linear-probe steps {s.get('linear_steps', s['steps'])}, "
+            f"fine-tune budget {s['steps'] or str(s['epochs']) + ' epochs'}, lr grid {list(s['lr_grid'])}, "
             f"batch {s['batch_size']}; target train/test {results['target_sizes']}; "
             f"{results['system']['threads']} thread(s), device {results['device']}", ""]
     rows = []

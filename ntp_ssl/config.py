@@ -207,18 +207,40 @@ LOSSES: dict[str, type] = {"ssl": LabelFreeLossConfig, "supervised": SupervisedL
 
 @dataclass
 class SweepConfig:
+    """The SLC sweep: the grid of target fractions, the seeds, the attacks, and the attacker's
+    protocol (ntp_ssl/evaluate/attack.py). ``sweep=converged`` (the default) trains to
+    convergence and tunes the learning rate on the attacker's own validation split;
+    ``sweep=paper`` is the authors' fixed-step budget, kept for comparison."""
+
     fractions: List[float] = field(default_factory=lambda: list(PAPER_GRID))
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     attacks: List[str] = field(default_factory=lambda: list(ATTACKS))
-    steps: int = 150  # fine-tune optimiser steps per grid point, the same for every model and scratch
-    linear_steps: int = 300  # linear-probe steps on cached features (cheap), also for the source accuracy kept
+    # Fine-tune budget: steps > 0 is that many optimiser steps whatever n is (the authors'
+    # protocol); 0 trains `epochs` passes over the samples, within [min_steps, max_steps].
+    steps: int = 0
+    epochs: int = 30
+    min_steps: int = 100
+    max_steps: int = 600
+    augment_shift: int = 2  # random shifts of up to this many pixels while fine-tuning (0: none)
+    lr_finetune: float = 1e-3  # the learning rate when no validation split can be carved
+    lr_grid: List[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # chosen on validation; [] = none
+    val_fraction: float = 0.2  # of the attacker's n samples, stratified, held out to choose lr / l2 and stop
+    search_min_n: int = 50  # fewer samples (or a class with one sample): no split, lr_finetune, last step
+    probe_l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # linear probe
+    probe_l2: float = 1e-2  # the linear probe's l2 when no validation split can be carved
     batch_size: int = 64
-    lr_linear: float = 1e-2
-    lr_finetune: float = 1e-3
     weight_decay: float = 5e-4
     knn_k: int = 20
     scratch: bool = True  # train the from-scratch baseline (cached)
-    source_accuracy: bool = True  # also measure the source accuracy each model keeps
+    source_accuracy: bool = True  # also measure the source accuracy each model keeps (linear probe, kNN)
+    source_curve: bool = True  # also sweep the source domain: the source-domain SLC-AUC of each model
+
+
+#: ``sweep=`` presets: the converged, tuned attacker (default) and the authors' fixed-step protocol
+SWEEP_PRESETS: dict[str, dict] = {
+    "converged": {},
+    "paper": {"steps": 150, "augment_shift": 0, "lr_grid": []},
+}
 
 
 @dataclass
@@ -227,7 +249,7 @@ class EvaluateConfig(StageConfig):
     run_name: str = "evaluate-${data.source}-seed${seed}"
     checkpoints: List[str] = field(default_factory=list)  # encoder checkpoints (.safetensors) or run dirs
     names: Optional[List[str]] = None  # display names of the checkpoints
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    sweep: SweepConfig = MISSING  # a preset of the sweep group: sweep=converged (default) | paper
 
 
 @dataclass
@@ -244,7 +266,7 @@ class ProtectConfig(StageConfig):
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     loss: Any = MISSING  # a node of the loss group: loss=ssl (default) | supervised | ntl | none
     pretrain: DefaultEncoderConfig = field(default_factory=DefaultEncoderConfig)  # used when checkpoint is None
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    sweep: SweepConfig = MISSING  # a preset of the sweep group: sweep=converged (default) | paper
 
 
 @dataclass
@@ -280,6 +302,8 @@ def register_schemas() -> None:
         store.store(name=f"{stage}_schema", node=schema)
     for name, schema in LOSSES.items():
         store.store(group="loss", name=name, node=schema)
+    for name, values in SWEEP_PRESETS.items():
+        store.store(group="sweep", name=name, node=SweepConfig(**values))
 
 
 def to_plain(cfg: Any) -> dict:
@@ -389,9 +413,16 @@ def validate_sweep(sweep: Any) -> None:
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)
-    for key in ("steps", "linear_steps", "batch_size", "lr_linear", "lr_finetune", "knn_k"):
+    for key in ("epochs", "min_steps", "batch_size", "lr_finetune", "probe_l2", "knn_k"):
         _check_positive(f"sweep.{key}", sweep[key])
-    _check_positive("sweep.weight_decay", sweep.weight_decay, allow_zero=True)
+    for key in ("steps", "augment_shift", "weight_decay", "search_min_n"):
+        _check_positive(f"sweep.{key}", sweep[key], allow_zero=True)
+    _check(sweep.max_steps >= sweep.min_steps,
+           f"sweep.max_steps={sweep.max_steps!r} must be >= sweep.min_steps={sweep.min_steps!r}")
+    _check(0 < sweep.val_fraction < 1, f"sweep.val_fraction={sweep.val_fraction!r} must be in (0, 1)")
+    for key in ("lr_grid", "probe_l2_grid"):
+        for value in sweep[key]:
+            _check(value > 0 and math.isfinite(value), f"sweep.{key} contains {value!r}; every value must be > 0")
 
 
 def validate_prune(prune: Any) -> None:

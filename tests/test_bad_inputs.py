@@ -223,7 +223,7 @@ def test_checkpoints_of_two_backbones_in_one_evaluation():
     from ntp_ssl.config import SweepConfig
     from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep
 
-    settings = SweepConfig(fractions=[1.0], seeds=[0], attacks=["knn"], steps=1, linear_steps=1, batch_size=8,
+    settings = SweepConfig(fractions=[1.0], seeds=[0], attacks=["knn"], steps=1, batch_size=8,
                            knn_k=5)
     models = [ModelUnderTest("a", build_encoder("small_cnn", image_size=16), "small_cnn"),
               ModelUnderTest("b", build_encoder("vgg11_bn", image_size=16), "vgg11_bn")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from ntp_ssl.data import Domain
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import ConfigError
+from ntp_ssl.evaluate import attack as attack_module
 from ntp_ssl.evaluate import sweep as sweep_module
 from ntp_ssl.config import SweepConfig
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, scratch_accuracy
@@ -21,7 +23,7 @@ from ntp_ssl.protect.projections import project_topk_per_layer
 from test_protect import _scalar_tags, encoder_checkpoint  # noqa: F401  (module fixture)
 
 SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked",
-                       "finetune_dense"], steps=3, linear_steps=5, batch_size=16, lr_linear=1e-2, lr_finetune=1e-3,
+                       "finetune_dense"], steps=3, batch_size=16, lr_finetune=1e-3,
                        weight_decay=0.0, knn_k=5)
 
 
@@ -48,7 +50,7 @@ def _pruned_model(name="protected") -> ModelUnderTest:
 def test_mask_kept_attack_keeps_zeros_and_dense_attack_regrows(monkeypatch):
     model = _pruned_model()
     seen = {}
-    real = sweep_module.fit_classifier
+    real = attack_module.fit_classifier
 
     def spy(encoder, head, *args, **kwargs):
         out = real(encoder, head, *args, **kwargs)
@@ -57,7 +59,7 @@ def test_mask_kept_attack_keeps_zeros_and_dense_attack_regrows(monkeypatch):
         seen["masked" if kwargs.get("masks") else "dense"] = pruned
         return out
 
-    monkeypatch.setattr(sweep_module, "fit_classifier", spy)
+    monkeypatch.setattr(attack_module, "fit_classifier", spy)
     domain = _domain()
     x = sweep_module._tensors(domain)
     for masks in (model.masks, None):
@@ -136,7 +138,14 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "evaluate" / "ev"
     lines = (run_dir / "results.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2 * (1 + 3)  # header + seeds x fractions x (scratch + 3 attacks)
+    # header + (target optdigits, source mnist) x seeds x fractions x (scratch + 3 attacks)
+    assert len(lines) == 1 + 2 * 2 * 2 * (1 + 3)
+    assert lines[0].startswith("model,domain,attack,seed,fraction,n,accuracy,") and "choice" in lines[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    verdict = summary["verdicts"][0]
+    assert verdict["model"] == "ssl" and verdict["source"]["slc_auc"] is not None
+    assert set(verdict["target_slc_auc"]) == {"linear", "knn", "finetune_dense"}
+    assert (run_dir / "summary.md").read_text().startswith("- ssl: source linear")
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
     tags = _scalar_tags(run_dir / "tb")
     assert "slc/optdigits/linear/ssl" in tags and "slc_auc/optdigits/linear/ssl" in tags

@@ -160,7 +160,7 @@ def _toy_domain(n_train: int = 30, n_test: int = 20):
 def _settings(**values):
     from ntp_ssl.config import SweepConfig
 
-    base = dict(fractions=[1.0], seeds=[0], attacks=["knn"], steps=2, linear_steps=2, batch_size=8, lr_linear=1e-2,
+    base = dict(fractions=[1.0], seeds=[0], attacks=["knn"], steps=2, batch_size=8,
                 lr_finetune=1e-3, weight_decay=0.0, knn_k=5, scratch=False)
     return SweepConfig(**{**base, **values})
 
@@ -356,7 +356,7 @@ def test_a_truncated_scratch_cache_entry_is_recomputed_not_trusted(tmp_path):
     acc, was_cached = sweep.scratch_accuracy("small_cnn", domain, {}, tensors, idx, fraction=0.5, seed=0,
                                              settings=settings, cache_dir=tmp_path, device="cpu")
     assert (acc, was_cached) == (fresh, False)
-    assert json.loads(entry.read_text())["accuracy"] == fresh  # rewritten whole
+    assert json.loads(entry.read_text())["result"]["accuracy"] == fresh.accuracy  # rewritten whole
 
 
 def test_a_corrupted_sweep_progress_file_is_not_a_traceback(tmp_path):

@@ -307,3 +307,59 @@ def summary_text(summary: Sequence[dict]) -> str:
 
     lines = [row(table[0]), "  ".join("-" * w for w in widths)] + [row(r) for r in table[1:]]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: str | None,
+             reference: str = "unprotected") -> list[dict]:
+    """One verdict per model: the source it keeps and the target SLC-AUC per attack.
+
+    Source: linear-probe and kNN accuracy on the source domain and the source-domain SLC-AUC
+    (mean over attacks of the summary lines whose domain is ``source``), each also as a
+    difference from the ``reference`` model's. Targets: the mean SLC-AUC over the other
+    domains, per attack. Models in summary order; the reference first when present.
+    """
+    models = list(dict.fromkeys(line["model"] for line in summary))
+    models.sort(key=lambda m: m != reference)
+
+    def source_auc(model: str) -> float | None:
+        values = [line["slc_auc"] for line in summary if line["model"] == model and line["domain"] == source]
+        return math.fsum(values) / len(values) if values else None
+
+    out = []
+    for model in models:
+        kept = {attack: _source_accuracy(source_accuracy, model, attack) for attack in ("linear", "knn")}
+        kept["slc_auc"] = source_auc(model)
+        base = {attack: _source_accuracy(source_accuracy, reference, attack) for attack in ("linear", "knn")}
+        base["slc_auc"] = source_auc(reference)
+        targets: dict[str, list[float]] = defaultdict(list)
+        for line in summary:
+            if line["model"] == model and line["domain"] != source:
+                targets[line["attack"]].append(line["slc_auc"])
+        out.append({
+            "model": model,
+            "source": {key: value for key, value in kept.items()},
+            "source_minus_reference": {key: (None if value is None or base[key] is None else value - base[key])
+                                       for key, value in kept.items()} if model != reference else None,
+            "target_slc_auc": {attack: math.fsum(v) / len(v) for attack, v in sorted(targets.items())},
+        })
+    return out
+
+
+def verdict_text(lines: Sequence[dict], *, reference: str = "unprotected") -> str:
+    """The verdicts as one plain line per model (the summary opens with them)."""
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.3f}"
+
+    text = []
+    for line in lines:
+        delta = line["source_minus_reference"] or {}
+        source = ", ".join(
+            f"{name} {_fmt(line['source'][key]) if key != 'slc_auc' else signed(line['source'][key])}"
+            + (f" ({signed(delta.get(key))} vs {reference})" if delta else "")
+            for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "SLC-AUC")))
+        targets = ", ".join(f"{attack} {signed(value)}" for attack, value in line["target_slc_auc"].items())
+        text.append(f"{line['model']}: source {source}; target SLC-AUC {targets}")
+    return "\n".join(text) + "\n"

@@ -15,7 +15,15 @@ from ntp_ssl.config import SweepConfig, validate_evaluate
 from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
-from ntp_ssl.evaluate.results import read_results, summarize, summary_markdown, summary_text, write_results
+from ntp_ssl.evaluate.results import (
+    read_results,
+    summarize,
+    summary_markdown,
+    summary_text,
+    verdict_text,
+    verdicts,
+    write_results,
+)
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, source_accuracy
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.shared.checkpoint import check_compatible, load_encoder
@@ -27,20 +35,29 @@ log = logging.getLogger("ntp_ssl.evaluate")
 def evaluate_models(models: Sequence[ModelUnderTest], source: Domain | None, targets: Sequence[Domain],
                     settings: SweepConfig, *, run_dir: Path, cache_dir: Path, device, progress: bool,
                     spec: dict, writer=None) -> dict[str, Any]:
-    """Run the SLC sweep and write every output; returns {"rows", "summary", "source_accuracy"}."""
-    rows = run_sweep(models, targets, settings, domain_specs={d.name: spec for d in targets},
+    """Run the SLC sweep and write every output; returns {"rows", "summary", "source_accuracy", "verdicts"}.
+
+    With ``settings.source_curve`` the source domain is swept too, so that the verdict can say
+    whether each model stays a good start where it is licensed (the source-domain SLC-AUC)."""
+    sweep_source = source is not None and settings.source_curve and source.name not in {t.name for t in targets}
+    domains = list(targets) + ([source] if sweep_source else [])
+    rows = run_sweep(models, domains, settings, domain_specs={d.name: spec for d in domains},
                      cache_dir=cache_dir, device=device, progress_path=run_dir / "sweep_progress.json",
                      progress=progress)
-    kept = source_accuracy(models, source, settings, device=device) if source is not None else None
+    kept = source_accuracy(models, source, settings, device=device) if source is not None and settings.source_accuracy \
+        else None
     summary = summarize(rows, source_accuracy=kept)
+    verdict = verdicts(summary, source_accuracy=kept, source=source.name if source is not None else None)
     write_results(rows, run_dir)
-    atomic_write_json(run_dir / "summary.json", {"summary": summary, "source_accuracy": kept})
-    atomic_write_text(run_dir / "summary.md", summary_markdown(summary) + "\n")
+    atomic_write_json(run_dir / "summary.json", {"verdicts": verdict, "summary": summary, "source_accuracy": kept})
+    atomic_write_text(run_dir / "summary.md", "\n".join(f"- {line}" for line in verdict_text(verdict).splitlines())
+                      + "\n\n" + summary_markdown(summary) + "\n")
     plot_slc_curves(rows, run_dir / "slc_curves.png", title=f"SLC: {', '.join(m.name for m in models)}")
     if writer is not None:
         _log_to_tensorboard(writer, rows, summary, kept)
+    print(verdict_text(verdict))
     print(summary_text(summary))
-    return {"rows": rows, "summary": summary, "source_accuracy": kept}
+    return {"rows": rows, "summary": summary, "source_accuracy": kept, "verdicts": verdict}
 
 
 def _log_to_tensorboard(writer, rows: list[dict], summary: list[dict], kept) -> None:
@@ -83,7 +100,8 @@ def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
     for model, path in zip(models, cfg.checkpoints):
         check_compatible(model.meta, cfg.data.image_size, cfg.data.channels, f"checkpoint {path!r}")
     targets = load_domains_for(cfg, list(cfg.data.targets))
-    source = load_domains_for(cfg, [cfg.data.source])[0] if cfg.sweep.source_accuracy and cfg.data.source else None
+    wants_source = cfg.data.source and (cfg.sweep.source_accuracy or cfg.sweep.source_curve)
+    source = load_domains_for(cfg, [cfg.data.source])[0] if wants_source else None
     result = evaluate_models(models, source, targets, cfg.sweep, run_dir=ctx.run_dir, cache_dir=ctx.cache_dir,
                              device=ctx.device, progress=cfg.trainer.progress, spec=domain_spec(cfg.data),
                              writer=ctx.writer)

@@ -4,23 +4,27 @@ For every target domain, seed and fraction r of the grid, ``n = max(round(r N), 
 samples are drawn (nested across n for one seed) and every selected attack starts from a
 fresh copy of the model under test and a fresh linear head:
 
-- ``linear``: linear probe on frozen features (features extracted once per model and domain);
+- ``linear``: a converged linear probe on frozen, standardised features (multinomial
+  logistic regression, L-BFGS; its l2 chosen on the attacker's validation split;
+  ntp_ssl/evaluate/probe.py); features are extracted once per model and domain;
 - ``knn``: weighted kNN (faiss) on the same frozen features;
 - ``finetune_masked``: full fine-tune with the pruning mask kept (the paper's attacker);
 - ``finetune_dense``: full fine-tune with no mask (pruned weights may regrow).
 
-The from-scratch baseline trains the same architecture from random initialisation with
-the full fine-tune protocol and the same budget; its accuracies are cached on disk by
-everything they depend on, so they are computed once across models and runs. Every row
-reports the final-step test accuracy on the whole target test split.
+Fine-tunes follow the attacker's protocol of ntp_ssl/evaluate/attack.py (budget,
+augmentation, learning rate chosen on the attacker's own validation split). The
+from-scratch baseline is the same attack on a random initialisation; its results are
+cached on disk by everything they depend on, so they are computed once across models and
+runs. Every row reports the test accuracy on the whole target test split, with the choice
+behind it (``choice``: learning rate or l2; ``val_accuracy``; ``steps``; ``best_step``).
 
 Where the time goes: the full fine-tunes (masked, dense, scratch) are ``steps`` forward
-and backward passes each; linear probes and kNN run on cached features and cost little.
+and backward passes per learning rate; linear probes and kNN run on cached features.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,17 +42,24 @@ from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.data.subsets import draw_subset
+from ntp_ssl.evaluate.attack import AttackResult, fine_tune_attack
+from ntp_ssl.evaluate.probe import converged_linear_probe
 from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
 from ntp_ssl.shared.knn import knn_top1
-from ntp_ssl.shared.masking import apply_masks_
-from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
 SCRATCH = "scratch"
-SCRATCH_CACHE_VERSION = 1
+SCRATCH_CACHE_VERSION = 2
+#: every sweep setting a fine-tune's result depends on (the scratch cache key holds them all)
+PROTOCOL_KEYS = ("steps", "epochs", "min_steps", "max_steps", "augment_shift", "lr_finetune", "lr_grid",
+                 "val_fraction", "search_min_n", "batch_size", "weight_decay")
+
+
+def _plain(value):
+    return [float(v) for v in value] if not isinstance(value, (int, float, str)) else value
 
 
 @dataclass
@@ -77,29 +88,20 @@ def _tensors(domain: Domain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def fine_tune_accuracy(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, x_train, y_train, x_test, y_test,
-                       *, num_classes: int, settings: SweepConfig, seed: int, device) -> float:
-    """Full fine-tune of a fresh copy of ``encoder`` plus a fresh head; final test accuracy."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(encoder)
-    head = nn.Linear(model.feature_dim, num_classes)
-    if masks:
-        named = dict(model.named_parameters())
-        apply_masks_({k: named[k] for k in masks}, masks)
-    fit_classifier(model, head, x_train, y_train, steps=settings.steps, batch_size=settings.batch_size,
-                   lr=settings.lr_finetune, weight_decay=settings.weight_decay, train_encoder=True,
-                   masks=masks or None, seed=seed, device=device, stage="evaluate fine-tune")
-    return classifier_accuracy(model, head, x_test, y_test, device=device)
+                       *, num_classes: int, settings: SweepConfig, seed: int, device) -> AttackResult:
+    """The fine-tune attack on a fresh copy of ``encoder`` and a fresh head (ntp_ssl/evaluate/attack.py)."""
+    return fine_tune_attack(encoder, masks, x_train, y_train, x_test, y_test, num_classes=num_classes,
+                            settings=settings, seed=seed, device=device)
 
 
 def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num_classes: int,
-                          settings: SweepConfig, seed: int, device) -> float:
-    torch.manual_seed(seed)
-    head = nn.Linear(train_features.shape[1], num_classes)
-    identity = nn.Identity()
-    fit_classifier(identity, head, train_features, y_train, steps=settings.linear_steps,
-                   batch_size=settings.batch_size, lr=settings.lr_linear, weight_decay=settings.weight_decay,
-                   train_encoder=False, seed=seed, device=device, stage="evaluate linear probe")
-    return classifier_accuracy(identity, head, test_features, y_test, device=device)
+                          settings: SweepConfig, seed: int) -> AttackResult:
+    """The converged linear probe on frozen features, its l2 chosen on the attacker's validation split."""
+    probe = converged_linear_probe(train_features, y_train, test_features, y_test, num_classes=num_classes,
+                                   l2_grid=tuple(settings.probe_l2_grid), val_fraction=settings.val_fraction,
+                                   seed=seed, default_l2=settings.probe_l2)
+    return AttackResult(probe["accuracy"], choice=probe["l2"] if probe["searched"] else None,
+                        val_accuracy=probe["val_accuracy"])
 
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
@@ -108,14 +110,13 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
     key = {
         "version": SCRATCH_CACHE_VERSION, "backbone": backbone, "domain": domain.name, "spec": domain_spec,
         "image_size": domain.image_size, "channels": domain.channels, "n_train": int(len(domain.train_labels)),
-        "fraction": fraction, "n": n, "seed": seed, "steps": settings.steps, "batch_size": settings.batch_size,
-        "lr": settings.lr_finetune, "weight_decay": settings.weight_decay,
+        "fraction": fraction, "n": n, "seed": seed, "protocol": {k: _plain(getattr(settings, k)) for k in PROTOCOL_KEYS},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, seed: int, settings: SweepConfig,
-                  device) -> float:
+                  device) -> AttackResult:
     """Accuracy of the architecture trained from random initialisation on the samples ``idx``."""
     x_train, y_train, x_test, y_test = tensors
     torch.manual_seed(10_000 + seed)  # the same random initialisation for every model and run
@@ -125,25 +126,26 @@ def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, se
 
 
 def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, idx: np.ndarray, *, fraction: float,
-                     seed: int, settings: SweepConfig, cache_dir: Path | None, device) -> tuple[float, bool]:
-    """:func:`train_scratch`, cached under ``cache_dir/scratch`` (None: no cache); (accuracy, was_cached)."""
+                     seed: int, settings: SweepConfig, cache_dir: Path | None, device) -> tuple[AttackResult, bool]:
+    """:func:`train_scratch`, cached under ``cache_dir/scratch`` (None: no cache); (result, was_cached)."""
     key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings)
     path = (cache_dir / "scratch" / f"{key}.json") if cache_dir is not None else None
     if path is not None and path.exists():
         try:
-            return float(json.loads(path.read_text())["accuracy"]), True
-        except (json.JSONDecodeError, KeyError):
+            return AttackResult(**json.loads(path.read_text())["result"]), True
+        except (json.JSONDecodeError, KeyError, TypeError):
             log.warning("ignoring unreadable scratch cache entry %s", path)
-    acc = train_scratch(backbone, domain, tensors, idx, seed=seed, settings=settings, device=device)
+    result = train_scratch(backbone, domain, tensors, idx, seed=seed, settings=settings, device=device)
     if path is not None:
-        atomic_write_json(path, {"accuracy": acc, "backbone": backbone, "domain": domain.name, "n": len(idx),
-                                 "fraction": fraction, "seed": seed})
-    return acc, False
+        atomic_write_json(path, {"result": dataclasses.asdict(result), "backbone": backbone, "domain": domain.name,
+                                 "n": len(idx), "fraction": fraction, "seed": seed})
+    return result, False
 
 
-def _row(model: str, domain: str, attack: str, seed: int, fraction: float, n: int, accuracy: float) -> dict:
+def _row(model: str, domain: str, attack: str, seed: int, fraction: float, n: int, result: AttackResult) -> dict:
     return {"model": model, "domain": domain, "attack": attack, "seed": seed, "fraction": fraction, "n": n,
-            "accuracy": float(accuracy)}
+            "accuracy": float(result.accuracy), "choice": result.choice, "val_accuracy": result.val_accuracy,
+            "steps": result.steps, "best_step": result.best_step}
 
 
 def _row_key(row: dict) -> tuple:
@@ -183,7 +185,7 @@ class _Target:
     domain: Domain
     tensors: tuple
     features: dict = field(default_factory=dict)
-    memo: dict = field(default_factory=dict)  # (model, attack, seed, n) -> accuracy: equal n, equal draw
+    memo: dict = field(default_factory=dict)  # (model, attack, seed, n) -> AttackResult: equal n, equal draw
 
     def features_of(self, model: ModelUnderTest, device, work: SweepWork):
         if model.name not in self.features:  # extracted once per model and domain
@@ -196,20 +198,19 @@ class _Target:
 
 
 def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torch.Tensor, *, seed: int,
-            settings: SweepConfig, device, work: SweepWork) -> dict[str, float]:
+            settings: SweepConfig, device, work: SweepWork) -> dict[str, AttackResult]:
     """The accuracy of each attack in ``todo`` on the samples ``idx_t``."""
     x_train, y_train, x_test, y_test = target.tensors
     num_classes = target.domain.num_classes
-    results: dict[str, float] = {}
+    results: dict[str, AttackResult] = {}
     if "linear" in todo or "knn" in todo:
         f_train, f_test = target.features_of(model, device, work)
         if "linear" in todo:
             results["linear"] = linear_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                      num_classes=num_classes, settings=settings, seed=seed,
-                                                      device=device)
+                                                      num_classes=num_classes, settings=settings, seed=seed)
         if "knn" in todo:
-            results["knn"] = knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=num_classes,
-                                      k=settings.knn_k)
+            results["knn"] = AttackResult(knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test,
+                                                   num_classes=num_classes, k=settings.knn_k))
     # A model without a mask: its mask-kept fine-tune is the dense one, trained once.
     for attack, masks in (("finetune_dense", None), ("finetune_masked", model.masks)):
         if attack not in todo or attack in results:
@@ -292,7 +293,7 @@ def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: 
         f_test = extract_features(model.encoder, x_test, device=device)
         result[model.name] = {
             "linear": linear_probe_accuracy(f_train, y_train, f_test, y_test, num_classes=source.num_classes,
-                                            settings=settings, seed=0, device=device),
+                                            settings=settings, seed=0).accuracy,
             "knn": knn_top1(f_train, y_train, f_test, y_test, num_classes=source.num_classes, k=settings.knn_k),
         }
     return result

@@ -26,7 +26,7 @@ from ntp_ssl.pretrain.methods import build_train_transform
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.objective import IndexedViews, NonTransferableObjective
 from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
-from ntp_ssl.shared.knn import knn_by_domain
+from ntp_ssl.shared.knn import knn_on_train_splits
 from ntp_ssl.shared.masking import MaskedOptimizer, mask_gradients_
 from ntp_ssl.shared.train import build_optimizer, check_finite, endless_batches, rng_state, set_rng_state
 
@@ -111,7 +111,8 @@ class ProtectionRun:
                  for i, ds in enumerate(self.target_views)])
 
     def knn(self) -> dict[str, float]:
-        return knn_by_domain(self.method.encoder, [self.source, *self.targets], device=self.device)
+        # monitoring reads train splits only: nothing at protect time sees a test split
+        return knn_on_train_splits(self.method.encoder, [self.source, *self.targets], device=self.device)
 
     def save(self) -> None:
         state = {"method": self.method.state_dict(), "source_head": self.objective.source_head.state_dict(),

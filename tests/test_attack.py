@@ -1,0 +1,124 @@
+"""The attacker's protocol: budget, augmentation, validation split, learning-rate choice, and
+that no choice ever reads a test split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
+from ntp_ssl.data import Domain, to_float_tensor
+from ntp_ssl.encoders import build_encoder
+from ntp_ssl.evaluate.attack import budget_steps, can_search, fine_tune_attack
+from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep
+from ntp_ssl.shared.train import fit_classifier, random_shift
+
+TINY = SweepConfig(fractions=[0.5, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked", "finetune_dense"],
+                   epochs=2, min_steps=3, max_steps=6, lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16,
+                   probe_l2_grid=[1e-2, 1.0])
+
+
+def _domain(seed: int = 0, n_train: int = 60, n_test: int = 30, shuffle_test: bool = False) -> Domain:
+    rng = np.random.default_rng(seed)
+    test_labels = np.arange(n_test) % 10
+    if shuffle_test:
+        test_labels = np.random.default_rng(99).permutation(test_labels)
+    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(n_train) % 10,
+                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
+                  test_labels=test_labels, num_classes=10)
+
+
+def test_budget_is_fixed_steps_or_epochs_within_floor_and_ceiling():
+    fixed = SweepConfig(steps=150)
+    assert budget_steps(10, fixed) == budget_steps(5000, fixed) == 150
+    epochs = SweepConfig(steps=0, epochs=30, min_steps=100, max_steps=600, batch_size=64)
+    assert budget_steps(20, epochs) == 100  # 30 epochs of one step each, lifted to the floor
+    assert budget_steps(640, epochs) == 300  # 30 epochs x 10 steps
+    assert budget_steps(5000, epochs) == 600  # capped
+    assert budget_steps(63, epochs) == 100  # one step an epoch: n // min(batch, n)
+
+
+def test_the_paper_preset_is_the_fixed_step_protocol_without_search():
+    paper = SweepConfig(**SWEEP_PRESETS["paper"])
+    assert (paper.steps, paper.augment_shift, paper.lr_grid) == (150, 0, [])
+    assert not can_search(np.arange(1000) % 10, paper, paper.lr_grid)
+
+
+def test_search_needs_enough_samples_and_two_of_every_class():
+    settings = SweepConfig(search_min_n=20)
+    assert can_search(np.arange(40) % 10, settings, [1e-3])
+    assert not can_search(np.arange(10) % 10, settings, [1e-3])  # too few
+    labels = np.concatenate([np.arange(40) % 9, [9]])  # class 9 has one sample
+    assert not can_search(labels, settings, [1e-3])
+    assert not can_search(np.arange(40) % 10, settings, [])
+
+
+def test_random_shift_moves_images_within_the_bound_and_is_seeded():
+    images = torch.zeros(8, 1, 12, 12)
+    images[:, :, 6, 6] = 1.0  # one bright pixel in the middle
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    again = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, again) and shifted.shape == images.shape
+    for image in shifted:
+        row, col = (image[0] == 1.0).nonzero()[0].tolist()
+        assert abs(row - 6) <= 2 and abs(col - 6) <= 2
+    assert len({tuple((im[0] == 1.0).nonzero()[0].tolist()) for im in shifted}) > 1  # not all the same shift
+    assert random_shift(images, 0, torch.Generator()) is images
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_validation_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16), torch.arange(64) % 4
+    encoder = build_encoder("small_cnn", image_size=16)
+    head = torch.nn.Linear(encoder.feature_dim, 4)
+    fit = fit_classifier(encoder, head, x, y, steps=12, batch_size=16, lr=1e-2, val=(x[:16], y[:16]), eval_every=3)
+    assert fit.best_step in (3, 6, 9, 12) and 0.0 <= fit.val_accuracy <= 1.0
+    from ntp_ssl.shared.train import classifier_accuracy
+
+    assert classifier_accuracy(encoder, head, x[:16], y[:16]) == fit.val_accuracy  # the kept weights
+
+
+def test_fine_tune_attack_reports_its_choice_and_searches_only_when_it_can():
+    domain = _domain()
+    x, xt = to_float_tensor(domain.train_images), to_float_tensor(domain.test_images)
+    y, yt = torch.as_tensor(domain.train_labels), torch.as_tensor(domain.test_labels)
+    encoder = build_encoder("small_cnn", image_size=16)
+    searched = fine_tune_attack(encoder, None, x, y, xt, yt, num_classes=10, settings=TINY, seed=0, device="cpu")
+    assert searched.choice in TINY.lr_grid and searched.val_accuracy is not None and searched.best_step is not None
+    small = fine_tune_attack(encoder, None, x[:10], y[:10], xt, yt, num_classes=10, settings=TINY, seed=0,
+                             device="cpu")
+    assert small.choice is None and small.val_accuracy is None and small.steps == TINY.min_steps
+
+
+def test_no_choice_reads_a_test_split():
+    """Shuffle the test labels (and redraw the test images): every chosen learning rate,
+    regularisation and early-stopping step stays the same; only test accuracies may move."""
+    model = ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
+    torch.manual_seed(0)
+    runs = []
+    for shuffle in (False, True):
+        domain = _domain(shuffle_test=shuffle)
+        if shuffle:
+            domain = dataclasses.replace(domain, test_images=np.random.default_rng(5).integers(
+                0, 255, domain.test_images.shape, dtype=np.uint8))
+        runs.append(run_sweep([model], [domain], TINY, progress=False))
+    choices = [[(r["model"], r["attack"], r["fraction"], r["choice"], r["val_accuracy"], r["best_step"], r["steps"])
+                for r in rows] for rows in runs]
+    assert choices[0] == choices[1]
+    assert any(c[3] is not None for c in choices[0])  # something was chosen (lr or l2)
+
+
+@pytest.mark.parametrize("key,value", [("val_fraction", 1.0), ("max_steps", 1), ("lr_grid", [0.0])])
+def test_bad_protocol_values_are_one_line_errors(key, value):
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.config import validate_sweep
+    from ntp_ssl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_sweep(OmegaConf.structured(dataclasses.replace(SweepConfig(), **{key: value})))
+    assert f"sweep.{key}" in str(info.value) and "\n" not in str(info.value)
