@@ -22,7 +22,7 @@ from ntp_ssl.checks import check_channels, check_image_size
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
-ATTACKS = ("linear", "finetune_masked", "finetune_dense", "knn")
+ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "knn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 

@@ -122,3 +122,25 @@ def test_bad_protocol_values_are_one_line_errors(key, value):
     with pytest.raises(ConfigError) as info:
         validate_sweep(OmegaConf.structured(dataclasses.replace(SweepConfig(), **{key: value})))
     assert f"sweep.{key}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_probe_head_on_raw_features_gives_the_probes_logits():
+    from ntp_ssl.evaluate.probe import fit_logistic_regression, raw_feature_head, standardize
+
+    torch.manual_seed(0)
+    features = torch.randn(80, 6) * torch.tensor([1.0, 5.0, 0.1, 2.0, 1.0, 3.0]) + 4.0
+    labels = torch.arange(80) % 3
+    W, b = fit_logistic_regression(standardize(features)[0], labels, num_classes=3, l2=1e-2)
+    weight, bias = raw_feature_head(W, b, features)
+    expected = standardize(features)[0] @ W.T + b
+    assert torch.allclose(features @ weight.T + bias, expected.float(), atol=1e-4)
+
+
+def test_lpft_starts_from_the_probe_and_an_unmasked_model_trains_it_once():
+    model = ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
+    settings = dataclasses.replace(TINY, attacks=["linear", "lpft_masked", "lpft_dense"], scratch=False)
+    rows = run_sweep([model], [_domain()], settings, progress=False)
+    by_attack = {(r["attack"], r["fraction"]): r for r in rows}
+    for fraction in settings.fractions:
+        assert by_attack[("lpft_masked", fraction)] == {**by_attack[("lpft_dense", fraction)], "attack": "lpft_masked"}
+    assert {r["attack"] for r in rows} == {"linear", "lpft_masked", "lpft_dense"}

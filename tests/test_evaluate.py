@@ -63,8 +63,8 @@ def test_mask_kept_attack_keeps_zeros_and_dense_attack_regrows(monkeypatch):
     domain = _domain()
     x = sweep_module._tensors(domain)
     for masks in (model.masks, None):
-        sweep_module.fine_tune_accuracy(model.encoder, masks, x[0], x[1], x[2], x[3], num_classes=10,
-                                        settings=SETTINGS, seed=0, device="cpu")
+        sweep_module.fine_tune_attack(model.encoder, masks, x[0], x[1], x[2], x[3], num_classes=10,
+                                      settings=SETTINGS, seed=0, device="cpu")
     assert seen["masked"] == 0
     assert seen["dense"] > 0
     # the model under test itself is never changed by an attack
@@ -106,12 +106,12 @@ def test_sweep_rows_resume_and_fallback(tmp_path, caplog):
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished grid point was recomputed")
 
-    original = sweep_module.fine_tune_accuracy
-    sweep_module.fine_tune_accuracy = must_not_train
+    original = sweep_module.fine_tune_attack
+    sweep_module.fine_tune_attack = must_not_train
     try:
         again = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress, progress=False)
     finally:
-        sweep_module.fine_tune_accuracy = original
+        sweep_module.fine_tune_attack = original
     assert again == rows
 
 

@@ -219,7 +219,8 @@ def converged_linear_probe(
 ) -> dict:
     """Test accuracy of a converged logistic-regression probe, l2 chosen on a validation split.
 
-    Returns ``{"accuracy", "l2", "val_accuracy", "searched"}``. The search runs only when
+    Returns ``{"accuracy", "l2", "val_accuracy", "searched", "weight", "bias"}`` (the last two:
+    the refitted probe on raw features, :func:`raw_feature_head`). The search runs only when
     every class present has at least 2 training samples and at least 2 classes are present;
     otherwise ``default_l2`` is used, ``val_accuracy`` is None and ``searched`` is False.
     The test split is read for the final accuracy only, never for a choice.
@@ -265,9 +266,22 @@ def converged_linear_probe(
         chosen = default_l2
 
     W, b = fit_logistic_regression(x_train, y_train, num_classes=num_classes, l2=chosen)
+    weight, bias = raw_feature_head(W, b, train_features)
     return {
         "accuracy": logistic_accuracy(W, b, x_test, y_test),
         "l2": float(chosen),
         "val_accuracy": best_val,
         "searched": searchable,
+        "weight": weight,
+        "bias": bias,
     }
+
+
+def raw_feature_head(W: Tensor, b: Tensor, train_features: Tensor) -> tuple[Tensor, Tensor]:
+    """The probe as a linear layer on raw (unstandardised) features, float32: with mean m and
+    std s of ``train_features``, ``W ((f - m) / s) + b = (W / s) f + (b - (W / s) m)``. LP-FT
+    starts its fine-tune from this head."""
+    x = train_features.detach().to(torch.float64)
+    mean, std = x.mean(dim=0), x.std(dim=0, correction=0).clamp_min(STD_FLOOR)
+    weight = W / std.to(W.device)
+    return weight.float().cpu(), (b - weight @ mean.to(W.device)).float().cpu()

@@ -9,7 +9,10 @@ fresh copy of the model under test and a fresh linear head:
   ntp_ssl/evaluate/probe.py); features are extracted once per model and domain;
 - ``knn``: weighted kNN (faiss) on the same frozen features;
 - ``finetune_masked``: full fine-tune with the pruning mask kept (the paper's attacker);
-- ``finetune_dense``: full fine-tune with no mask (pruned weights may regrow).
+- ``finetune_dense``: full fine-tune with no mask (pruned weights may regrow);
+- ``lpft_masked`` / ``lpft_dense``: LP-FT, the fine-tune started from the converged linear
+  probe's head instead of a fresh one (a standard transfer recipe that often beats plain
+  fine-tuning), mask kept or not.
 
 Fine-tunes follow the attacker's protocol of ntp_ssl/evaluate/attack.py (budget,
 augmentation, learning rate chosen on the attacker's own validation split). The
@@ -87,13 +90,6 @@ def _tensors(domain: Domain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
             to_float_tensor(domain.test_images), torch.tensor(domain.test_labels, dtype=torch.long))
 
 
-def fine_tune_accuracy(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, x_train, y_train, x_test, y_test,
-                       *, num_classes: int, settings: SweepConfig, seed: int, device) -> AttackResult:
-    """The fine-tune attack on a fresh copy of ``encoder`` and a fresh head (ntp_ssl/evaluate/attack.py)."""
-    return fine_tune_attack(encoder, masks, x_train, y_train, x_test, y_test, num_classes=num_classes,
-                            settings=settings, seed=seed, device=device)
-
-
 def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num_classes: int,
                           settings: SweepConfig, seed: int) -> AttackResult:
     """The converged linear probe on frozen features, its l2 chosen on the attacker's validation split."""
@@ -121,8 +117,8 @@ def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, se
     x_train, y_train, x_test, y_test = tensors
     torch.manual_seed(10_000 + seed)  # the same random initialisation for every model and run
     encoder = build_encoder(backbone, in_channels=domain.channels, image_size=domain.image_size)
-    return fine_tune_accuracy(encoder, None, x_train[idx], y_train[idx], x_test, y_test,
-                              num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
+    return fine_tune_attack(encoder, None, x_train[idx], y_train[idx], x_test, y_test,
+                            num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
 
 
 def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, idx: np.ndarray, *, fraction: float,
@@ -197,30 +193,48 @@ class _Target:
         return self.features[model.name]
 
 
+def probe_head(probe: dict, num_classes: int) -> nn.Linear:
+    """The converged probe as a linear layer on raw features: where LP-FT starts."""
+    head = nn.Linear(probe["weight"].shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(probe["weight"])
+        head.bias.copy_(probe["bias"])
+    return head
+
+
 def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torch.Tensor, *, seed: int,
             settings: SweepConfig, device, work: SweepWork) -> dict[str, AttackResult]:
     """The accuracy of each attack in ``todo`` on the samples ``idx_t``."""
     x_train, y_train, x_test, y_test = target.tensors
     num_classes = target.domain.num_classes
     results: dict[str, AttackResult] = {}
-    if "linear" in todo or "knn" in todo:
+    head = None
+    if {"linear", "knn", "lpft_masked", "lpft_dense"} & set(todo):
         f_train, f_test = target.features_of(model, device, work)
-        if "linear" in todo:
-            results["linear"] = linear_probe_accuracy(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                      num_classes=num_classes, settings=settings, seed=seed)
+        if {"linear", "lpft_masked", "lpft_dense"} & set(todo):
+            probe = converged_linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=num_classes,
+                                           l2_grid=tuple(settings.probe_l2_grid), val_fraction=settings.val_fraction,
+                                           seed=seed, default_l2=settings.probe_l2)
+            results["linear"] = AttackResult(probe["accuracy"], choice=probe["l2"] if probe["searched"] else None,
+                                             val_accuracy=probe["val_accuracy"])
+            head = probe_head(probe, num_classes)
         if "knn" in todo:
             results["knn"] = AttackResult(knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test,
                                                    num_classes=num_classes, k=settings.knn_k))
-    # A model without a mask: its mask-kept fine-tune is the dense one, trained once.
-    for attack, masks in (("finetune_dense", None), ("finetune_masked", model.masks)):
+    # A model without a mask: its mask-kept fine-tunes are the dense ones, trained once.
+    for attack, masks, init, twin in (("finetune_dense", None, None, "finetune_masked"),
+                                      ("finetune_masked", model.masks, None, "finetune_dense"),
+                                      ("lpft_dense", None, head, "lpft_masked"),
+                                      ("lpft_masked", model.masks, head, "lpft_dense")):
         if attack not in todo or attack in results:
             continue
-        results[attack] = fine_tune_accuracy(model.encoder, masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
-                                             num_classes=num_classes, settings=settings, seed=seed, device=device)
+        results[attack] = fine_tune_attack(model.encoder, masks, x_train[idx_t], y_train[idx_t], x_test, y_test,
+                                           num_classes=num_classes, settings=settings, seed=seed, device=device,
+                                           head=init)
         work.fine_tunes += 1
-        if not model.masks:
-            results.update({a: results[attack] for a in ("finetune_dense", "finetune_masked") if a in todo})
-    return results
+        if not model.masks and twin in todo:
+            results[twin] = results[attack]
+    return {attack: result for attack, result in results.items() if attack in todo}
 
 
 def _check_one_backbone(models: Sequence[ModelUnderTest], settings: SweepConfig) -> None:
