@@ -31,6 +31,7 @@ from ntp_ssl.config import PruneConfig
 
 SETUPS: dict[str, list[str]] = {
     "magnitude": ["experiment=protect_magnitude"],
+    "random_mask": ["experiment=protect_random_mask"],
     "ntl": ["experiment=protect_ntl"],
     "supervised": ["experiment=protect_supervised"],
     "label_free": ["experiment=protect_label_free"],

@@ -126,7 +126,7 @@ class DefaultEncoderConfig:
 @dataclass
 class PruneConfig:
     sparsity: float = 0.9
-    projection: str = "layer"  # layer | global | channel | soft
+    projection: str = "layer"  # layer | global | channel | soft | random (the random-mask control)
     soft_delta: Optional[float] = None  # soft threshold; None: chosen to hit `sparsity` at the start
     include_bias: bool = False
     include_batchnorm: bool = False
@@ -210,7 +210,8 @@ class SweepConfig:
     """The SLC sweep: the grid of target fractions, the seeds, the attacks, and the attacker's
     protocol (ntp_ssl/evaluate/attack.py). ``sweep=converged`` (the default) trains to
     convergence and tunes the learning rate on the attacker's own validation split;
-    ``sweep=paper`` is the authors' fixed-step budget, kept for comparison."""
+    ``sweep=main_job`` is the same on the main job's budget; ``sweep=paper`` is the authors'
+    fixed-step budget, kept for comparison."""
 
     fractions: List[float] = field(default_factory=lambda: list(PAPER_GRID))
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
@@ -236,9 +237,14 @@ class SweepConfig:
     source_curve: bool = True  # also sweep the source domain: the source-domain SLC-AUC of each model
 
 
-#: ``sweep=`` presets: the converged, tuned attacker (default) and the authors' fixed-step protocol
+#: ``sweep=`` presets: the converged, tuned attacker (the default of ``ntp-ssl evaluate``); the
+#: same attacker on the main job's budget (one seed, three fractions, two learning rates, 15
+#: epochs within 50 to 250 steps: the default of ``ntp-ssl protect``, which must fit in 15
+#: minutes on 2 CPU cores); and the authors' fixed-step protocol without any search.
 SWEEP_PRESETS: dict[str, dict] = {
     "converged": {},
+    "main_job": {"fractions": [0.01, 0.1, 1.0], "seeds": [0], "epochs": 15, "min_steps": 50, "max_steps": 250,
+                 "lr_grid": [1e-3, 3e-3]},
     "paper": {"steps": 150, "augment_shift": 0, "lr_grid": []},
 }
 
@@ -266,6 +272,9 @@ class ProtectConfig(StageConfig):
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     loss: Any = MISSING  # a node of the loss group: loss=ssl (default) | supervised | ntl | none
     pretrain: DefaultEncoderConfig = field(default_factory=DefaultEncoderConfig)  # used when checkpoint is None
+    # also evaluate the protected mask on a random initialisation, fine-tuned under the mask:
+    # the control that tells protection from sparsity (its finetune_masked against the protected one's)
+    sparse_scratch: bool = True
     sweep: SweepConfig = MISSING  # a preset of the sweep group: sweep=converged (default) | paper
 
 
@@ -427,7 +436,7 @@ def validate_sweep(sweep: Any) -> None:
 
 def validate_prune(prune: Any) -> None:
     _check(0 <= prune.sparsity < 1, f"prune.sparsity={prune.sparsity!r} must be in [0, 1)")
-    _check_choice("prune.projection", prune.projection, ("layer", "global", "channel", "soft"))
+    _check_choice("prune.projection", prune.projection, ("layer", "global", "channel", "soft", "random"))
     if prune.soft_delta is not None:
         _check_positive("prune.soft_delta", prune.soft_delta)
 

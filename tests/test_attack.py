@@ -85,7 +85,7 @@ def test_early_stopping_keeps_the_weights_of_the_best_validation_step():
 def test_fine_tune_attack_reports_its_choice_and_searches_only_when_it_can():
     domain = _domain()
     x, xt = to_float_tensor(domain.train_images), to_float_tensor(domain.test_images)
-    y, yt = torch.as_tensor(domain.train_labels), torch.as_tensor(domain.test_labels)
+    y, yt = torch.tensor(domain.train_labels), torch.tensor(domain.test_labels)
     encoder = build_encoder("small_cnn", image_size=16)
     searched = fine_tune_attack(encoder, None, x, y, xt, yt, num_classes=10, settings=TINY, seed=0, device="cpu")
     assert searched.choice in TINY.lr_grid and searched.val_accuracy is not None and searched.best_step is not None

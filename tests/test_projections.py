@@ -221,16 +221,32 @@ def test_bad_sparsity_raises_config_error(bad):
 
 def test_bad_kind_and_delta_raise_config_error():
     w = make_weights()
-    with pytest.raises(ConfigError, match="'topk'.*channel, global, layer, soft"):
+    with pytest.raises(ConfigError, match="'topk'.*channel, global, layer, random, soft"):
         project(w, "topk", sparsity=0.5)
     with pytest.raises(ConfigError, match="delta"):
         project(w, "soft", sparsity=0.5)
     with pytest.raises(ConfigError, match="delta"):
         soft_threshold(w, -1.0)
-    assert set(PROJECTIONS) == {"layer", "global", "channel", "soft"}
+    assert set(PROJECTIONS) == {"layer", "global", "channel", "soft", "random"}
 
 
 def test_error_messages_are_one_line():
     with pytest.raises(ConfigError) as info:
         project({}, "bogus", sparsity=0.5)
     assert "\n" not in str(info.value)
+
+
+def test_the_random_mask_control_keeps_the_exact_count_whatever_the_values():
+    from ntp_ssl.protect.projections import project_random, random_masks_per_layer
+
+    w = make_weights()
+    masks = random_masks_per_layer(w, 0.7)
+    for name, t in w.items():
+        assert int((~masks[name]).sum()) == n_pruned(t.numel(), 0.7)
+    # independent of the values: scaling or permuting them does not move the mask
+    assert all(torch.equal(masks[k], m) for k, m in random_masks_per_layer({k: -3 * t for k, t in w.items()}, 0.7).items())
+    assert all(torch.equal(masks[k], m) for k, m in random_masks_per_layer(w, 0.7).items())  # same name, same mask
+    magnitude = topk_masks_per_layer(w, 0.7)
+    assert any(not torch.equal(masks[k], magnitude[k]) for k in w)
+    projected = project_random(w, 0.7)
+    assert all(torch.equal(projected[k], w[k] * masks[k]) for k in w)

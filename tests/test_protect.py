@@ -75,7 +75,10 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     rows = (run_dir / "results.csv").read_text().splitlines()
     assert rows[0].startswith("model,domain,attack,seed,fraction,n,accuracy")
     models = {line.split(",")[0] for line in rows[1:]}
-    assert models == {"protected", "unprotected", "scratch"}
+    assert models == {"protected", "unprotected", "scratch", "sparse_scratch"}
+    # the sparse-scratch control (the protected mask on a random init) is attacked mask-kept only
+    assert {line.split(",")[2] for line in rows[1:] if line.startswith("sparse_scratch,")} == {"finetune_masked"}
+    assert {line.split(",")[1] for line in rows[1:]} == {"optdigits", "mnistm", "mnist"}  # targets and source
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
     assert "SLC-AUC" in (run_dir / "summary.md").read_text()
 

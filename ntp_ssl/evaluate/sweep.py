@@ -72,6 +72,7 @@ class ModelUnderTest:
     backbone: str
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    attacks: tuple[str, ...] | None = None  # this model's attacks among the sweep's; None: all of them
 
 
 @dataclass
@@ -281,7 +282,8 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                     target.memo[(SCRATCH, SCRATCH, seed, n)] = acc
                     state.record([_row(SCRATCH, domain.name, SCRATCH, seed, fraction, n, acc)])
                 for model in models:
-                    todo = [a for a in settings.attacks if not state.has(model.name, domain.name, a, seed, fraction)]
+                    todo = [a for a in settings.attacks if (model.attacks is None or a in model.attacks)
+                            and not state.has(model.name, domain.name, a, seed, fraction)]
                     results = {a: target.memo[(model.name, a, seed, n)] for a in todo
                                if (model.name, a, seed, n) in target.memo}
                     results.update(_attack(model, target, [a for a in todo if a not in results],

@@ -4,7 +4,7 @@ Every function is pure: it takes a mapping ``name -> tensor`` and returns a new 
 the same keys, shapes and dtypes; the inputs are never modified. Pruned entries are set to
 ``+0.0``; kept entries keep their exact value.
 
-Exact projections (``layer``, ``global``, ``channel``) zero exactly :func:`n_pruned`
+Exact projections (``layer``, ``global``, ``channel``, and the ``random`` control) zero exactly :func:`n_pruned`
 entries (or filters). Ranking is by magnitude; ties are broken by position, the earlier
 entry (lower flat index, earlier tensor in the mapping's order) being pruned first, so
 the result is deterministic. Each exact projection is idempotent:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import zlib
 from typing import Callable, Mapping
 
 import torch
@@ -55,6 +56,24 @@ def topk_masks_per_layer(weights: Weights, sparsity: float) -> dict[str, Tensor]
         scores = w.detach().abs().reshape(-1)
         masks[name] = _keep_largest(scores, n_pruned(scores.numel(), sparsity)).reshape(w.shape)
     return masks
+
+
+def random_masks_per_layer(weights: Weights, sparsity: float) -> dict[str, Tensor]:
+    """Per tensor: keep ``n - n_pruned(n, s)`` entries chosen at random, whatever their values
+    (the "random mask" control: sparsity without any choice of weights). The draw is fixed by
+    the tensor's name, so the same encoder always gets the same mask."""
+    check_sparsity(sparsity)
+    masks = {}
+    for name, w in weights.items():
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        scores = torch.rand(w.numel(), generator=generator)
+        masks[name] = _keep_largest(scores, n_pruned(w.numel(), sparsity)).reshape(w.shape).to(w.device)
+    return masks
+
+
+def project_random(weights: Weights, sparsity: float) -> dict[str, Tensor]:
+    """``W * M`` with the random keep masks of :func:`random_masks_per_layer`."""
+    return apply_keep_masks(weights, random_masks_per_layer(weights, sparsity))
 
 
 def topk_masks_global(weights: Weights, sparsity: float) -> dict[str, Tensor]:
@@ -148,12 +167,14 @@ PROJECTIONS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "global": project_topk_global,
     "channel": project_channels,
     "soft": _soft_project,
+    "random": project_random,
 }
 
 MASKS: dict[str, Callable[[Weights, float], dict[str, Tensor]]] = {
     "layer": topk_masks_per_layer,
     "global": topk_masks_global,
     "channel": channel_masks,
+    "random": random_masks_per_layer,
 }
 
 
