@@ -88,7 +88,7 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("protect", "+loss.w_typo=1", "loss.w_typo is not a key of loss=ssl"),
         ("evaluate", "sweep.weight_decay=-1", "sweep.weight_decay=-1.0 must be >= 0"),
         ("evaluate", "sweep.seeds=[0,-1]", "sweep.seeds contains -1"),
-        ("evaluate", "sweep.steps=0", "sweep.steps=0 must be > 0"),
+        ("evaluate", "sweep.steps=-1", "sweep.steps=-1 must be >= 0"),
         ("evaluate", "sweep.knn_k=0", "sweep.knn_k=0 must be > 0"),
         ("evaluate", "names=[a,b]", "names has 2 entries but checkpoints has 1"),
     ],

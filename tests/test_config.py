@@ -87,7 +87,7 @@ def test_wrong_type_is_rejected():
         ("pretrain", "trainer.precision=8", "trainer.precision='8'"),
         ("pretrain", "trainer.device=tpu", "trainer.device='tpu'"),
         ("protect", "prune.sparsity=1.0", "prune.sparsity=1.0"),
-        ("protect", "prune.projection=random", "prune.projection='random'"),
+        ("protect", "prune.projection=magic", "prune.projection='magic'"),
         ("protect", "loss.kind=magic", "loss.kind='magic'"),
         ("protect", "data.targets=[mnist]", "data.source='mnist' is also in data.targets"),
         ("protect", "data.targets=[]", "data.targets=[] is empty"),

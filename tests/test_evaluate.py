@@ -144,7 +144,7 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     summary = json.loads((run_dir / "summary.json").read_text())
     verdict = summary["verdicts"][0]
     assert verdict["model"] == "ssl" and verdict["source"]["slc_auc"] is not None
-    assert set(verdict["target_slc_auc"]) == {"linear", "knn", "finetune_dense"}
+    assert set(verdict["target_slc_auc"]) == {"linear", "knn", "finetune_dense", "best"}
     assert (run_dir / "summary.md").read_text().startswith("- ssl: source linear")
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
     tags = _scalar_tags(run_dir / "tb")

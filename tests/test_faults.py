@@ -248,7 +248,8 @@ def test_protect_with_evaluation_killed_at_any_moment_finishes_like_an_uninterru
     assert meta["sparsity"] == ref_meta["sparsity"]
     assert json.loads((run_dir / "sparsity.json").read_text()) == json.loads((ref_dir / "sparsity.json").read_text())
     assert _rows(run_dir / "results.csv") == _rows(ref_dir / "results.csv")
-    assert {r["model"] for r in _rows(run_dir / "results.csv")} == {"protected", "unprotected", "scratch"}
+    assert {r["model"] for r in _rows(run_dir / "results.csv")} == {"protected", "unprotected", "scratch",
+                                                                     "sparse_scratch"}
 
 
 @pytest.mark.slow

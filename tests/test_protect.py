@@ -62,6 +62,12 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "protect" / "free"
     _check_protected_file(run_dir / "protected.safetensors", 0.8)
+    diagnostics = json.loads((run_dir / "admm_diagnostics.json").read_text())
+    assert len(diagnostics["iterations"]) == 2
+    for iteration in diagnostics["iterations"]:
+        assert iteration["primal_relative"] > 0 and 0 <= iteration["support_overlap"] <= 1
+    assert 0 < diagnostics["hard_prune"]["magnitude_overlap"] <= 1
+    assert set(diagnostics["hard_prune"]["knn_before"]) == {"mnist", "optdigits", "mnistm"}
     report = json.loads((run_dir / "sparsity.json").read_text())
     assert {"tensors", "prunable", "model", "files"} <= report.keys()
     assert "total (prunable)" in result.stdout
@@ -184,3 +190,40 @@ def test_protect_gives_the_same_encoder_whether_the_default_encoder_was_cached_o
     assert tensors["cold"].keys() == tensors["warm"].keys()
     for key, value in tensors["cold"].items():
         assert torch.equal(value, tensors["warm"][key]), key
+
+
+@pytest.mark.slow
+def test_protection_never_reads_a_test_split(tmp_path, cache_dir, encoder_checkpoint, monkeypatch):
+    """Everything chosen at protect time (pseudo-labels, heads, monitoring) reads train splits
+    only: with every test split's labels shuffled and its images replaced by noise, the
+    protected weights are the same bit for bit."""
+    import dataclasses
+
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from ntp_ssl.cli import config_dir
+    from ntp_ssl.config import register_schemas
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.protect import stage
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={encoder_checkpoint}",
+                                                         f"paths.cache_dir={cache_dir}", "evaluate=false"])
+    run_main_job(cfg, tmp_path / "clean")
+    real_load = stage.load_domains_for
+
+    def scrambled(cfg, names):
+        rng = np.random.default_rng(7)
+        return [dataclasses.replace(d, test_labels=rng.permutation(d.test_labels),
+                                    test_images=rng.integers(0, 255, d.test_images.shape, dtype=np.uint8))
+                for d in real_load(cfg, names)]
+
+    monkeypatch.setattr(stage, "load_domains_for", scrambled)
+    run_main_job(cfg, tmp_path / "scrambled")
+    clean, _ = load_checkpoint(tmp_path / "clean" / "protected.safetensors")
+    dirty, _ = load_checkpoint(tmp_path / "scrambled" / "protected.safetensors")
+    assert clean.keys() == dirty.keys()
+    assert all(torch.equal(clean[k], dirty[k]) for k in clean)

@@ -247,3 +247,26 @@ def test_plot_errors(tmp_path):
         plot_slc_curves(hand_rows(), tmp_path / "slc.pdf")
     with pytest.raises(ConfigError, match="no result rows"):
         slc_figure([])
+
+
+def test_verdicts_take_the_best_attack_on_the_source_and_against_the_targets():
+    from ntp_ssl.evaluate.results import verdict_text, verdicts
+
+    def line(model, domain, attack, auc):
+        return {"model": model, "domain": domain, "attack": attack, "slc_auc": auc}
+
+    summary = [line("protected", "mnist", "finetune_masked", -0.5), line("protected", "mnist", "linear", -0.1),
+               line("protected", "t1", "finetune_masked", -1.0), line("protected", "t1", "linear", -0.4),
+               line("protected", "t2", "finetune_masked", 0.2), line("protected", "t2", "linear", -0.6),
+               line("unprotected", "mnist", "finetune_masked", 0.1), line("unprotected", "t1", "linear", 0.3)]
+    kept = {"protected": {"linear": 0.90, "knn": 0.80}, "unprotected": {"linear": 0.95, "knn": 0.90}}
+    result = verdicts(summary, source_accuracy=kept, source="mnist")
+    assert [v["model"] for v in result] == ["unprotected", "protected"]  # the reference first
+    protected = result[1]
+    assert protected["source"] == {"linear": 0.90, "knn": 0.80, "slc_auc": -0.1}  # the licensed user's best
+    assert protected["source_minus_reference"] == pytest.approx({"linear": -0.05, "knn": -0.10, "slc_auc": -0.2})
+    assert protected["target_slc_auc"]["finetune_masked"] == pytest.approx(-0.4)  # mean over t1, t2
+    assert protected["target_slc_auc"]["best"] == pytest.approx((-0.4 + 0.2) / 2)  # best attack per target
+    assert result[0]["source_minus_reference"] is None
+    text = verdict_text(result)
+    assert text.splitlines()[1].startswith("protected: source linear 0.900 (-0.050 vs unprotected)")

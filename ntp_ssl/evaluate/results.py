@@ -316,34 +316,41 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
              reference: str = "unprotected") -> list[dict]:
     """One verdict per model: the source it keeps and the target SLC-AUC per attack.
 
-    Source: linear-probe and kNN accuracy on the source domain and the source-domain SLC-AUC
-    (mean over attacks of the summary lines whose domain is ``source``), each also as a
-    difference from the ``reference`` model's. Targets: the mean SLC-AUC over the other
-    domains, per attack. Models in summary order; the reference first when present.
+    Source: linear-probe and kNN accuracy on the source domain, and the source-domain SLC-AUC
+    of the best attack there (what a licensed user would pick), each also as a difference
+    from the ``reference`` model's. Targets: per attack, the mean SLC-AUC over the other
+    domains, and ``best``: the mean over those domains of the best attack on each (the owner's
+    worst case). Models in summary order, the reference first when present.
     """
     models = list(dict.fromkeys(line["model"] for line in summary))
     models.sort(key=lambda m: m != reference)
 
-    def source_auc(model: str) -> float | None:
-        values = [line["slc_auc"] for line in summary if line["model"] == model and line["domain"] == source]
-        return math.fsum(values) / len(values) if values else None
+    def best_on(model: str, domain: str) -> float | None:
+        values = [line["slc_auc"] for line in summary if line["model"] == model and line["domain"] == domain]
+        return max(values) if values else None
+
+    def kept(model: str) -> dict[str, float | None]:
+        values = {attack: _source_accuracy(source_accuracy, model, attack) for attack in ("linear", "knn")}
+        return {**values, "slc_auc": best_on(model, source) if source is not None else None}
 
     out = []
     for model in models:
-        kept = {attack: _source_accuracy(source_accuracy, model, attack) for attack in ("linear", "knn")}
-        kept["slc_auc"] = source_auc(model)
-        base = {attack: _source_accuracy(source_accuracy, reference, attack) for attack in ("linear", "knn")}
-        base["slc_auc"] = source_auc(reference)
-        targets: dict[str, list[float]] = defaultdict(list)
+        own, base = kept(model), kept(reference)
+        per_attack: dict[str, list[float]] = defaultdict(list)
+        domains = []
         for line in summary:
             if line["model"] == model and line["domain"] != source:
-                targets[line["attack"]].append(line["slc_auc"])
+                per_attack[line["attack"]].append(line["slc_auc"])
+                domains.append(line["domain"])
+        targets = {attack: math.fsum(v) / len(v) for attack, v in sorted(per_attack.items())}
+        best = [best_on(model, domain) for domain in dict.fromkeys(domains)]
+        targets["best"] = math.fsum(best) / len(best) if best else None
         out.append({
             "model": model,
-            "source": {key: value for key, value in kept.items()},
+            "source": own,
             "source_minus_reference": {key: (None if value is None or base[key] is None else value - base[key])
-                                       for key, value in kept.items()} if model != reference else None,
-            "target_slc_auc": {attack: math.fsum(v) / len(v) for attack, v in sorted(targets.items())},
+                                       for key, value in own.items()} if model != reference else None,
+            "target_slc_auc": targets,
         })
     return out
 
@@ -359,7 +366,7 @@ def verdict_text(lines: Sequence[dict], *, reference: str = "unprotected") -> st
         source = ", ".join(
             f"{name} {_fmt(line['source'][key]) if key != 'slc_auc' else signed(line['source'][key])}"
             + (f" ({signed(delta.get(key))} vs {reference})" if delta else "")
-            for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "SLC-AUC")))
+            for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "best SLC-AUC")))
         targets = ", ".join(f"{attack} {signed(value)}" for attack, value in line["target_slc_auc"].items())
         text.append(f"{line['model']}: source {source}; target SLC-AUC {targets}")
     return "\n".join(text) + "\n"

@@ -79,7 +79,7 @@ class ModelUnderTest:
 class SweepWork:
     """Counts of the sweep's expensive work, for benchmarks and logs: pass one to :func:`run_sweep`."""
 
-    fine_tunes: int = 0  # full fine-tunes run (masked, dense and scratch trainings)
+    fine_tunes: int = 0  # fine-tune attacks run (masked, dense, LP-FT, scratch); each trains once per lr searched
     scratch_trained: int = 0  # scratch baselines trained (cache misses)
     scratch_cached: int = 0  # scratch baselines read from the cache
     feature_extractions: int = 0

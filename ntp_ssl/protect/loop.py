@@ -59,6 +59,17 @@ def train_steps(objective: NonTransferableObjective, optimizer, source_iter, tar
     return {key: value / max(1, steps) for key, value in sums.items()}
 
 
+def _norm(params) -> float:
+    return float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params.values())))
+
+
+def mask_overlap(reference: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float:
+    """Share of the entries ``masks`` keeps that ``reference`` keeps too (over ``reference``'s tensors)."""
+    kept = sum(int(masks[name].sum()) for name in reference)
+    both = sum(int((masks[name] & reference[name].to(masks[name].device)).sum()) for name in reference)
+    return both / max(1, kept)
+
+
 def build_pruner(cfg: Any, encoder: nn.Module) -> ADMMPruner:
     """The ADMM pruner over the encoder's prunable weights, as ``cfg.prune`` and ``cfg.admm`` say."""
     prune = cfg.prune
@@ -94,6 +105,7 @@ class ProtectionRun:
     device: Any
     writer: Any
     optimizer: Any = None
+    magnitude_masks: dict = field(default_factory=dict)  # the projection of the unprotected weights
     iteration: int = 0
     phase: str = "admm"
     metrics: dict = field(default_factory=lambda: {"iterations": []})
@@ -149,6 +161,7 @@ def start_protection(cfg: Any, method: nn.Module, source: Domain, targets: list[
                         source_views=views(source), target_views=[views(t) for t in targets], params=params,
                         state_path=run_dir / "protect_state.safetensors", device=device, writer=writer)
     run.optimizer = run.new_optimizer()
+    run.magnitude_masks = pruner.masks()  # Z starts as Proj(W): the plain magnitude mask at this sparsity
     if cfg.resume and run.state_path.exists():
         run.resume()
     else:
@@ -168,7 +181,10 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     terms = train_steps(run.objective, run.optimizer, source_iter, target_iters, steps, penalty=run.pruner.penalty,
                         start_step=iteration * steps, desc=f"W-step {iteration + 1}/{iterations}",
                         progress=cfg.trainer.progress, params=run.params)
+    previous_support = run.pruner.masks()
     residuals = run.pruner.update()
+    residuals["primal_relative"] = residuals["primal_total"] / _norm(run.pruner.params)  # ||W - Z|| / ||W||
+    residuals["support_overlap"] = mask_overlap(previous_support, run.pruner.masks())
     knn = run.knn()
     step = iteration + 1
     for group, values in (("loss", terms), ("admm", residuals), ("knn_top1", knn)):
@@ -177,9 +193,8 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     z_masks = run.pruner.masks()
     kept = sum(int(m.sum()) for m in z_masks.values())
     run.writer.add_scalar("protect/z_sparsity", 1 - kept / sum(m.numel() for m in z_masks.values()), step)
-    run.metrics["iterations"].append({"iteration": step, **terms, "rho": residuals.get("rho"),
-                                      "primal_total": residuals.get("primal_total"),
-                                      "dual_total": residuals.get("dual_total"), "knn": knn})
+    run.metrics["iterations"].append({"iteration": step, **terms, "knn": knn, **{
+        key: residuals[key] for key in ("rho", "primal_total", "dual_total", "primal_relative", "support_overlap")}})
     log.info("ADMM %d/%d: %s; kNN %s", step, iterations, ", ".join(f"{k}={v:.4g}" for k, v in terms.items()),
              ", ".join(f"{k}={v:.3f}" for k, v in knn.items()))
     run.iteration = step
@@ -191,7 +206,10 @@ def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
     """Hard prune to the support of Z (unless a resumed run already did), then masked retraining."""
     cfg = run.cfg
     if run.phase == "admm":
+        knn_before = run.knn()
         masks = run.pruner.hard_prune()
+        run.metrics["hard_prune"] = {"knn_before": knn_before, "knn_after": run.knn(),
+                                     "magnitude_overlap": mask_overlap(run.magnitude_masks, masks)}
         run.optimizer = run.new_optimizer()
         run.phase = "retrain"
     else:

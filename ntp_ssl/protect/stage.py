@@ -21,7 +21,7 @@ from torch import nn
 from ntp_ssl.data import Domain, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.pretrain.methods import load_method
-from ntp_ssl.protect.export import export_protected, write_sparsity_files
+from ntp_ssl.protect.export import export_protected, write_admm_diagnostics, write_sparsity_files
 from ntp_ssl.protect.loop import protect_encoder
 from ntp_ssl.shared.checkpoint import check_compatible
 from ntp_ssl.shared.stage import StageContext
@@ -60,6 +60,7 @@ def run_protect(cfg: Any, checkpoint: Path, ctx: StageContext) -> Protected:
         encoder, report = protected_method.encoder, protected_meta.get("sparsity", {})
         if not (ctx.run_dir / "sparsity.json").exists():  # killed between the export and the report files
             write_sparsity_files(ctx.run_dir, report, writer=ctx.writer, encoder=encoder, masks=masks)
+            write_admm_diagnostics(ctx.run_dir, protected_meta.get("metrics", {}))
     else:
         log.info("[2/3 protect] loss=%s, %s projection to sparsity %.3f, against %s", cfg.loss.kind,
                  cfg.prune.projection, cfg.prune.sparsity, ", ".join(t.name for t in targets))
@@ -68,6 +69,7 @@ def run_protect(cfg: Any, checkpoint: Path, ctx: StageContext) -> Protected:
         report = export_protected(path, method, masks, cfg=cfg, checkpoint=checkpoint, meta=meta, metrics=metrics)
         encoder = method.encoder
         write_sparsity_files(ctx.run_dir, report, writer=ctx.writer, encoder=encoder, masks=masks)
+        write_admm_diagnostics(ctx.run_dir, metrics)
         log.info("[2/3 protect] wrote %s", path)
     return Protected(path=path, encoder=encoder, unprotected=unprotected, masks=masks, meta=meta, report=report,
                      source=source, targets=targets)
