@@ -59,7 +59,8 @@ def default_encoder(cfg: Any, cache_dir: Path) -> Path:
 
 
 def evaluate_protected(cfg: Any, protected: Protected, ctx: StageContext) -> dict[str, Any]:
-    """The SLC sweep of the protected and the unprotected encoder on the evaluation targets."""
+    """The SLC sweep of the protected and the unprotected encoder (and the sparse-scratch control)
+    on the evaluation targets and the source."""
     targets = protected.targets
     if cfg.eval_targets is not None and list(cfg.eval_targets) != list(cfg.data.targets):
         targets = load_domains_for(cfg, list(cfg.eval_targets))
