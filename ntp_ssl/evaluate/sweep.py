@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ntp_ssl.config import SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
@@ -51,6 +50,7 @@ from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
 from ntp_ssl.shared.knn import knn_top1
+from ntp_ssl.shared.progress import progress_bar
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
@@ -261,8 +261,7 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     state = _Progress(progress_path, on_row)
     for model in models:  # features are extracted where the attacks run
         model.encoder.to(device)
-    bar = tqdm(total=len(targets) * len(settings.seeds) * len(fractions), desc="evaluate", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(targets) * len(settings.seeds) * len(fractions), desc="evaluate", enabled=progress)
     for domain in targets:
         target = _Target(domain, _tensors(domain))
         for seed in settings.seeds:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ntp_ssl.config import to_plain, validate_pretrain
 from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
@@ -31,6 +30,7 @@ from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state
 from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.knn import domain_knn
+from ntp_ssl.shared.progress import progress_bar
 from ntp_ssl.shared.stage import StageContext, start_stage
 from ntp_ssl.shared.train import (
     autocast_context,
@@ -90,7 +90,7 @@ def train_one_epoch(loss_module: nn.Module, method: nn.Module, loader: DataLoade
     losses: list[float] = []
     images = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=f"pretrain epoch {epoch + 1}", leave=False, enabled=progress)
     for views, labels in bar:
         views = [v.to(device, non_blocking=True) for v in views] if isinstance(views, (list, tuple)) else [views.to(device)]
         labels = labels.to(device, non_blocking=True)
@@ -326,8 +326,8 @@ def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | N
     log.info("pretrain %s/%s on %s: %d images, %d epochs x %d steps, device %s, %d process(es)", cfg.method.name,
              cfg.encoder.backbone, "+".join(run.train_names), len(run.dataset), cfg.optim.epochs,
              run.steps_per_epoch, ctx.device, world)
-    epochs_bar = tqdm(range(run.epoch, cfg.optim.epochs), desc="pretrain", initial=run.epoch,
-                      total=cfg.optim.epochs, disable=not (cfg.trainer.progress and rank == 0), dynamic_ncols=True)
+    epochs_bar = progress_bar(range(run.epoch, cfg.optim.epochs), desc="pretrain", initial=run.epoch,
+                              total=cfg.optim.epochs, enabled=cfg.trainer.progress and rank == 0)
     for epoch in epochs_bar:
         record = _run_epoch(run, loss_module, epoch)
         epochs_bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith(("loss", "knn_top1_k20"))})

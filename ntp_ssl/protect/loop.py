@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ntp_ssl.data import Domain, ImageArrayDataset
 from ntp_ssl.pretrain.methods import build_train_transform
@@ -28,6 +27,7 @@ from ntp_ssl.protect.objective import IndexedViews, NonTransferableObjective
 from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
 from ntp_ssl.shared.knn import knn_on_train_splits
 from ntp_ssl.shared.masking import MaskedOptimizer, mask_gradients_
+from ntp_ssl.shared.progress import progress_bar
 from ntp_ssl.shared.train import build_optimizer, check_finite, endless_batches, rng_state, set_rng_state
 
 log = logging.getLogger("ntp_ssl.protect")
@@ -37,7 +37,7 @@ def train_steps(objective: NonTransferableObjective, optimizer, source_iter, tar
                 penalty=None, start_step: int, desc: str, progress: bool, params: list[nn.Parameter]) -> dict:
     """``steps`` optimiser steps on L_NT (+ the ADMM penalty); returns the mean of each term."""
     sums: dict[str, float] = {}
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(steps), desc=desc, leave=False, enabled=progress)
     objective.method.train()
     for step in bar:
         t = (start_step + step) % len(target_iters)  # targets take turns, one per step
@@ -237,8 +237,8 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
     run = start_protection(cfg, method, source, targets, run_dir=run_dir, device=device, writer=writer)
     iterations = cfg.admm.iterations
     todo = range(run.iteration, iterations) if run.phase == "admm" else range(0)
-    bar = tqdm(todo, desc="[2/3 protect] ADMM", initial=run.iteration, total=iterations,
-               disable=not cfg.trainer.progress or run.phase != "admm", dynamic_ncols=True)
+    bar = progress_bar(todo, desc="[2/3 protect] ADMM", initial=run.iteration, total=iterations,
+                       enabled=cfg.trainer.progress and run.phase == "admm")
     for iteration in bar:
         scores = admm_iteration(run, iteration)
         bar.set_postfix({"src": f"{scores[source.name]:.2f}",
