@@ -21,6 +21,16 @@ def check_image_size(value: object, key: str = "image_size") -> int:
     return int(value)
 
 
+def check_run_name(value: object) -> str:
+    """``value`` as one safe path component: a run directory is ``paths.root/STAGE/RUN_NAME`` and
+    must not land elsewhere (``..``, a separator) or be the stage folder itself (empty)."""
+    name = str(value) if value is not None else ""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"run_name={name!r} must be one folder name (no '/', no '..', not empty), e.g. "
+                          "run_name=my-run")
+    return name
+
+
 def check_channels(value: object, key: str = "channels") -> int:
     """``value`` as 1 (grey) or 3 (RGB), or a ConfigError naming it."""
     if not is_int(value) or value not in (1, 3):

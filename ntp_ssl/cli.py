@@ -102,9 +102,12 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
         return None
     from hydra import compose, initialize_config_dir
 
+    from ntp_ssl.checks import check_run_name
+
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
             cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
+            check_run_name(cfg.run_name)  # before the run directory below is made
             run_dir = Path(str(cfg.hydra.run.dir))
     except Exception as exc:  # Hydra's composition and override-parsing errors
         message = _first_line(exc)

@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ntp_ssl.checks import check_channels, check_image_size
+from ntp_ssl.checks import check_channels, check_image_size, check_run_name
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
@@ -368,6 +368,7 @@ def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
 
 
 def _check_known_keys(cfg: Any, schema: type, stage: str) -> None:
+    check_run_name(cfg.run_name)  # multiruns reach the stage without the command line's precheck
     extra = unknown_keys(cfg, schema)
     _check(not extra, f"unknown config key(s) {', '.join(extra)}: nothing reads them (a '+KEY=VALUE' override adds "
                       f"a key); see `ntp-ssl {stage} --help` for the keys")

@@ -129,3 +129,26 @@ def test_multirun_with_the_parallel_joblib_launcher(cli, tmp_path):
     for sheet in sheets:
         hydra_cfg = (sheet.parent / ".hydra" / "hydra.yaml").read_text()
         assert "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher" in hydra_cfg
+
+
+@pytest.mark.parametrize("name", ["../evaluate/X", "../../..", "", "a/b", ".."])
+def test_a_run_name_that_is_not_one_folder_name_is_refused_before_anything_is_made(cli, tmp_path, name):
+    """report with run_name=../evaluate/X used to overwrite another run's results; an empty name
+    made runs/report itself the run directory."""
+    result = cli("report", "runs=[somewhere]", f"run_name={name}")
+    assert result.returncode == 2 and result.stderr.startswith("error: run_name=")
+    assert "must be one folder name" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "evaluate").exists()
+
+
+def test_stage_validation_refuses_an_unsafe_run_name_too():
+    """A multirun reaches the stage without the command line's precheck."""
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.config import PretrainConfig, validate_pretrain
+    from ntp_ssl.errors import ConfigError
+
+    cfg = OmegaConf.structured(PretrainConfig)
+    cfg.run_name = "../x"
+    with pytest.raises(ConfigError, match="run_name='../x' must be one folder name"):
+        validate_pretrain(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ntp_ssl.checks import check_run_name
 from ntp_ssl.data.contact_sheet import write_contact_sheet
 from ntp_ssl.data.load import load_domains_for
 from ntp_ssl.errors import ConfigError
@@ -28,6 +29,7 @@ def domains_table(infos: list[dict[str, Any]]) -> str:
 
 def run_domains(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Load ``cfg.names`` with ``cfg.data``'s settings; write domains.json and contact_sheet.png in ``run_dir``."""
+    check_run_name(cfg.run_name)
     names = list(cfg.names)
     if not names:
         raise ConfigError("names=[] is empty; pass names=[mnist,optdigits,...] (any domain load_domain accepts)")

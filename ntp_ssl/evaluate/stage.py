@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from ntp_ssl.checks import check_run_name
 from ntp_ssl.config import SweepConfig, validate_evaluate
 from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
@@ -112,6 +113,7 @@ def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
 def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Gather several runs' results.csv into one table (summary.md) and one figure."""
+    check_run_name(cfg.run_name)
     if not cfg.runs:
         raise ConfigError("runs=[] is empty; pass runs=[runs/evaluate/NAME,runs/protect/NAME,...]")
     run_dir = Path(run_dir)
