@@ -103,7 +103,7 @@ class StageConfig:
 class PretrainConfig(StageConfig):
     stage: str = "pretrain"
     # relative interpolations (leading dot), so that the name also resolves in a node of its own
-    run_name: str = "${.data.source}-${.method.name}-${.encoder.backbone}-seed${.seed}"
+    run_name: str = "${folder_name:${.data.source}}-${.method.name}-${.encoder.backbone}-seed${.seed}"
     domains: Optional[List[str]] = None  # train on these domains (default: [data.source])
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
     resume_from: Optional[str] = None  # or from this last.safetensors (or run directory) of an earlier run
@@ -252,7 +252,7 @@ SWEEP_PRESETS: dict[str, dict] = {
 @dataclass
 class EvaluateConfig(StageConfig):
     stage: str = "evaluate"
-    run_name: str = "evaluate-${data.source}-seed${seed}"
+    run_name: str = "evaluate-${folder_name:${data.source}}-seed${seed}"
     checkpoints: List[str] = field(default_factory=list)  # encoder checkpoints (.safetensors) or run dirs
     names: Optional[List[str]] = None  # display names of the checkpoints
     sweep: SweepConfig = MISSING  # a preset of the sweep group: sweep=converged (default) | paper
@@ -261,7 +261,7 @@ class EvaluateConfig(StageConfig):
 @dataclass
 class ProtectConfig(StageConfig):
     stage: str = "protect"
-    run_name: str = "protect-${data.source}-${loss.kind}-${prune.projection}${prune.sparsity}-seed${seed}"
+    run_name: str = "protect-${folder_name:${data.source}}-${loss.kind}-${prune.projection}${prune.sparsity}-seed${seed}"
     checkpoint: Optional[str] = None  # encoder to protect; None: pretrain the default one (cached)
     evaluate: bool = True  # run the SLC sweep on the protected and unprotected encoders at the end
     # domains the sweep attacks (default: data.targets); others than those protected against
@@ -303,6 +303,17 @@ SCHEMAS = {
     "report": ReportConfig,
     "domains": DomainsConfig,
 }
+
+
+def folder_name(text: Any) -> str:
+    """``text`` as one folder name, for run names built from a domain spec such as
+    ``npz:/data/x.npz``: every run of characters other than letters, digits, ``.``, ``_`` and
+    ``-`` becomes ``_`` (``npz_data_x.npz``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "unnamed"
+
+
+# At import, so that every composed or structured config can resolve its run_name.
+OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 def register_schemas() -> None:
