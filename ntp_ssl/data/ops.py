@@ -18,21 +18,31 @@ def rng_for(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(words))
 
 
+def split_by_class(labels: np.ndarray, fraction: float, rng: np.random.Generator, *,
+                   rounding=round) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per class, in ascending order, a seeded permutation of its indices cut in two: the first
+    ``rounding(n_c * fraction)`` are held out, clipped so that a class with at least two
+    samples keeps at least one on each side; a lone sample stays on the kept side (permuting
+    one element draws nothing from ``rng``). Returns (kept parts, held-out parts), per class."""
+    kept, held = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_held = min(max(int(rounding(len(idx) * fraction)), 1), len(idx) - 1) if len(idx) >= 2 else 0
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return kept, held
+
+
 def stratified_split(
     labels: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split indices class by class: ``round(n_c * test_fraction)`` of each class go to test.
 
     A class with at least two samples keeps at least one on each side; a lone sample goes to
-    train. Both index arrays come back in a random (seeded) order.
+    train. Both index arrays come back in a random (seeded) order. (Python's rounding, half to
+    even: every cached domain was split with it.)
     """
-    train, test = [], []
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_test = int(round(len(idx) * test_fraction))
-        n_test = min(max(n_test, 1), len(idx) - 1) if len(idx) >= 2 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
+    train, test = split_by_class(labels, test_fraction, rng)
     train_idx = rng.permutation(np.concatenate(train)) if train else np.zeros(0, np.int64)
     test_idx = rng.permutation(np.concatenate(test)) if test else np.zeros(0, np.int64)
     return train_idx.astype(np.int64), test_idx.astype(np.int64)

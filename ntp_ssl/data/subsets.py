@@ -12,6 +12,7 @@ import numbers
 
 import numpy as np
 
+from ntp_ssl.data.ops import split_by_class
 from ntp_ssl.errors import ConfigError, DataError
 
 
@@ -71,40 +72,42 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def check_val_fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"val_fraction {value!r} is not a number; accepted: a number in (0, 1)")
+    fraction = float(value)
+    if not (0.0 < fraction < 1.0):  # also False for NaN
+        raise ConfigError(f"val_fraction {fraction!r} is outside (0, 1); accepted: a number in (0, 1)")
+    return fraction
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"seed {seed!r} is not accepted; accepted: an integer >= 0")
+    return int(seed)
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted int64 index arrays ``(fit, val)`` with every class present on both sides.
 
     Per class with ``count >= 2`` samples, ``clip(round(val_fraction * count), 1, count - 1)``
     samples chosen uniformly go to val (``round`` is half-up, as in the SLC grid); a class
-    with a single sample stays in fit. Classes are visited in sorted order, each drawing one
-    permutation from ``numpy.random.default_rng(seed)``. ConfigError when no class has two
-    samples, so no validation sample can be drawn.
+    with a single sample stays in fit (:func:`ntp_ssl.data.ops.split_by_class`, one
+    permutation per class from ``numpy.random.default_rng(seed)``). ConfigError when no class
+    has two samples, so no validation sample can be drawn.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction!r} must be a number in (0, 1)")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigError(f"seed={seed!r} must be a non-negative integer")
-    fraction = float(val_fraction)
+    fraction, seed = check_val_fraction(val_fraction), check_seed(seed)
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise ConfigError(f"labels must be a non-empty 1-d array, got shape {labels.shape}")
-    rng = np.random.default_rng(seed)
-    fit_parts, val_parts = [], []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        count = len(members)
-        if count < 2:  # nothing to spare: validating on it would leave its class unfitted
-            fit_parts.append(members)
-            continue
-        n_val = min(max(math.floor(fraction * count + 0.5), 1), count - 1)
-        shuffled = rng.permutation(members)
-        val_parts.append(shuffled[:n_val])
-        fit_parts.append(shuffled[n_val:])
-    if not val_parts:
+    fit_parts, val_parts = split_by_class(labels, fraction, np.random.default_rng(seed), rounding=_half_up)
+    if not any(len(part) for part in val_parts):
         raise ConfigError(
             f"no class among {len(labels)} labels has 2 or more samples, so no validation sample can be drawn; "
             "accepted: at least one class with 2 samples"
         )
-    fit = np.sort(np.concatenate(fit_parts)).astype(np.int64)
-    val = np.sort(np.concatenate(val_parts)).astype(np.int64)
-    return fit, val
+    return np.sort(np.concatenate(fit_parts)).astype(np.int64), np.sort(np.concatenate(val_parts)).astype(np.int64)

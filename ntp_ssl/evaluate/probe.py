@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ntp_ssl.data.subsets import stratified_split
+from ntp_ssl.data.subsets import check_seed, check_val_fraction, stratified_split
 from ntp_ssl.errors import ConfigError
 
 STD_FLOOR = 1e-6  # constant features: divide by this instead of 0 (they become 0 on train)
@@ -81,21 +81,6 @@ def _check_l2(name: str, value: object) -> float:
     if not (0.0 <= l2 < math.inf):  # also False for NaN
         raise ConfigError(f"{name} {l2!r} is not accepted; accepted: a finite number >= 0")
     return l2
-
-
-def _check_val_fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"val_fraction {value!r} is not a number; accepted: a number in (0, 1)")
-    fraction = float(value)
-    if not (0.0 < fraction < 1.0):  # also False for NaN
-        raise ConfigError(f"val_fraction {fraction!r} is outside (0, 1); accepted: a number in (0, 1)")
-    return fraction
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigError(f"seed {seed!r} is not accepted; accepted: an integer >= 0")
-    return int(seed)
 
 
 # --------------------------------------------------------------------------- standardisation
@@ -238,8 +223,8 @@ def converged_linear_probe(
     if isinstance(l2_grid, (str, bytes)) or not isinstance(l2_grid, Sequence) or len(l2_grid) == 0:
         raise ConfigError(f"l2_grid {l2_grid!r} is not accepted; accepted: a non-empty list of numbers >= 0")
     grid = [_check_l2("l2_grid value", value) for value in l2_grid]
-    fraction = _check_val_fraction(val_fraction)
-    seed = _check_seed(seed)
+    fraction = check_val_fraction(val_fraction)
+    seed = check_seed(seed)
     default_l2 = _check_l2("default_l2", default_l2)
 
     # The attacker's n samples fix the scaling; the test split is only transformed by it.
