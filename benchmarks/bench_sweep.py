@@ -66,8 +66,7 @@ def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
     from ntp_ssl.data.subsets import draw_subset
     from ntp_ssl.evaluate.slc import samples_for_fraction
     from ntp_ssl.evaluate.attack import fine_tune_attack
-    from ntp_ssl.evaluate.probe import converged_linear_probe
-    from ntp_ssl.evaluate.sweep import SCRATCH, probe_head, train_scratch
+    from ntp_ssl.evaluate.sweep import SCRATCH, linear_probe, train_scratch
     from ntp_ssl.shared.features import extract_features
     from ntp_ssl.shared.knn import knn_top1
 
@@ -90,26 +89,23 @@ def naive_sweep(model, target, settings, *, device, work) -> list[dict]:
                                                     device=device).accuracy)
                 work.fine_tunes += 1
                 work.scratch_trained += 1
-            probe = None
+            probe = head = None
             if {"linear", "knn", "lpft_masked", "lpft_dense"} & set(settings.attacks):  # again at every point
                 f_train = extract_features(model.encoder, x_train, device=device)[idx]
                 f_test = extract_features(model.encoder, x_test, device=device)
                 work.feature_extractions += 2
                 work.images_extracted += len(y_train) + len(y_test)
-                probe = converged_linear_probe(f_train, y_train[idx], f_test, y_test, num_classes=c,
-                                               l2_grid=tuple(settings.probe_l2_grid),
-                                               val_fraction=settings.val_fraction, seed=seed,
-                                               default_l2=settings.probe_l2)
+                probe, head = linear_probe(f_train, y_train[idx], f_test, y_test, num_classes=c, settings=settings,
+                                           seed=seed)
             for attack in settings.attacks:
                 if attack in ("linear", "knn"):
-                    acc = (probe["accuracy"] if attack == "linear"
+                    acc = (probe.accuracy if attack == "linear"
                            else knn_top1(f_train, y_train[idx], f_test, y_test, num_classes=c, k=settings.knn_k))
                 else:
                     masks = model.masks if attack.endswith("_masked") else None
-                    head = probe_head(probe, c) if attack.startswith("lpft") else None
                     acc = fine_tune_attack(model.encoder, masks, x_train[idx], y_train[idx], x_test, y_test,
                                            num_classes=c, settings=settings, seed=seed, device=device,
-                                           head=head).accuracy
+                                           head=head if attack.startswith("lpft") else None).accuracy
                     work.fine_tunes += 1
                 row(model.name, attack, acc)
     return rows

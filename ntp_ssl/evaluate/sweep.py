@@ -91,14 +91,20 @@ def _tensors(domain: Domain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
             to_float_tensor(domain.test_images), torch.tensor(domain.test_labels, dtype=torch.long))
 
 
-def linear_probe_accuracy(train_features, y_train, test_features, y_test, *, num_classes: int,
-                          settings: SweepConfig, seed: int) -> AttackResult:
-    """The converged linear probe on frozen features, its l2 chosen on the attacker's validation split."""
+def linear_probe(train_features, y_train, test_features, y_test, *, num_classes: int, settings: SweepConfig,
+                 seed: int) -> tuple[AttackResult, nn.Linear]:
+    """The converged linear probe on frozen features, its l2 chosen on the attacker's validation
+    split; with it, the probe as a linear layer on raw features (where LP-FT starts)."""
     probe = converged_linear_probe(train_features, y_train, test_features, y_test, num_classes=num_classes,
                                    l2_grid=tuple(settings.probe_l2_grid), val_fraction=settings.val_fraction,
                                    seed=seed, default_l2=settings.probe_l2)
-    return AttackResult(probe["accuracy"], choice=probe["l2"] if probe["searched"] else None,
-                        val_accuracy=probe["val_accuracy"])
+    head = nn.Linear(probe["weight"].shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(probe["weight"])
+        head.bias.copy_(probe["bias"])
+    result = AttackResult(probe["accuracy"], choice=probe["l2"] if probe["searched"] else None,
+                          val_accuracy=probe["val_accuracy"])
+    return result, head
 
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
@@ -194,15 +200,6 @@ class _Target:
         return self.features[model.name]
 
 
-def probe_head(probe: dict, num_classes: int) -> nn.Linear:
-    """The converged probe as a linear layer on raw features: where LP-FT starts."""
-    head = nn.Linear(probe["weight"].shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.copy_(probe["weight"])
-        head.bias.copy_(probe["bias"])
-    return head
-
-
 def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torch.Tensor, *, seed: int,
             settings: SweepConfig, device, work: SweepWork) -> dict[str, AttackResult]:
     """The accuracy of each attack in ``todo`` on the samples ``idx_t``."""
@@ -213,12 +210,8 @@ def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torc
     if {"linear", "knn", "lpft_masked", "lpft_dense"} & set(todo):
         f_train, f_test = target.features_of(model, device, work)
         if {"linear", "lpft_masked", "lpft_dense"} & set(todo):
-            probe = converged_linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test, num_classes=num_classes,
-                                           l2_grid=tuple(settings.probe_l2_grid), val_fraction=settings.val_fraction,
-                                           seed=seed, default_l2=settings.probe_l2)
-            results["linear"] = AttackResult(probe["accuracy"], choice=probe["l2"] if probe["searched"] else None,
-                                             val_accuracy=probe["val_accuracy"])
-            head = probe_head(probe, num_classes)
+            results["linear"], head = linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test,
+                                                   num_classes=num_classes, settings=settings, seed=seed)
         if "knn" in todo:
             results["knn"] = AttackResult(knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test,
                                                    num_classes=num_classes, k=settings.knn_k))
@@ -307,8 +300,8 @@ def source_accuracy(models: Sequence[ModelUnderTest], source: Domain, settings: 
         f_train = extract_features(model.encoder, x_train, device=device)
         f_test = extract_features(model.encoder, x_test, device=device)
         result[model.name] = {
-            "linear": linear_probe_accuracy(f_train, y_train, f_test, y_test, num_classes=source.num_classes,
-                                            settings=settings, seed=0).accuracy,
+            "linear": linear_probe(f_train, y_train, f_test, y_test, num_classes=source.num_classes,
+                                   settings=settings, seed=0)[0].accuracy,
             "knn": knn_top1(f_train, y_train, f_test, y_test, num_classes=source.num_classes, k=settings.knn_k),
         }
     return result
