@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,17 @@ def run_cli(args: list[str], *, cwd: Path, cache: Path, timeout: int = 600, env_
     exe = Path(sys.executable).parent / "ntp-ssl"
     cmd = (command or [str(exe)]) + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_tensors(a_path: Path, b_path: Path) -> None:
+    """Two checkpoints hold the same tensors, bit for bit."""
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    a, _ = load_checkpoint(a_path)
+    b, _ = load_checkpoint(b_path)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ from the reference: {different[:5]}"
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATA, TINY_PRETRAIN
+from conftest import TINY_DATA, TINY_PRETRAIN, assert_same_tensors
 from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint
 from ntp_ssl.errors import CheckpointError, NumericalError
 from test_pretrain import compose_pretrain
@@ -126,14 +126,6 @@ def _changed(path: Path) -> Callable[[float], bool]:
     return lambda _elapsed: path.exists() and path.read_bytes() != before
 
 
-def _assert_same_tensors(a_path: Path, b_path: Path) -> None:
-    a, _ = load_checkpoint(a_path)
-    b, _ = load_checkpoint(b_path)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ from the reference: {different[:5]}"
-
-
 def _rows(path: Path) -> list[dict]:
     from ntp_ssl.evaluate.results import read_results
 
@@ -213,7 +205,7 @@ def test_pretrain_killed_at_any_moment_finishes_like_an_uninterrupted_run(tmp_pa
 
     final = _run(PRETRAIN_ARGS, work, cache_dir)
     assert "resuming from" in final.stdout + final.stderr  # finished epochs were not redone
-    _assert_same_tensors(ref_dir / "encoder.safetensors", run_dir / "encoder.safetensors")
+    assert_same_tensors(ref_dir / "encoder.safetensors", run_dir / "encoder.safetensors")
     ref_meta = json.loads((ref_dir / "encoder.json").read_text())
     meta = json.loads((run_dir / "encoder.json").read_text())
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
@@ -241,7 +233,7 @@ def test_protect_with_evaluation_killed_at_any_moment_finishes_like_an_uninterru
     final = _run(args, work, cache)
     output = final.stdout + final.stderr
     assert "already done" in output and "resuming the sweep" in output  # no finished work redone
-    _assert_same_tensors(ref_dir / "protected.safetensors", run_dir / "protected.safetensors")
+    assert_same_tensors(ref_dir / "protected.safetensors", run_dir / "protected.safetensors")
     ref_meta = json.loads((ref_dir / "protected.json").read_text())
     meta = json.loads((run_dir / "protected.json").read_text())
     assert meta["metrics"]["knn_after"] == ref_meta["metrics"]["knn_after"]
@@ -522,7 +514,7 @@ def test_protect_with_evaluation_is_deterministic(tmp_path, cache_dir, encoder_c
         cache = _private_cache(tmp_path / f"cache-{name}", cache_dir)  # scratch baselines computed twice
         cfg = _compose_protect(cache, encoder_checkpoint)
         results.append(run_main_job(cfg, tmp_path / name))
-    _assert_same_tensors(tmp_path / "a" / "protected.safetensors", tmp_path / "b" / "protected.safetensors")
+    assert_same_tensors(tmp_path / "a" / "protected.safetensors", tmp_path / "b" / "protected.safetensors")
     assert results[0]["rows"] == results[1]["rows"]
     assert _rows(tmp_path / "a" / "results.csv") == _rows(tmp_path / "b" / "results.csv")
     assert results[0]["source_accuracy"] == results[1]["source_accuracy"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA
+from conftest import TINY_DATA, assert_same_tensors
 from test_pretrain import compose_pretrain
 
 TINY_PROTECT = [*TINY_DATA, "data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
@@ -22,6 +22,19 @@ def encoder_checkpoint(tmp_path_factory, cache_dir) -> Path:
 
     run_dir = tmp_path_factory.mktemp("pretrained")
     return Path(run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1"), run_dir)["checkpoint"])
+
+
+def _compose_protect(cache_dir: Path, checkpoint, *overrides: str):
+    """The protect config on tiny settings for ``checkpoint``, without the evaluation."""
+    from hydra import compose, initialize_config_dir
+
+    from ntp_ssl.cli import config_dir
+    from ntp_ssl.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={checkpoint}",
+                                                         f"paths.cache_dir={cache_dir}", "evaluate=false", *overrides])
 
 
 def _scalar_tags(event_dir: Path) -> set[str]:
@@ -106,18 +119,10 @@ def test_supervised_protect_through_the_command(cli, tmp_path, encoder_checkpoin
 
 @pytest.mark.slow
 def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_checkpoint, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from ntp_ssl.cli import config_dir
-    from ntp_ssl.config import register_schemas
     from ntp_ssl.pipeline import run_main_job
     from ntp_ssl.protect.admm import ADMMPruner
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={encoder_checkpoint}",
-                                                         f"paths.cache_dir={cache_dir}", "evaluate=false",
-                                                         "admm.iterations=3"])
+    cfg = _compose_protect(cache_dir, encoder_checkpoint, "admm.iterations=3")
     run_main_job(cfg, tmp_path / "reference")
     real_update = ADMMPruner.update
     calls = {"n": 0}
@@ -137,33 +142,22 @@ def test_protect_resumes_after_an_interruption(tmp_path, cache_dir, encoder_chec
 
     from ntp_ssl.shared.checkpoint import load_checkpoint
 
-    a, meta_a = load_checkpoint(tmp_path / "reference" / "protected.safetensors")
-    b, meta_b = load_checkpoint(tmp_path / "resumed" / "protected.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(tmp_path / "reference" / "protected.safetensors", tmp_path / "resumed" / "protected.safetensors")
+    _, meta_a = load_checkpoint(tmp_path / "reference" / "protected.safetensors")
+    _, meta_b = load_checkpoint(tmp_path / "resumed" / "protected.safetensors")
     assert meta_a["metrics"]["knn_after"] == meta_b["metrics"]["knn_after"]
 
 
 @pytest.mark.slow
 def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, cache_dir):
-    from hydra import compose, initialize_config_dir
-
-    from ntp_ssl.shared.checkpoint import load_checkpoint
-    from ntp_ssl.cli import config_dir
-    from ntp_ssl.config import register_schemas
     from ntp_ssl.errors import ConfigError
-    from ntp_ssl.pretrain.stage import run_pretrain
     from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.pretrain.stage import run_pretrain
+    from ntp_ssl.shared.checkpoint import load_checkpoint
 
     checkpoint = run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "method.name=supervised"),
                               tmp_path / "sup")["checkpoint"]
-    register_schemas()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        def cfg(kind):
-            return compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={checkpoint}",
-                                                             f"paths.cache_dir={cache_dir}", "evaluate=false",
-                                                             f"loss={kind}"])
-        supervised, label_free = cfg("supervised"), cfg("ssl")
+    supervised, label_free = (_compose_protect(cache_dir, checkpoint, f"loss={kind}") for kind in ("supervised", "ssl"))
     result = run_main_job(supervised, tmp_path / "protected")
     tensors, meta = load_checkpoint(result["checkpoint"])
     assert any(k.startswith("classifier.") for k in tensors) and meta["method"] == "supervised"
@@ -200,18 +194,11 @@ def test_protection_never_reads_a_test_split(tmp_path, cache_dir, encoder_checkp
     import dataclasses
 
     import numpy as np
-    from hydra import compose, initialize_config_dir
 
-    from ntp_ssl.cli import config_dir
-    from ntp_ssl.config import register_schemas
     from ntp_ssl.pipeline import run_main_job
     from ntp_ssl.protect import stage
-    from ntp_ssl.shared.checkpoint import load_checkpoint
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={encoder_checkpoint}",
-                                                         f"paths.cache_dir={cache_dir}", "evaluate=false"])
+    cfg = _compose_protect(cache_dir, encoder_checkpoint)
     run_main_job(cfg, tmp_path / "clean")
     real_load = stage.load_domains_for
 
@@ -223,7 +210,4 @@ def test_protection_never_reads_a_test_split(tmp_path, cache_dir, encoder_checkp
 
     monkeypatch.setattr(stage, "load_domains_for", scrambled)
     run_main_job(cfg, tmp_path / "scrambled")
-    clean, _ = load_checkpoint(tmp_path / "clean" / "protected.safetensors")
-    dirty, _ = load_checkpoint(tmp_path / "scrambled" / "protected.safetensors")
-    assert clean.keys() == dirty.keys()
-    assert all(torch.equal(clean[k], dirty[k]) for k in clean)
+    assert_same_tensors(tmp_path / "clean" / "protected.safetensors", tmp_path / "scrambled" / "protected.safetensors")
