@@ -378,8 +378,10 @@ def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
     return found
 
 
-def _check_known_keys(cfg: Any, schema: type, stage: str) -> None:
-    check_run_name(cfg.run_name)  # multiruns reach the stage without the command line's precheck
+def _check_stage(cfg: Any, schema: type, stage: str) -> None:
+    """What every stage's config must satisfy: a safe run name (a multirun reaches the stage
+    without the command line's precheck) and no key that nothing reads."""
+    check_run_name(cfg.run_name)
     extra = unknown_keys(cfg, schema)
     _check(not extra, f"unknown config key(s) {', '.join(extra)}: nothing reads them (a '+KEY=VALUE' override adds "
                       f"a key); see `ntp-ssl {stage} --help` for the keys")
@@ -416,7 +418,7 @@ def validate_optim_and_method(optim: Any, method: Any) -> None:
 
 
 def validate_pretrain(cfg: Any) -> None:
-    _check_known_keys(cfg, PretrainConfig, "pretrain")
+    _check_stage(cfg, PretrainConfig, "pretrain")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
@@ -489,7 +491,7 @@ def validate_default_encoder(node: Any) -> None:
 
 
 def validate_protect(cfg: Any) -> None:
-    _check_known_keys(cfg, ProtectConfig, "protect")
+    _check_stage(cfg, ProtectConfig, "protect")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
@@ -507,7 +509,7 @@ def validate_protect(cfg: Any) -> None:
 
 
 def validate_evaluate(cfg: Any) -> None:
-    _check_known_keys(cfg, EvaluateConfig, "evaluate")
+    _check_stage(cfg, EvaluateConfig, "evaluate")
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     validate_sweep(cfg.sweep)

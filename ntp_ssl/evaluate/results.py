@@ -333,9 +333,10 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
         values = {attack: _source_accuracy(source_accuracy, model, attack) for attack in ("linear", "knn")}
         return {**values, "slc_auc": best_on(model, source) if source is not None else None}
 
+    base = kept(reference)
     out = []
     for model in models:
-        own, base = kept(model), kept(reference)
+        own = kept(model)
         per_attack: dict[str, list[float]] = defaultdict(list)
         domains = []
         for line in summary:

@@ -1,9 +1,9 @@
 """``ntp-ssl pretrain``: train an encoder with SimCLR, MoCo v2 or supervised learning.
 
 ``train_one_epoch``, the kNN monitoring (:func:`ntp_ssl.shared.knn.domain_knn`) and
-``run_pretrain`` are kept apart, as in the torchvision references. The run directory holds ``last.safetensors`` (the resumable
-state, rewritten every ``trainer.checkpoint_every`` epochs) and, at the end,
-``encoder.safetensors`` with its ``encoder.json``. Distributed data parallel runs under
+``run_pretrain`` are kept apart, as in the torchvision references. The run directory holds
+``last.safetensors`` (the resumable state, rewritten every ``trainer.checkpoint_every``
+epochs) and, at the end, ``encoder.safetensors`` with its ``encoder.json``. Distributed data parallel runs under
 torchrun (``torchrun --nproc_per_node N -m ntp_ssl.cli pretrain ...``): gloo on CPU, nccl
 on CUDA, contrastive negatives gathered across processes.
 """
