@@ -1,18 +1,24 @@
-"""The efficacy benchmark: does protection hold, and which loss terms matter?
+"""The efficacy benchmark: does protection hold, and is it more than sparsity?
 
-Runs `ntp-ssl protect` for every named setup below (configs/experiment/protect_*.yaml plus
-ablations as overrides) and seed, on the embedded suite (source mnist; targets optdigits,
-syndigits, mnistm), each run evaluating the protected and the unprotected encoder against
-training from scratch. Then it gathers every run's summary.json into one table.
+For every named setup below (configs/experiment/protect_*.yaml plus ablations as overrides)
+and protection seed, `ntp-ssl protect ... evaluate=false` protects the default encoder; then
+`ntp-ssl evaluate` attacks every protected encoder of one protection seed together, on sweep
+seeds of its own (the protection seeds and the sweep seeds are separate), and the unprotected
+encoder once. The attacker is the main job's (`sweep=main_job`: tuned on its own validation
+split, 15 epochs within 50 to 250 steps) unless --sweep says otherwise.
 
-    .venv/bin/python benchmarks/bench_efficacy.py                       # all setups, seeds 0 1 2
-    .venv/bin/python benchmarks/bench_efficacy.py --seeds 0 --setups label_free magnitude
+    .venv/bin/python benchmarks/bench_efficacy.py                       # headline: seeds 1 2 3 x sweep seeds 1 2
+    .venv/bin/python benchmarks/bench_efficacy.py --seeds 1 --setups label_free magnitude
     .venv/bin/python benchmarks/bench_efficacy.py --sparsity-sweep label_free   # 0.5 ... 0.99
 
-The runs go to benchmarks/results/efficacy/ (resumable: a finished run is not redone).
-Sequential on purpose: on a 2-core machine parallel runs only compete. On a cluster, the
-same grid runs as a Hydra multirun, e.g.
-    ntp-ssl protect -m experiment=protect_label_free,protect_magnitude seed=0,1,2 hydra/launcher=submitit_slurm
+Seed 0 is left out of the headline on purpose: the label-free loss weights were chosen on
+protection seed 0 and sweep seed 0 (on their test splits, before the attacker existed).
+
+Outputs in --root (default benchmarks/results/efficacy_v2/): protect/<setup>-seed<p>/ and
+evaluate/<run>/ run directories (resumable: a finished run is not redone), <table>.md and
+<table>.json. Sequential on purpose: on a 2-core machine parallel runs only compete. On a
+cluster the protect grid runs as a Hydra multirun, e.g.
+    ntp-ssl protect -m experiment=protect_label_free,protect_magnitude seed=1,2,3 evaluate=false hydra/launcher=submitit_slurm
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from ntp_ssl.config import PruneConfig
+from ntp_ssl.evaluate.results import read_results, summarize
+from ntp_ssl.evaluate.slc import mean_ci95
 
 SETUPS: dict[str, list[str]] = {
+    "label_free": ["experiment=protect_label_free"],
+    "supervised": ["experiment=protect_supervised"],
     "magnitude": ["experiment=protect_magnitude"],
     "random_mask": ["experiment=protect_random_mask"],
     "ntl": ["experiment=protect_ntl"],
-    "supervised": ["experiment=protect_supervised"],
-    "label_free": ["experiment=protect_label_free"],
     "label_free_no_target_ssl": ["experiment=protect_label_free", "loss.w_target_ssl=0"],
     "label_free_no_mmd": ["experiment=protect_label_free", "loss.w_mmd=0"],
     "label_free_no_fisher": ["experiment=protect_label_free", "loss.w_fisher_pseudo=0"],
@@ -44,90 +52,190 @@ SETUPS: dict[str, list[str]] = {
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
+REFERENCE = "unprotected"
+ATTACKS = ("finetune_masked", "finetune_dense", "linear", "knn", "best")
 
 
-def run_setup(name: str, overrides: list[str], seed: int, root: Path, extra: list[str]) -> dict:
-    run_name = f"{name}-seed{seed}"
-    run_dir = root / "protect" / run_name
+def _ntp_ssl(args: list[str], log_path: Path) -> float:
+    """Run the real command line; its wall time in seconds. A failure stops the benchmark."""
     exe = Path(sys.executable).parent / "ntp-ssl"
-    cmd = [str(exe), "protect", *overrides, f"seed={seed}", f"sweep.seeds=[{seed}]", f"run_name={run_name}",
-           f"paths.root={root}", "trainer.progress=false", *extra]
+    started = time.perf_counter()
+    proc = subprocess.run([str(exe), *args, "trainer.progress=false"], capture_output=True, text=True,
+                          env=os.environ.copy())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"ntp-ssl {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
+    """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded)."""
     wall_file = run_dir / "bench_wall.json"
-    if not (run_dir / "summary.json").exists():
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-        wall_file.write_text(json.dumps({"wall_s": time.perf_counter() - started}))
-    wall = json.loads(wall_file.read_text())["wall_s"] if wall_file.exists() else float("nan")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    if not (run_dir / done_file).exists():
+        wall = _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log")
+        wall_file.write_text(json.dumps({"wall_s": wall, "command": "ntp-ssl " + " ".join(args)}))
+    return json.loads(wall_file.read_text())["wall_s"] if wall_file.exists() else float("nan")
+
+
+def protect(name: str, overrides: list[str], seed: int, root: Path, extra: list[str]) -> dict:
+    run_dir = root / "protect" / f"{name}-seed{seed}"
+    args = ["protect", *overrides, f"seed={seed}", "evaluate=false", f"run_name={run_dir.name}",
+            f"paths.root={root}", *extra]
+    wall = _once(run_dir, "protected.safetensors", args)
     meta = json.loads((run_dir / "protected.json").read_text())
-    return {"setup": name, "seed": seed, "command": "ntp-ssl " + " ".join(cmd[1:]), "wall_s": wall,
-            "summary": summary["summary"], "source_accuracy": summary["source_accuracy"],
-            "sparsity": meta["sparsity"]["prunable"]["sparsity"],
-            "knn_before": meta["metrics"].get("knn_before"), "knn_after": meta["metrics"].get("knn_after")}
+    return {"setup": name, "seed": seed, "run_dir": str(run_dir), "protect_wall_s": wall, "command": args,
+            "sparsity": meta["sparsity"]["prunable"]["sparsity"]}
 
 
-def table(results: list[dict]) -> str:
-    """Mean over seeds per setup x target x attack: protected SLC-AUC (raw, normalised), unprotected, kept accuracy."""
-    cells: dict[tuple, list[dict]] = {}
-    for res in results:
-        for row in res["summary"]:
-            cells.setdefault((res["setup"], row["domain"], row["attack"], row["model"]), []).append(row)
-    lines = ["| setup | target | attack | protected SLC-AUC (raw) | normalised | unprotected SLC-AUC | seeds |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for (setup, domain, attack, model), rows in sorted(cells.items()):
-        if model != "protected":
-            continue
-        plain = cells.get((setup, domain, attack, "unprotected"), [])
-        lines.append(f"| {setup} | {domain} | {attack} | {np.mean([r['slc_auc'] for r in rows]):+.3f} | "
-                     f"{np.mean([r['slc_auc_norm'] for r in rows]):+.3f} | "
-                     f"{np.mean([r['slc_auc'] for r in plain]) if plain else float('nan'):+.3f} | {len(rows)} |")
-    lines += ["", "| setup | mean protected SLC-AUC, mask-kept | linear | dense | source kNN kept (protected / unprotected) | sparsity | wall min/run |",
-              "|---|---:|---:|---:|---|---:|---:|"]
-    for setup in dict.fromkeys(r["setup"] for r in results):
-        runs = [r for r in results if r["setup"] == setup]
-        means = {}
-        for attack in ("finetune_masked", "linear", "finetune_dense"):
-            values = [row["slc_auc"] for r in runs for row in r["summary"]
-                      if row["model"] == "protected" and row["attack"] == attack]
-            means[attack] = np.mean(values) if values else float("nan")
-        kept_p = np.mean([r["source_accuracy"]["protected"]["knn"] for r in runs])
-        kept_u = np.mean([r["source_accuracy"]["unprotected"]["knn"] for r in runs])
-        lines.append(f"| {setup} | {means['finetune_masked']:+.3f} | {means['linear']:+.3f} | "
-                     f"{means['finetune_dense']:+.3f} | {kept_p:.3f} / {kept_u:.3f} | "
-                     f"{np.mean([r['sparsity'] for r in runs]):.3f} | {np.mean([r['wall_s'] for r in runs]) / 60:.1f} |")
+def evaluate(run_name: str, checkpoints: list[str], names: list[str], sparse: list[str], root: Path,
+             sweep: list[str]) -> dict:
+    run_dir = root / "evaluate" / run_name
+    args = ["evaluate", f"checkpoints=[{','.join(checkpoints)}]", f"names=[{','.join(names)}]",
+            f"sparse_scratch=[{','.join(sparse)}]", *sweep, f"run_name={run_name}", f"paths.root={root}"]
+    wall = _once(run_dir, "summary.json", args)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"rows": read_results(run_dir / "results.csv"), "source_accuracy": summary["source_accuracy"],
+            "wall_s": wall, "command": args}
+
+
+def scores(rows: list[dict], model: str, source: str, sweep_seed: int) -> dict[str, dict[str, float]]:
+    """{target or "source": {attack: SLC-AUC}} of ``model`` for one sweep seed; "best" is the
+    best attack on each domain (the owner's worst case)."""
+    lines = summarize([r for r in rows if int(r["seed"]) == sweep_seed and r["model"] in (model, "scratch")])
+    out: dict[str, dict[str, float]] = {}
+    for line in lines:
+        if line["model"] == model:
+            out.setdefault("source" if line["domain"] == source else line["domain"], {})[line["attack"]] = line["slc_auc"]
+    for values in out.values():
+        values["best"] = max(values.values())
+    return out
+
+
+def per_seed_record(setup: str, seed: int | None, run: dict, model: str, sweep_seeds: list[int], source: str) -> dict:
+    """One model of one protection seed: target and source SLC-AUC per sweep seed, and the
+    source accuracy it keeps (converged linear probe, kNN)."""
+    kept = run["source_accuracy"].get(model, {}) if run["source_accuracy"] else {}
+    return {"setup": setup, "seed": seed, "model": model,
+            "slc": {s: scores(run["rows"], model, source, s) for s in sweep_seeds},
+            "source_linear": kept.get("linear"), "source_knn": kept.get("knn")}
+
+
+def _target_mean(record: dict, attack: str) -> float:
+    """Mean over sweep seeds and targets (the source excluded) of one attack's SLC-AUC."""
+    values = [v[attack] for per_seed in record["slc"].values() for domain, v in per_seed.items()
+              if domain != "source" and attack in v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _source_best(record: dict) -> float:
+    return float(np.mean([per_seed["source"]["best"] for per_seed in record["slc"].values() if "source" in per_seed]))
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return "-"
+    mean, low, high = mean_ci95(values)
+    return f"{mean:+.3f}" if len(values) == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _acc(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.3f}" if values else "-"
+
+
+def table(records: list[dict], protect_runs: list[dict]) -> str:
+    """The headline: per setup, each number a mean over targets and sweep seeds, then mean and
+    Student-t 95% interval over protection seeds (the unprotected encoder: over sweep seeds)."""
+    head = ["| setup | seeds (protection x sweep) | mask-kept | dense | linear | kNN | best attack | sparse scratch, mask-kept "
+            "| source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
+            "|---|---|---|---|---|---|---|---|---:|---:|---|---:|---:|"]
+    lines = list(head)
+    for setup in dict.fromkeys(r["setup"] for r in records):
+        own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
+        controls = [r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch")]
+        if setup == REFERENCE:  # one encoder: its spread is over sweep seeds
+            (record,) = own
+            split = [{**record, "slc": {s: v}} for s, v in record["slc"].items()]
+        else:
+            split = own
+        n_sweep = len(own[0]["slc"])
+        cells = [_cell([_target_mean(r, a) for r in split]) for a in ATTACKS]
+        runs = [p for p in protect_runs if p["setup"] == setup]
+        lines.append(
+            f"| {setup} | {len(own) if setup != REFERENCE else '-'} x {n_sweep} | " + " | ".join(cells)
+            + f" | {_cell([_target_mean(r, 'finetune_masked') for r in controls])}"
+            + f" | {_acc([r['source_linear'] for r in own])} | {_acc([r['source_knn'] for r in own])}"
+            + f" | {_cell([_source_best(r) for r in split])}"
+            + f" | {np.mean([p['sparsity'] for p in runs]) if runs else 0.0:.3f}"
+            + f" | {np.mean([p['protect_wall_s'] for p in runs]) / 60 if runs else 0.0:.1f} |")
+    lines += ["", "Per target (mean over protection and sweep seeds):", "",
+              "| setup | target | mask-kept | dense | linear | kNN | best |", "|---|---|---:|---:|---:|---:|---:|"]
+    for record_setup in dict.fromkeys(r["setup"] for r in records):
+        own = [r for r in records if r["setup"] == record_setup and not r["model"].endswith("-sparse_scratch")]
+        domains = sorted({d for r in own for per_seed in r["slc"].values() for d in per_seed})
+        for domain in domains:
+            cells = []
+            for attack in ATTACKS:
+                values = [per_seed[domain].get(attack) for r in own for per_seed in r["slc"].values()
+                          if domain in per_seed]
+                values = [v for v in values if v is not None]
+                cells.append(f"{np.mean(values):+.3f}" if values else "-")
+            lines.append(f"| {record_setup} | {domain} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--setups", nargs="+", default=["label_free", "supervised", "magnitude", "random_mask"],
+                        choices=list(SETUPS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="protection seeds")
+    parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[1, 2], help="the attacker's seeds")
+    parser.add_argument("--sparse-scratch", nargs="*", default=["label_free", "supervised", "magnitude"],
+                        help="setups whose mask is also attacked on a random initialisation (the sparsity control)")
     parser.add_argument("--sparsity-sweep", choices=list(SETUPS), help="also sweep prune.sparsity for this setup")
-    parser.add_argument("--root", default="benchmarks/results/efficacy")
-    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    parser.add_argument("--sweep", nargs="*", default=["sweep=main_job"], help="the attacker's protocol overrides")
+    parser.add_argument("--root", default="benchmarks/results/efficacy_v2")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every protect run")
     parser.add_argument("--table", default="efficacy", help="name of the table files written in --root")
     args = parser.parse_args()
     root = Path(args.root).resolve()
-    results = []
-    for name in args.setups:
-        for seed in args.seeds:
-            results.append(run_setup(name, SETUPS[name], seed, root, args.extra))
-            print(f"done: {name} seed {seed} ({results[-1]['wall_s'] / 60:.1f} min)", flush=True)
+    sweep = [*args.sweep, f"sweep.seeds=[{','.join(map(str, args.sweep_seeds))}]"]
+    grid = [(name, SETUPS[name]) for name in args.setups]
     if args.sparsity_sweep:
         base = args.sparsity_sweep
-        for sparsity in SPARSITIES:
-            for seed in args.seeds:
-                if sparsity == DEFAULT_SPARSITY:  # the setup's own run: the same config, already run above or now
-                    res = {**run_setup(base, SETUPS[base], seed, root, args.extra), "setup": f"{base}-s{sparsity}"}
-                else:
-                    res = run_setup(f"{base}-s{sparsity}", [*SETUPS[base], f"prune.sparsity={sparsity}"], seed, root,
-                                    args.extra)
-                results.append(res)
-    text = table(results)
+        grid += [(f"{base}-s{s}", [*SETUPS[base], f"prune.sparsity={s}"]) for s in SPARSITIES if s != DEFAULT_SPARSITY]
+    protect_runs = []
+    for name, overrides in grid:
+        for seed in args.seeds:
+            protect_runs.append(protect(name, overrides, seed, root, args.extra))
+            print(f"protected: {name} seed {seed} ({protect_runs[-1]['protect_wall_s'] / 60:.1f} min)", flush=True)
+    first = json.loads((Path(protect_runs[0]["run_dir"]) / "protected.json").read_text())
+    source, reference_checkpoint = first["source"], first["protected_from"]["path"]
+    for run in protect_runs:  # one unprotected reference for all: setups on another encoder go in their own run
+        meta = json.loads((Path(run["run_dir"]) / "protected.json").read_text())
+        if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
+            raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
+                             "benchmark it with --setups on its own")
+    seeds_tag = "-".join(map(str, args.sweep_seeds))
+    reference = evaluate(f"{REFERENCE}-sweep{seeds_tag}", [reference_checkpoint], [REFERENCE], [], root, sweep)
+    print(f"evaluated: {REFERENCE} ({reference['wall_s'] / 60:.1f} min)", flush=True)
+    records = [per_seed_record(REFERENCE, None, reference, REFERENCE, args.sweep_seeds, source)]
+    for seed in args.seeds:
+        runs = [p for p in protect_runs if p["seed"] == seed]
+        names = [p["setup"] for p in runs]
+        sparse = [n for n in names if n in args.sparse_scratch]
+        run = evaluate(f"seed{seed}-sweep{seeds_tag}", [p["run_dir"] for p in runs], names, sparse, root, sweep)
+        print(f"evaluated: protection seed {seed} ({run['wall_s'] / 60:.1f} min)", flush=True)
+        for name in names:
+            records.append(per_seed_record(name, seed, run, name, args.sweep_seeds, source))
+        for name in sparse:
+            records.append(per_seed_record(name, seed, run, f"{name}-sparse_scratch", args.sweep_seeds, source))
+    text = table(records, protect_runs)
     (root / f"{args.table}.md").write_text(text + "\n")
-    (root / f"{args.table}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records,
+                                                         "sweep": sweep}, indent=2) + "\n")
     print(text)
 
 

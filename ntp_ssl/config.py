@@ -255,6 +255,9 @@ class EvaluateConfig(StageConfig):
     run_name: str = "evaluate-${folder_name:${data.source}}-seed${seed}"
     checkpoints: List[str] = field(default_factory=list)  # encoder checkpoints (.safetensors) or run dirs
     names: Optional[List[str]] = None  # display names of the checkpoints
+    # names of masked checkpoints whose mask is also evaluated on a random initialisation
+    # ("<name>-sparse_scratch", mask-kept fine-tune only): the control that tells protection from sparsity
+    sparse_scratch: List[str] = field(default_factory=list)
     sweep: SweepConfig = MISSING  # a preset of the sweep group: sweep=converged (default) | paper
 
 

@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from ntp_ssl.config import PretrainConfig, to_plain, validate_protect
 from ntp_ssl.data import domain_spec, load_domains_for
-from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.stage import evaluate_models
-from ntp_ssl.evaluate.sweep import ModelUnderTest
+from ntp_ssl.evaluate.sweep import ModelUnderTest, sparse_scratch_model
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
 from ntp_ssl.shared.runs import fingerprint
@@ -70,25 +68,11 @@ def evaluate_protected(cfg: Any, protected: Protected, ctx: StageContext) -> dic
     models = [ModelUnderTest("protected", protected.encoder.cpu(), backbone, masks=protected.masks),
               ModelUnderTest("unprotected", protected.unprotected, backbone)]
     if cfg.sparse_scratch:
-        models.append(sparse_scratch(cfg, protected))
+        models.append(sparse_scratch_model(models[0], in_channels=cfg.data.channels, image_size=cfg.data.image_size,
+                                           seed=20_000 + cfg.seed))
     return evaluate_models(models, protected.source, targets, cfg.sweep, run_dir=ctx.run_dir,
                            cache_dir=ctx.cache_dir, device=ctx.device, progress=cfg.trainer.progress,
                            spec=domain_spec(cfg.data), writer=ctx.writer)
-
-
-def sparse_scratch(cfg: Any, protected: Protected) -> ModelUnderTest:
-    """The sparse-scratch control: the protected mask on a random initialisation (its own seed,
-    the global RNG untouched), attacked by the mask-kept fine-tune only."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(20_000 + cfg.seed)
-        encoder = build_encoder(protected.meta["backbone"], in_channels=cfg.data.channels,
-                                image_size=cfg.data.image_size)
-    named = dict(encoder.named_parameters())
-    with torch.no_grad():
-        for name, mask in protected.masks.items():
-            named[name].mul_(mask.to(named[name].dtype))
-    return ModelUnderTest("sparse_scratch", encoder, protected.meta["backbone"], masks=protected.masks,
-                          attacks=("finetune_masked",))
 
 
 def run_main_job(cfg: Any, run_dir: Path) -> dict[str, Any]:

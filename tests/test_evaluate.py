@@ -158,3 +158,28 @@ def test_evaluate_rejects_a_mismatched_image_size(cli, encoder_checkpoint):  # n
     result = cli("evaluate", "data.image_size=32", f"checkpoints=[{encoder_checkpoint}]", "trainer.progress=false")
     assert result.returncode == 2
     assert "built for 16x16 images" in result.stderr
+
+
+def test_sparse_scratch_control_is_the_mask_on_a_random_init():
+    from types import SimpleNamespace
+
+    from ntp_ssl.evaluate.stage import sparse_scratch_controls
+
+    model = _pruned_model("pruned")
+    plain = ModelUnderTest("dense", build_encoder("small_cnn", image_size=16), "small_cnn")
+    cfg = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=16), seed=1)
+    state = torch.random.get_rng_state()
+    (control,) = sparse_scratch_controls([model, plain], ["pruned"], cfg)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    assert control.name == "pruned-sparse_scratch" and control.attacks == ("finetune_masked",)
+    named, original = dict(control.encoder.named_parameters()), dict(model.encoder.named_parameters())
+    for key, mask in model.masks.items():
+        assert torch.equal(control.masks[key], mask)
+        assert not named[key][~mask].any()  # pruned positions are zero
+        assert not torch.equal(named[key], original[key])  # kept positions are freshly drawn
+    again = sparse_scratch_controls([model], ["pruned"], cfg)[0]
+    assert all(torch.equal(a, b) for a, b in zip(control.encoder.parameters(), again.encoder.parameters()))
+    with pytest.raises(ConfigError, match="'nope' is not a model name; accepted: pruned, dense"):
+        sparse_scratch_controls([model, plain], ["nope"], cfg)
+    with pytest.raises(ConfigError, match="'dense' has no pruning mask"):
+        sparse_scratch_controls([model, plain], ["dense"], cfg)

@@ -75,6 +75,25 @@ class ModelUnderTest:
     attacks: tuple[str, ...] | None = None  # this model's attacks among the sweep's; None: all of them
 
 
+def sparse_scratch_model(model: ModelUnderTest, *, in_channels: int, image_size: int, seed: int,
+                         name: str = "sparse_scratch") -> ModelUnderTest:
+    """The sparse-scratch control of a masked ``model``: its mask on a random initialisation
+    (drawn from ``seed``, the global RNG untouched), attacked by the mask-kept fine-tune only.
+    A protected encoder whose mask-kept SLC-AUC is not below this one's protects no more than
+    its sparsity pattern does."""
+    if not model.masks:
+        raise ConfigError(f"model {model.name!r} has no pruning mask; accepted for sparse scratch: a masked "
+                          "(protected or pruned) checkpoint")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(model.backbone, in_channels=in_channels, image_size=image_size)
+    named = dict(encoder.named_parameters())
+    with torch.no_grad():
+        for key, mask in model.masks.items():
+            named[key].mul_(mask.to(named[key].dtype))
+    return ModelUnderTest(name, encoder, model.backbone, masks=model.masks, attacks=("finetune_masked",))
+
+
 @dataclass
 class SweepWork:
     """Counts of the sweep's expensive work, for benchmarks and logs: pass one to :func:`run_sweep`."""
