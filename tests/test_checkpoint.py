@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -84,9 +85,12 @@ def test_malicious_pickle_runs_no_code(tmp_path, monkeypatch):
     assert "refusing to load" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     torch.save({"w": _Exploit()}, tmp_path / "evil2.pth")  # the torch zip format, too
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refusing to load") as info:
         load_checkpoint(tmp_path / "evil2.pth")
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    # the refusal names what the file needs and never advises unpickling it unrestricted
+    assert "global posix.system" in str(info.value) or "global os.system" in str(info.value)
+    assert "weights_only" not in str(info.value) and "False" not in str(info.value)
 
 
 def test_plain_legacy_state_dict_loads_with_weights_only(tmp_path):
@@ -127,3 +131,58 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write_with(target, broken_writer)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_only_regular_files_of_bounded_size_are_opened(tmp_path, monkeypatch):
+    import os
+
+    from ntp_ssl.shared import checkpoint
+
+    path, _ = _encoder_checkpoint(tmp_path)
+    to_zero = tmp_path / "zero.safetensors"  # hashing it would never end
+    to_zero.symlink_to("/dev/zero")
+    to_zero.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        load_checkpoint(to_zero)
+    fifo = tmp_path / "fifo.safetensors"  # opening it would wait for a writer forever
+    os.mkfifo(fifo)
+    fifo.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        load_checkpoint(fifo)
+    os.mkfifo(tmp_path / "legacy.pt")
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        load_checkpoint(tmp_path / "legacy.pt")
+    monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_BYTES", 100)
+    with pytest.raises(CheckpointError, match=r"bytes, over the 100 bytes accepted"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("value", [2.0, 0.5, -1.0, float("nan")])
+def test_a_mask_of_anything_but_zeros_and_ones_is_refused(tmp_path, value):
+    encoder = build_encoder("small_cnn", image_size=16)
+    name, weight = next((k, p) for k, p in encoder.named_parameters() if p.dim() == 4)
+    mask = torch.ones_like(weight)
+    mask.view(-1)[3] = value
+    tensors = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, f"mask.{name}": mask}
+    path = save_checkpoint(tmp_path / "masked", tensors, {"backbone": "small_cnn", "image_size": 16, "channels": 3})
+    with pytest.raises(CheckpointError, match=f"mask '{name}' holds"):
+        load_encoder(path)
+    mask.view(-1)[3] = 0.0  # zeros and ones (any dtype) are a mask
+    path = save_checkpoint(tmp_path / "masked", {**tensors, f"mask.{name}": mask},
+                           {"backbone": "small_cnn", "image_size": 16, "channels": 3})
+    _, _, masks, _ = load_encoder(path)
+    assert masks[name].dtype == torch.bool and int((~masks[name]).sum()) == 1
+    path = save_checkpoint(tmp_path / "masked", {**tensors, f"mask.{name}": mask[:1]},
+                           {"backbone": "small_cnn", "image_size": 16, "channels": 3})
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_encoder(path)
+
+
+@pytest.mark.parametrize("value", ["32", 1e20, -3, True, None])
+def test_badly_typed_metadata_is_a_one_line_error(tmp_path, value):
+    path, _ = _encoder_checkpoint(tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["image_size"] = value
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=re.escape(f"metadata image_size={value!r} is not a positive integer")):
+        load_encoder(path)

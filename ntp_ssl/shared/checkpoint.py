@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,22 @@ from ntp_ssl.io import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
 LEGACY_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+MAX_CHECKPOINT_BYTES = 8 << 30  # no encoder this tool builds comes near; a bigger file is not one of ours
+MAX_METADATA_BYTES = 64 << 20
+
+
+def check_regular_file(path: Path, what: str, limit: int) -> None:
+    """Open only regular files of a bounded size: a symlink to /dev/zero or a FIFO would make
+    hashing or reading block forever, a huge file would exhaust memory."""
+    try:
+        info = path.stat()  # follows symlinks: what would be read
+    except OSError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{what} {str(path)!r} is not a regular file (a device, FIFO or socket); "
+                              "accepted: a regular .safetensors file")
+    if info.st_size > limit:
+        raise CheckpointError(f"{what} {str(path)!r} is {info.st_size} bytes, over the {limit} bytes accepted")
 
 
 def sha256_file(path: Path) -> str:
@@ -125,6 +143,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {meta_path.name}; it is incomplete or not an ntp-ssl checkpoint")
+    check_regular_file(path, "checkpoint", MAX_CHECKPOINT_BYTES)
     meta = _read_meta(meta_path)
     expected = meta.get("sha256")
     if source is None and expected is not None:
@@ -139,6 +158,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:
+    check_regular_file(meta_path, "checkpoint metadata", MAX_METADATA_BYTES)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -152,13 +172,17 @@ def _load_legacy(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A .pt/.pth state dict, read with ``weights_only=True``: tensors and plain containers only."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    check_regular_file(path, "checkpoint", MAX_CHECKPOINT_BYTES)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's own message goes on to advise loading the file with the unpickler unrestricted,
+        # which runs whatever code the file holds: only the offending global is quoted here.
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+        reason = f"it needs the global {found.group(1)}" if found else f"it is not a tensor state dict ({type(exc).__name__})"
         raise CheckpointError(
-            f"refusing to load {str(path)!r}: it is not a plain tensor state dict that loads with "
-            f"weights_only=True ({first_line}); convert it to safetensors"
+            f"refusing to load {str(path)!r}: {reason}, and unpickling it could run code; accepted: a "
+            ".safetensors checkpoint or a .pt/.pth holding only a dict of tensors"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -257,7 +281,8 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
         raise CheckpointError(f"checkpoint {str(path)!r} does not say which backbone built it (no 'backbone' in its metadata)")
     if expect_backbone is not None and backbone != expect_backbone:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {backbone!r} encoder, not the {expect_backbone!r} asked for")
-    encoder = build_encoder(backbone, in_channels=int(meta.get("channels", 3)), image_size=int(meta.get("image_size", 32)))
+    encoder = build_encoder(backbone, in_channels=meta_int(meta, "channels", 3, path),
+                            image_size=meta_int(meta, "image_size", 32, path))
     state = split_prefix(tensors, ENCODER_PREFIX)
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -268,8 +293,35 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
             f"checkpoint {str(path)!r} does not fit a {backbone!r} encoder "
             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
         )
-    masks = {name: m.bool() for name, m in split_prefix(tensors, MASK_PREFIX).items()}
+    masks = check_masks(split_prefix(tensors, MASK_PREFIX), dict(encoder.named_parameters()), path)
     return encoder, meta, masks, tensors
+
+
+def meta_int(meta: dict, key: str, default: int, path: str | Path) -> int:
+    """An integer field of checkpoint metadata, or a CheckpointError naming the bad value."""
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 < value <= 1 << 16):
+        raise CheckpointError(f"checkpoint {str(path)!r}: metadata {key}={value!r} is not a positive integer "
+                              "up to 65536")
+    return value
+
+
+def check_masks(raw: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor],
+                path: str | Path) -> dict[str, torch.Tensor]:
+    """Masks as bool tensors: each names a parameter, has its shape, and holds only 0 and 1
+    (a value such as 2, 0.5, -1 or NaN is damage, not a "keep")."""
+    masks = {}
+    for name, mask in raw.items():
+        if name not in parameters:
+            raise CheckpointError(f"checkpoint {str(path)!r}: mask {name!r} names no encoder parameter")
+        if mask.shape != parameters[name].shape:
+            raise CheckpointError(f"checkpoint {str(path)!r}: mask {name!r} has shape {tuple(mask.shape)}, "
+                                  f"its parameter {tuple(parameters[name].shape)}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise CheckpointError(f"checkpoint {str(path)!r}: mask {name!r} holds {bad!r}; accepted: only 0 and 1")
+        masks[name] = mask.bool()
+    return masks
 
 
 def check_compatible(meta: dict, image_size: int, channels: int, what: str) -> None:
