@@ -183,3 +183,29 @@ def test_sparse_scratch_control_is_the_mask_on_a_random_init():
         sparse_scratch_controls([model, plain], ["nope"], cfg)
     with pytest.raises(ConfigError, match="'dense' has no pruning mask"):
         sparse_scratch_controls([model, plain], ["dense"], cfg)
+
+
+def test_scratch_cache_is_keyed_on_content_and_never_trusts_a_bad_entry(tmp_path, caplog):
+    domain = _domain()
+    tensors = sweep_module._tensors(domain)
+    idx = np.arange(20)
+    kwargs = dict(fraction=0.3, seed=0, cache_dir=tmp_path, device="cpu", settings=SETTINGS)
+    truth, _ = scratch_accuracy("small_cnn", domain, {}, tensors, idx, **kwargs)
+    # the same name and size with other pixels (a file replaced under its name) must miss
+    noise = dataclasses.replace(domain, train_images=255 - domain.train_images)
+    assert scratch_accuracy("small_cnn", noise, {}, sweep_module._tensors(noise), idx, **kwargs)[1] is False
+    key = sweep_module.scratch_key("small_cnn", domain, {}, fraction=0.3, n=20, seed=0, settings=SETTINGS)
+    entry = tmp_path / "scratch" / f"{key}.json"
+    good = entry.read_text()
+    edited = json.loads(good)
+    edited["result"]["accuracy"] = 1.0  # a hand edit: the checksum no longer matches
+    tampered = [json.dumps(edited), b"\xff\xfe not utf-8", "[1, 2]", '{"result": 3}',
+                json.dumps({**json.loads(good), "key": "0" * 24})]
+    for content in tampered:
+        entry.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with caplog.at_level(logging.WARNING):
+            result, cached = scratch_accuracy("small_cnn", domain, {}, tensors, idx, **kwargs)
+        assert (result, cached) == (truth, False)
+        assert "is not trusted" in caplog.text
+        assert json.loads(entry.read_text()) == json.loads(good)  # rebuilt, the same as before
+        caplog.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,6 +73,19 @@ class Domain:
     @property
     def channels(self) -> int:
         return int(self.train_images.shape[3])
+
+    def content_digest(self) -> str:
+        """SHA-256 of the pixels, labels and class count of both splits (computed once): what a
+        cache keyed on this domain must match, whatever the domain is called."""
+        cached = self.__dict__.get("_content_digest")
+        if cached is None:
+            digest = hashlib.sha256(f"classes={self.num_classes}".encode())
+            for array in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+            cached = digest.hexdigest()
+            object.__setattr__(self, "_content_digest", cached)
+        return cached
 
     def describe(self) -> dict[str, Any]:
         """Name, sizes and per-class counts, as plain JSON-ready values."""

@@ -55,7 +55,7 @@ from ntp_ssl.shared.progress import progress_bar
 log = logging.getLogger("ntp_ssl.evaluate")
 
 SCRATCH = "scratch"
-SCRATCH_CACHE_VERSION = 2
+SCRATCH_CACHE_VERSION = 3  # 3: keyed on the domain's content; entries carry their key and a checksum
 #: every sweep setting a fine-tune's result depends on (the scratch cache key holds them all)
 PROTOCOL_KEYS = ("steps", "epochs", "min_steps", "max_steps", "augment_shift", "lr_finetune", "lr_grid",
                  "val_fraction", "search_min_n", "batch_size", "weight_decay")
@@ -128,9 +128,11 @@ def linear_probe(train_features, y_train, test_features, y_test, *, num_classes:
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
                 settings: SweepConfig) -> str:
-    """Hash of everything the from-scratch accuracy depends on."""
+    """Hash of everything the from-scratch accuracy depends on: the domain's content (not only
+    its name: a file replaced under the same name must miss), the draw and the protocol."""
     key = {
         "version": SCRATCH_CACHE_VERSION, "backbone": backbone, "domain": domain.name, "spec": domain_spec,
+        "content": domain.content_digest(),
         "image_size": domain.image_size, "channels": domain.channels, "n_train": int(len(domain.train_labels)),
         "fraction": fraction, "n": n, "seed": seed, "protocol": {k: _plain(getattr(settings, k)) for k in PROTOCOL_KEYS},
     }
@@ -149,19 +151,60 @@ def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, se
 
 def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, idx: np.ndarray, *, fraction: float,
                      seed: int, settings: SweepConfig, cache_dir: Path | None, device) -> tuple[AttackResult, bool]:
-    """:func:`train_scratch`, cached under ``cache_dir/scratch`` (None: no cache); (result, was_cached)."""
+    """:func:`train_scratch`, cached under ``cache_dir/scratch`` (None: no cache); (result, was_cached).
+
+    An entry is trusted only when it is well formed, stored under this key and matches its
+    own checksum; anything else is retrained (with a warning) and overwritten."""
     key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings)
     path = (cache_dir / "scratch" / f"{key}.json") if cache_dir is not None else None
     if path is not None and path.exists():
-        try:
-            return AttackResult(**json.loads(path.read_text())["result"]), True
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("ignoring unreadable scratch cache entry %s", path)
+        cached, problem = read_scratch_entry(path, key)
+        if cached is not None:
+            return cached, True
+        log.warning("scratch cache entry %s is not trusted (%s); training scratch again", path, problem)
     result = train_scratch(backbone, domain, tensors, idx, seed=seed, settings=settings, device=device)
     if path is not None:
-        atomic_write_json(path, {"result": dataclasses.asdict(result), "backbone": backbone, "domain": domain.name,
-                                 "n": len(idx), "fraction": fraction, "seed": seed})
+        stored = {"key": key, "result": dataclasses.asdict(result)}
+        try:
+            atomic_write_json(path, {**stored, "checksum": _entry_checksum(stored), "backbone": backbone,
+                                     "domain": domain.name, "n": len(idx), "fraction": fraction, "seed": seed})
+        except OSError as exc:  # an unwritable cache costs time later, never this run
+            log.warning("could not write the scratch cache entry %s (%s)", path, exc.strerror)
     return result, False
+
+
+def _entry_checksum(stored: dict) -> str:
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
+
+
+def read_scratch_entry(path: Path, key: str) -> tuple[AttackResult | None, str]:
+    """(result, "") for a trustworthy entry, else (None, what is wrong with it)."""
+    try:
+        entry = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("result"), dict):
+        return None, "not an object with a result"
+    if entry.get("key") != key:
+        return None, "stored under another key"
+    if entry.get("checksum") != _entry_checksum({"key": key, "result": entry["result"]}):
+        return None, "its checksum does not match its content"
+    result = entry["result"]
+    fields = {f.name for f in dataclasses.fields(AttackResult)}
+
+    def number(value, low: float, high: float) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+    if set(result) != fields or not number(result["accuracy"], 0.0, 1.0):
+        return None, "fields or accuracy out of range"
+    if not (result["choice"] is None or number(result["choice"], 1e-12, 1e6)):
+        return None, "bad learning rate"
+    if not (result["val_accuracy"] is None or number(result["val_accuracy"], 0.0, 1.0)):
+        return None, "bad validation accuracy"
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+               for v in (result["steps"], result["best_step"])):
+        return None, "bad step counts"
+    return AttackResult(**result), ""
 
 
 def _row(model: str, domain: str, attack: str, seed: int, fraction: float, n: int, result: AttackResult) -> dict:
