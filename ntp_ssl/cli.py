@@ -118,6 +118,13 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"cannot create the run directory {str(run_dir)!r} ({exc.strerror}); set paths.root to a writable folder"
+    from ntp_ssl.errors import NtpSslError
+    from ntp_ssl.shared.runs import lock_run_dir
+
+    try:  # held from here, before Hydra writes its files there, to the stage's end (re-entrant)
+        lock_run_dir(run_dir)
+    except NtpSslError as exc:
+        return str(exc)
     return None
 
 

@@ -31,7 +31,7 @@ from ntp_ssl.evaluate.stage import evaluate_models
 from ntp_ssl.evaluate.sweep import ModelUnderTest, sparse_scratch_model
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
-from ntp_ssl.shared.runs import fingerprint
+from ntp_ssl.shared.runs import fingerprint, lock_run_dir, release_run_dir
 from ntp_ssl.shared.stage import StageContext, start_stage
 from ntp_ssl.shared.train import seed_everything
 
@@ -53,6 +53,7 @@ def default_encoder(cfg: Any, cache_dir: Path) -> Path:
     run_dir = cache_dir / "encoders" / f"{pretrain_cfg.run_name}-{digest}"
     log.info("[1/3 encoder] no checkpoint given: using the default %s encoder from %s", pretrain_cfg.method.name,
              run_dir)
+    lock_run_dir(run_dir, wait=True)  # a concurrent main job pretraining the same encoder: wait for it
     return Path(run_pretrain(pretrain_cfg, run_dir)["checkpoint"])
 
 
@@ -88,5 +89,6 @@ def run_main_job(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if cfg.evaluate:
         result.update(evaluate_protected(cfg, protected, ctx))
     ctx.close()
+    release_run_dir(ctx.run_dir)
     log.info("protect finished in %.1f min; outputs in %s", (time.perf_counter() - started) / 60, ctx.run_dir)
     return result

@@ -168,6 +168,50 @@ def test_a_run_directory_left_by_a_start_up_error_is_taken_over_by_the_corrected
         claim_run_dir(run_dir, bad)
 
 
+def _hold_in_another_process(run_dir: Path):
+    """A process holding ``run_dir``'s lock until its stdin closes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from ntp_ssl.shared.runs import lock_run_dir; "
+            f"lock_run_dir(Path({str(run_dir)!r})); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_directory_belongs_to_one_process_at_a_time(tmp_path):
+    from ntp_ssl.shared.runs import claim_run_dir, lock_run_dir, release_run_dir
+
+    run_dir = tmp_path / "run"
+    holder = _hold_in_another_process(run_dir)
+    try:
+        with pytest.raises(ConfigError) as info:
+            claim_run_dir(run_dir, _compose("pretrain", "optim.lr=0.1"))
+        _one_line(info, "is in use by another run (pid ", "run_name=NEW_NAME")
+        assert not (run_dir / "run_config.json").exists()  # refused before anything was written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert claim_run_dir(run_dir, _compose("pretrain", "optim.lr=0.1")) is False  # released with its process
+    lock_run_dir(run_dir)  # re-entrant in the holding process
+    release_run_dir(run_dir)
+    release_run_dir(run_dir)  # a no-op when not held
+
+
+def test_a_second_command_on_a_busy_run_directory_is_one_line(cli, tmp_path):
+    holder = _hold_in_another_process(tmp_path / "runs" / "pretrain" / "busy")
+    try:
+        result = cli("pretrain", *TINY_DATA, "run_name=busy")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: run directory") and "is in use by another run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "pretrain" / "busy" / ".hydra").exists()  # nothing written into the busy run
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -28,6 +28,7 @@ from ntp_ssl.evaluate.results import (
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, source_accuracy, sparse_scratch_model
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.shared.checkpoint import check_compatible, load_encoder
+from ntp_ssl.shared.runs import claim_run_dir, release_run_dir
 from ntp_ssl.shared.stage import start_stage
 
 log = logging.getLogger("ntp_ssl.evaluate")
@@ -120,6 +121,7 @@ def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
                              device=ctx.device, progress=cfg.trainer.progress, spec=domain_spec(cfg.data),
                              writer=ctx.writer)
     ctx.close()
+    release_run_dir(ctx.run_dir)
     log.info("evaluation written to %s", ctx.run_dir)
     return result
 
@@ -130,7 +132,7 @@ def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if not cfg.runs:
         raise ConfigError("runs=[] is empty; pass runs=[runs/evaluate/NAME,runs/protect/NAME,...]")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, cfg)  # like every stage: one config and one process write here
     all_rows: list[dict] = []
     for run in cfg.runs:
         path = Path(run).expanduser()
@@ -149,5 +151,6 @@ def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
     write_results(all_rows, run_dir)
     atomic_write_text(run_dir / "summary.md", summary_markdown(summary) + "\n")
     plot_slc_curves(all_rows, run_dir / "slc_curves.png", title="SLC comparison")
+    release_run_dir(run_dir)
     print(summary_text(summary))
     return {"rows": all_rows, "summary": summary}

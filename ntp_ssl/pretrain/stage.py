@@ -31,6 +31,7 @@ from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.knn import domain_knn
 from ntp_ssl.shared.progress import progress_bar
+from ntp_ssl.shared.runs import release_run_dir
 from ntp_ssl.shared.stage import StageContext, start_stage
 from ntp_ssl.shared.train import (
     autocast_context,
@@ -293,6 +294,7 @@ def _finish(run: PretrainRun) -> dict[str, Any]:
     save_checkpoint(final_path, export_state(method), checkpoint_meta(cfg, run.train_names, run.source, metrics,
                                                                        run.history))
     log.info("pretrain done: %s -> %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), final_path)
+    release_run_dir(run.ctx.run_dir)
     return {"checkpoint": str(final_path), "metrics": metrics}
 
 
@@ -308,6 +310,7 @@ def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | N
     if final_path.exists() and final_path.with_suffix(".json").exists():
         meta = json.loads(final_path.with_suffix(".json").read_text())
         log.info("pretrain already finished in %s; nothing to do", ctx.run_dir)
+        release_run_dir(ctx.run_dir)
         return {"checkpoint": str(final_path), "metrics": meta.get("metrics", {})}
     ctx.device = _init_distributed(ctx.device, local_rank, world)
     run = _build_run(cfg, ctx, on_event or (lambda event: None))

@@ -3,13 +3,20 @@
 A run directory belongs to one config. The first run writes ``run_config.json`` (the
 resolved config less the keys that do not change results); a rerun with the same config
 resumes there, and a rerun with a different config is refused instead of mixing two runs
-or overwriting the first one's artifacts.
+or overwriting the first one's artifacts. A run directory also belongs to one process at a
+time: an exclusive lock on ``.lock`` (``flock``, released by the OS when the process ends,
+however it ends) is held for the run; a second process gets a one-line error naming the
+holder, or waits for it when asked to (the shared cache of the default encoder).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,6 +58,43 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
+LOCK_NAME = ".lock"
+_HELD: dict[Path, int] = {}  # run directories this process holds: file descriptors of their locks
+
+
+def lock_run_dir(run_dir: Path, *, wait: bool = False) -> None:
+    """Hold ``run_dir`` for this process (re-entrant). Held by another process: a ConfigError
+    naming it, or with ``wait``, block until it is released."""
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise ConfigError(f"run directory {str(run_dir)!r} is in use by another run ({holder}); wait for it "
+                              "to finish or pass run_name=NEW_NAME") from None
+        log.info("waiting for another run to release %s", run_dir)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    holder = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    _HELD[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Let other processes have ``run_dir`` again (a no-op when this process does not hold it)."""
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def holds_work(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds anything a run made besides its bookkeeping.
 
@@ -61,7 +105,7 @@ def holds_work(run_dir: Path) -> bool:
     """
     for entry in run_dir.iterdir():
         name = entry.name
-        if name in ("run_config.json", ".hydra") or name.startswith(".tmp-") or (entry.is_file() and name.endswith(".log")):
+        if name in ("run_config.json", ".hydra", LOCK_NAME) or name.startswith(".tmp-") or (entry.is_file() and name.endswith(".log")):
             continue
         if name == "tb" and entry.is_dir() and not any(p.is_file() for p in entry.rglob("*")):
             continue
@@ -70,8 +114,10 @@ def holds_work(run_dir: Path) -> bool:
 
 
 def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATION_KEYS) -> bool:
-    """Make ``run_dir`` this config's; return True when it already held the same config."""
+    """Make ``run_dir`` this config's and this process's (:func:`lock_run_dir`); return True
+    when it already held the same config."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)
     path = run_dir / "run_config.json"
     current = fingerprint(cfg, ignore)
     if path.exists():
