@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 from ntp_ssl.errors import ConfigError
 
@@ -36,3 +37,26 @@ def check_channels(value: object, key: str = "channels") -> int:
     if not is_int(value) or value not in (1, 3):
         raise ConfigError(f"{key}={value!r} must be 1 or 3 (grey or RGB)")
     return int(value)
+
+
+def domain_key(spec: object) -> str:
+    """What a domain spec names, for comparing specs: embedded and torchvision names ignore case
+    and surrounding spaces (the loader does), ``folder:``/``npz:`` compare resolved paths."""
+    text = str(spec).strip()
+    kind, sep, rest = text.partition(":")
+    if sep and rest and kind.lower() in ("folder", "npz"):
+        return f"{kind.lower()}:{Path(rest).expanduser().resolve()}"
+    return text.lower()
+
+
+def check_source_and_targets(source: object, targets, key: str = "data.targets") -> None:
+    """No domain is both the source and a target, and no target is listed twice, by what
+    the specs name (``MNIST`` is ``mnist``)."""
+    seen: dict[str, object] = {}
+    for target in targets:
+        name = domain_key(target)
+        if name == domain_key(source):
+            raise ConfigError(f"{key} entry {target!r} is data.source={source!r}; a domain cannot be both")
+        if name in seen:
+            raise ConfigError(f"{key} lists {seen[name]!r} and {target!r}, the same domain twice; list it once")
+        seen[name] = target

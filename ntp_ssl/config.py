@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ntp_ssl.checks import check_channels, check_image_size, check_run_name
+from ntp_ssl.checks import check_channels, check_image_size, check_run_name, check_source_and_targets
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
@@ -504,7 +504,9 @@ def validate_protect(cfg: Any) -> None:
     validate_admm(cfg.admm)
     validate_loss(cfg.loss)
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; protect needs at least one unauthorized target domain")
-    _check(cfg.data.source not in cfg.data.targets, f"data.source={cfg.data.source!r} is also in data.targets; a domain cannot be both")
+    check_source_and_targets(cfg.data.source, cfg.data.targets)
+    if cfg.eval_targets:
+        check_source_and_targets(cfg.data.source, cfg.eval_targets, "eval_targets")
     if cfg.evaluate:
         validate_sweep(cfg.sweep)
         _check(cfg.eval_targets is None or len(cfg.eval_targets) > 0,

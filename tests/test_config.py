@@ -89,7 +89,11 @@ def test_wrong_type_is_rejected():
         ("protect", "prune.sparsity=1.0", "prune.sparsity=1.0"),
         ("protect", "prune.projection=magic", "prune.projection='magic'"),
         ("protect", "loss.kind=magic", "loss.kind='magic'"),
-        ("protect", "data.targets=[mnist]", "data.source='mnist' is also in data.targets"),
+        ("protect", "data.targets=[mnist]", "data.targets entry 'mnist' is data.source='mnist'"),
+        ("protect", "data.targets=[MNIST]", "data.targets entry 'MNIST' is data.source='mnist'"),
+        ("protect", "data.targets=[' Mnist ']", "data.targets entry ' Mnist ' is data.source='mnist'"),
+        ("protect", "data.targets=[optdigits,OPTDIGITS]", "lists 'optdigits' and 'OPTDIGITS', the same domain twice"),
+        ("protect", "eval_targets=[usps,MNIST]", "eval_targets entry 'MNIST' is data.source='mnist'"),
         ("protect", "data.targets=[]", "data.targets=[] is empty"),
         ("protect", "admm.rho=0", "admm.rho=0"),
         ("protect", "loss.pseudo_clusters=1", "loss.pseudo_clusters=1"),
@@ -116,3 +120,13 @@ def test_bad_values_fail_at_start_with_one_line(stage, override, fragment):
 def test_evaluate_without_checkpoints_is_an_error():
     with pytest.raises(ConfigError, match="checkpoints=\\[\\] is empty"):
         validate_evaluate(_compose("evaluate"))
+
+
+def test_domain_specs_compare_by_what_they_name(tmp_path, monkeypatch):
+    from ntp_ssl.checks import domain_key
+
+    monkeypatch.chdir(tmp_path)
+    assert domain_key(" MNIST ") == domain_key("mnist") != domain_key("mnistm")
+    assert domain_key("npz:data/a.npz") == domain_key(f"NPZ:{tmp_path}/data/../data/a.npz")
+    assert domain_key("npz:a.npz") != domain_key("folder:a.npz")
+    assert domain_key("folder:Data") != domain_key("folder:data")  # paths keep their case

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ntp_ssl.checks import domain_key
 from ntp_ssl.config import to_plain, validate_pretrain
 from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
 from ntp_ssl.encoders import build_encoder
@@ -180,7 +181,7 @@ def _build_run(cfg: Any, ctx: StageContext, on_event) -> PretrainRun:
     rank, _, world = world_info()
     train_names = list(cfg.domains) if cfg.domains else [cfg.data.source]
     train_domains = load_domains_for(cfg, train_names)
-    source = train_domains[0] if train_names[0] == cfg.data.source else load_domains_for(cfg, [cfg.data.source])[0]
+    source = train_domains[0] if domain_key(train_names[0]) == domain_key(cfg.data.source) else load_domains_for(cfg, [cfg.data.source])[0]
     images = np.concatenate([d.train_images for d in train_domains])
     labels = np.concatenate([d.train_labels for d in train_domains])
     if cfg.optim.batch_size // world < 2 or cfg.optim.batch_size > len(labels):
@@ -279,7 +280,7 @@ def _finish(run: PretrainRun) -> dict[str, Any]:
         metrics["source_test_accuracy"] = classifier_accuracy(
             method.encoder, method.classifier, to_float_tensor(run.source.test_images),
             torch.tensor(run.source.test_labels), device=device)
-    other_names = [name for name in cfg.data.targets if name != cfg.data.source]
+    other_names = [name for name in cfg.data.targets if domain_key(name) != domain_key(cfg.data.source)]
     others = load_domains_for(cfg, other_names) if other_names else []
     for domain in others:
         knn = domain_knn(method.encoder, domain, domain, device=device)
