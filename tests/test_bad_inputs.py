@@ -21,6 +21,7 @@ from conftest import TINY_DATA, TINY_PRETRAIN
 from ntp_ssl.shared.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ntp_ssl.cli import config_dir
 from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
+from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError, DataError, NtpSslError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -401,3 +402,56 @@ def test_a_value_of_the_wrong_type_is_one_line_exit_2(cli):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "optim.lr" in lines[0]
+
+
+# ----------------------------------------------------------------------------- degenerate data
+
+
+def _npz_cfg(tmp_path, **arrays):
+    from types import SimpleNamespace
+
+    np.savez(tmp_path / "d.npz", **arrays)
+    data = SimpleNamespace(image_size=16, channels=3, seed=0, root=None, download=False, train_limit=0, test_limit=0)
+    return SimpleNamespace(data=data, paths=SimpleNamespace(cache_dir=str(tmp_path / "cache")))
+
+
+def test_a_domain_nothing_can_be_measured_on_is_one_line(tmp_path):
+    from ntp_ssl.data import load_domains_for
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 16, 16), dtype=np.uint8)
+    cfg = _npz_cfg(tmp_path, x=x, y=np.arange(40) % 4, x_test=x[:0], y_test=np.zeros(0, np.int64))
+    with pytest.raises(DataError) as info:  # it used to score 0.0
+        load_domains_for(cfg, [f"npz:{tmp_path / 'd.npz'}"])
+    _one_line(info, "has no test images")
+    cfg = _npz_cfg(tmp_path, x=x, y=np.zeros(40, np.int64))
+    with pytest.raises(DataError) as info:  # it used to score 1.0
+        load_domains_for(cfg, [f"npz:{tmp_path / 'd.npz'}"])
+    _one_line(info, "has a single class (0) in its train split")
+
+
+def test_a_folder_with_only_one_split_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    from ntp_ssl.data import load_domain
+
+    for label in ("a", "b"):
+        (tmp_path / "f" / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "f" / "train" / label / f"{i}.png")
+    with pytest.raises(DataError) as info:  # "train" used to become the one class
+        load_domain(f"folder:{tmp_path / 'f'}", image_size=16, cache_dir=tmp_path)
+    _one_line(info, "has a train/ folder but no test/")
+
+
+def test_an_encoder_with_nan_weights_is_refused(tmp_path):
+    from ntp_ssl.shared.checkpoint import load_encoder, save_checkpoint
+
+    encoder = build_encoder("small_cnn", image_size=16)
+    tensors = {f"encoder.{k}": v.clone() for k, v in encoder.state_dict().items()}
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan", tensors, {"backbone": "small_cnn", "image_size": 16, "channels": 3})
+    with pytest.raises(CheckpointError) as info:  # it used to score chance level under kNN, exit 0
+        load_encoder(path)
+    _one_line(info, f"tensor {name[len('encoder.'):]!r} holds NaN or infinite values")

@@ -74,6 +74,17 @@ class Domain:
     def channels(self) -> int:
         return int(self.train_images.shape[3])
 
+    def check_measurable(self) -> None:
+        """A domain accuracy can be measured on: test images, and two classes or more in its train
+        split (an empty test split would score 0.0, a single class scores 1.0, both silently)."""
+        if len(self.test_labels) == 0:
+            raise DataError(f"domain {self.name!r} has no test images; accepted: a test split with at least one "
+                            "image (or no test split at all in a folder:/npz: domain, to have one drawn)")
+        present = np.unique(self.train_labels)
+        if len(present) < 2:
+            raise DataError(f"domain {self.name!r} has a single class ({int(present[0])}) in its train split; "
+                            "accepted: two classes or more")
+
     def content_digest(self) -> str:
         """SHA-256 of the pixels, labels and class count of both splits (computed once): what a
         cache keyed on this domain must match, whatever the domain is called."""

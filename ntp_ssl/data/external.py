@@ -137,7 +137,11 @@ def load_folder(path: str | Path, image_size: int, channels: int, seed: int, nam
     shown = repr(str(folder))
     if not folder.is_dir():
         raise DataError(f"image folder {shown} does not exist; expected folder:/path/with/a/sub-folder/per/class")
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
+    has_train, has_test = (folder / "train").is_dir(), (folder / "test").is_dir()
+    if has_train != has_test:  # else "train" (or "test") would become a class of its own
+        raise DataError(f"{str(folder)!r} has a {'train' if has_train else 'test'}/ folder but no "
+                        f"{'test' if has_train else 'train'}/; accepted: both split folders, or class folders only")
+    if has_train and has_test:
         classes = [p.name for p in _class_dirs(folder / "train")]
         extra = sorted(set(p.name for p in _class_dirs(folder / "test")) - set(classes))
         if extra:

@@ -111,7 +111,10 @@ def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
                     cache_dir=cache_dir, root=data.root, download=data.download)
         for name in names
     ]
-    return [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
+    limited = [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
+    for domain in limited:  # every stage measures accuracy on these
+        domain.check_measurable()
+    return limited
 
 
 def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:

@@ -293,6 +293,10 @@ def load_encoder(path: str | Path, *, expect_backbone: str | None = None):
             f"checkpoint {str(path)!r} does not fit a {backbone!r} encoder "
             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
         )
+    for name, tensor in state.items():  # NaN weights would score chance level, quietly
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} holds NaN or infinite values; "
+                                  "accepted: finite weights (was it saved after a diverged step?)")
     masks = check_masks(split_prefix(tensors, MASK_PREFIX), dict(encoder.named_parameters()), path)
     return encoder, meta, masks, tensors
 
