@@ -66,6 +66,15 @@ def _check_protected_file(path: Path, sparsity: float) -> None:
     assert all(k.startswith(("encoder.", "projection_head.", "classifier.", "mask.")) for k in keys)
     totals = meta["sparsity"]["prunable"]
     assert abs(totals["sparsity"] - sparsity) < 0.01
+    # the release file beside it: the same features from torch and safetensors alone, fewer bytes
+    from ntp_ssl.release import load_release
+
+    release = path.with_name("protected.release.safetensors")
+    x = torch.randn(4, int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
+    with torch.no_grad():
+        assert torch.equal(encoder.eval()(x), load_release(release)(x))
+    assert release.stat().st_size < path.stat().st_size
+    assert meta["sparsity"]["files"]["release_bytes"] == release.stat().st_size
 
 
 @pytest.mark.slow

@@ -92,7 +92,8 @@ def format_sparsity_table(report: Mapping[str, Any]) -> str:
     files = report.get("files")
     if files:
         parts = [
-            f"{k.replace('_', ' ')}: {_size(files[k])}" for k in ("dense_bytes", "saved_bytes") if files.get(k) is not None
+            f"{k.replace('_', ' ')}: {_size(files[k])}" for k in ("dense_bytes", "saved_bytes", "release_bytes")
+            if files.get(k) is not None
         ]
         if files.get("ratio") is not None:
             parts.append(f"ratio: {files['ratio']:.3f}")
