@@ -14,6 +14,7 @@ from ntp_ssl.shared.checkpoint import (
     load_checkpoint,
     load_encoder,
     load_training_state,
+    meta_digest,
     save_checkpoint,
     save_training_state,
     unflatten_state,
@@ -62,7 +63,8 @@ def test_checkpoint_of_another_backbone_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="holds a 'small_cnn' encoder"):
         load_encoder(path, expect_backbone="resnet18")
     meta = json.loads(path.with_suffix(".json").read_text())
-    meta["backbone"] = "vgg11_bn"  # weights of one backbone claimed for another
+    meta["backbone"] = "vgg11_bn"  # weights of one backbone claimed for another (a crafted, self-consistent file)
+    meta["meta_sha256"] = meta_digest(meta)
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not fit a 'vgg11_bn' encoder"):
         load_encoder(path)
@@ -183,6 +185,35 @@ def test_badly_typed_metadata_is_a_one_line_error(tmp_path, value):
     path, _ = _encoder_checkpoint(tmp_path)
     meta = json.loads(path.with_suffix(".json").read_text())
     meta["image_size"] = value
+    meta["meta_sha256"] = meta_digest(meta)
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=re.escape(f"metadata image_size={value!r} is not a positive integer")):
         load_encoder(path)
+
+
+def test_an_edited_metadata_file_is_refused_like_an_edited_tensor(tmp_path):
+    path, _ = _encoder_checkpoint(tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["meta_sha256"] == meta_digest(meta)
+    for key, value in (("image_size", 32), ("epoch", 1_000_000), ("backbone", "resnet18")):
+        edited = {**meta, key: value}
+        path.with_suffix(".json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match="does not match its meta_sha256; it was edited or damaged"):
+            load_checkpoint(path)
+    legacy = {k: v for k, v in meta.items() if k != "meta_sha256"}  # written before the digest existed
+    path.with_suffix(".json").write_text(json.dumps(legacy))
+    assert load_checkpoint(path)[1]["backbone"] == "small_cnn"
+
+
+def test_a_damaged_finished_checkpoint_is_set_aside_not_trusted(tmp_path):
+    from ntp_ssl.shared.checkpoint import verified_or_set_aside
+
+    path, _ = _encoder_checkpoint(tmp_path)
+    assert verified_or_set_aside(path)["backbone"] == "small_cnn"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    assert verified_or_set_aside(path, set_aside=False) is None and path.exists()
+    assert verified_or_set_aside(path) is None
+    assert not path.exists() and not path.with_suffix(".json").exists()
+    kept = sorted(p.name.split(".damaged-")[0] for p in tmp_path.glob("*.damaged-*"))
+    assert kept == ["encoder.json", "encoder.safetensors"]  # nothing lost

@@ -93,6 +93,25 @@ def test_resume_from_a_corrupted_last_checkpoint_is_a_clear_error(tmp_path, cach
         run_pretrain(cfg, run_dir)
 
 
+def test_a_finished_run_whose_encoder_is_damaged_is_redone_not_reported(tmp_path, cache_dir, caplog):
+    import logging
+
+    from ntp_ssl.pretrain.stage import run_pretrain
+    from ntp_ssl.shared.checkpoint import load_checkpoint, sha256_file
+
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1")
+    first = run_pretrain(cfg, tmp_path / "run")
+    encoder = Path(first["checkpoint"])
+    digest = sha256_file(encoder)
+    encoder.write_bytes(encoder.read_bytes()[:1000])  # truncated
+    with caplog.at_level(logging.WARNING):
+        again = run_pretrain(cfg, tmp_path / "run")
+    assert "set aside" in caplog.text and "already finished" not in caplog.text
+    assert sha256_file(Path(again["checkpoint"])) == digest  # made again, the same weights
+    load_checkpoint(again["checkpoint"])
+    assert len(list((tmp_path / "run").glob("encoder.safetensors.damaged-*"))) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_two_process_ddp_on_cpu(tmp_path, cache_dir):

@@ -10,7 +10,6 @@ on CUDA, contrastive negatives gathered across processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,12 @@ from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_t
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state, method_from_config
-from ntp_ssl.shared.checkpoint import load_training_state, save_checkpoint, save_training_state
+from ntp_ssl.shared.checkpoint import (
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+    verified_or_set_aside,
+)
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.knn import domain_knn
 from ntp_ssl.shared.progress import progress_bar
@@ -308,8 +312,9 @@ def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | N
     rank, local_rank, world = world_info()
     ctx = start_stage(cfg, run_dir, rank=rank)
     final_path = ctx.run_dir / "encoder.safetensors"
-    if final_path.exists() and final_path.with_suffix(".json").exists():
-        meta = json.loads(final_path.with_suffix(".json").read_text())
+    finished = final_path.exists() and final_path.with_suffix(".json").exists()
+    meta = verified_or_set_aside(final_path, set_aside=rank == 0) if finished else None
+    if meta is not None:
         log.info("pretrain already finished in %s; nothing to do", ctx.run_dir)
         release_run_dir(ctx.run_dir)
         return {"checkpoint": str(final_path), "metrics": meta.get("metrics", {})}

@@ -23,7 +23,7 @@ from ntp_ssl.errors import ConfigError
 from ntp_ssl.pretrain.methods import load_method
 from ntp_ssl.protect.export import export_protected, write_admm_diagnostics, write_sparsity_files
 from ntp_ssl.protect.loop import protect_encoder
-from ntp_ssl.shared.checkpoint import check_compatible
+from ntp_ssl.shared.checkpoint import check_compatible, verified_or_set_aside
 from ntp_ssl.shared.stage import StageContext
 
 log = logging.getLogger("ntp_ssl.protect")
@@ -54,7 +54,7 @@ def run_protect(cfg: Any, checkpoint: Path, ctx: StageContext) -> Protected:
     source = load_domains_for(cfg, [cfg.data.source])[0]
     targets = load_domains_for(cfg, list(cfg.data.targets))
     path = ctx.run_dir / "protected.safetensors"
-    if path.exists() and path.with_suffix(".json").exists():
+    if path.exists() and path.with_suffix(".json").exists() and verified_or_set_aside(path) is not None:
         log.info("[2/3 protect] already done: %s", path)
         protected_method, protected_meta, masks = load_method(path, ctx.device)
         encoder, report = protected_method.encoder, protected_meta.get("sparsity", {})

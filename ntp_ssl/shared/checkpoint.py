@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ from ntp_ssl import __version__
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.io import atomic_path, atomic_write_json
+
+log = logging.getLogger("ntp_ssl")
 
 FORMAT_VERSION = 1
 LEGACY_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -63,6 +67,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+META_DIGEST_KEY = "meta_sha256"
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` (less this digest itself). With the tensors'
+    hash inside it, it covers the whole checkpoint: an edited epoch, backbone or mask
+    setting in the ``.json`` is refused like an edited tensor."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def pending_path(path: Path) -> Path:
     """Where the tensors of a checkpoint wait while its ``.json`` is being committed."""
     return path.with_name(path.name + ".pending")
@@ -89,6 +104,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
         save_file(contiguous, str(tmp))
         digest = sha256_file(tmp)
     full_meta = {"format_version": FORMAT_VERSION, "ntp_ssl_version": __version__, **meta, "sha256": digest}
+    full_meta[META_DIGEST_KEY] = meta_digest(full_meta)
     atomic_write_json(path.with_suffix(".json"), full_meta)
     try:
         os.replace(pending, path)
@@ -157,6 +173,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
+def verified_or_set_aside(path: Path, *, set_aside: bool = True) -> dict[str, Any] | None:
+    """The metadata of the finished checkpoint ``path`` when it verifies (tensors' and
+    metadata's hashes); otherwise None, with the damaged pair renamed to ``*.damaged-<time>``
+    (kept, never deleted) so that the stage makes it again instead of reporting it finished."""
+    try:
+        return load_checkpoint(path)[1]
+    except CheckpointError as exc:
+        if not set_aside:  # another process (rank 0) does it
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for part in (path, path.with_suffix(".json")):
+            if part.exists() or part.is_symlink():
+                part.rename(part.with_name(f"{part.name}.damaged-{stamp}"))
+        log.warning("%s; set aside as *.damaged-%s, making it again", exc, stamp)
+        return None
+
+
 def _read_meta(meta_path: Path) -> dict[str, Any]:
     check_regular_file(meta_path, "checkpoint metadata", MAX_METADATA_BYTES)
     try:
@@ -165,6 +198,10 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} is not a JSON object")
+    # files written before the digest existed have none; every file written since has one
+    if META_DIGEST_KEY in meta and meta[META_DIGEST_KEY] != meta_digest(meta):
+        raise CheckpointError(f"checkpoint metadata {str(meta_path)!r} does not match its {META_DIGEST_KEY}; "
+                              "it was edited or damaged")
     return meta
 
 
