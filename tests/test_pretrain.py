@@ -93,6 +93,25 @@ def test_resume_from_a_corrupted_last_checkpoint_is_a_clear_error(tmp_path, cach
         run_pretrain(cfg, run_dir)
 
 
+def test_resume_from_a_run_with_other_optimiser_settings_is_refused(tmp_path, cache_dir):
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pretrain.stage import run_pretrain
+    from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
+
+    run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "optim.lr=0.1"), tmp_path / "a")
+    last = tmp_path / "a" / "last.safetensors"
+    for override, diff in (("optim.lr=0.01", "optim.lr: 0.1 -> 0.01"), ("optim.name=adam", "optim.name: 'sgd' -> 'adam'")):
+        cfg = compose_pretrain(cache_dir, "optim.epochs=1", "optim.lr=0.1", override, f"resume_from={last}")
+        with pytest.raises(CheckpointError, match=f"other optimiser settings \\({diff}"):
+            run_pretrain(cfg, tmp_path / override)
+    state, meta = load_training_state(last)  # a state saved before the settings were recorded
+    legacy = save_training_state(tmp_path / "legacy" / "last", state, {k: v for k, v in meta.items()
+                                                                        if k in ("stage", "backbone", "method")})
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1", "optim.name=adam", f"resume_from={legacy}")
+    with pytest.raises(CheckpointError, match="another optimiser"):  # used to crash with KeyError: 'step'
+        run_pretrain(cfg, tmp_path / "adam")
+
+
 def test_a_finished_run_whose_encoder_is_damaged_is_redone_not_reported(tmp_path, cache_dir, caplog):
     import logging
 

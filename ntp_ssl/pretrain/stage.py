@@ -36,7 +36,7 @@ from ntp_ssl.shared.checkpoint import (
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.knn import domain_knn
 from ntp_ssl.shared.progress import progress_bar
-from ntp_ssl.shared.runs import release_run_dir
+from ntp_ssl.shared.runs import first_difference, release_run_dir
 from ntp_ssl.shared.stage import StageContext, start_stage
 from ntp_ssl.shared.train import (
     autocast_context,
@@ -226,6 +226,7 @@ def _resume(run: PretrainRun, resume_path: Path) -> None:
         raise CheckpointError(
             f"cannot resume from {resume_path}: it holds a {built[0]}/{built[1]} run, not "
             f"{cfg.encoder.backbone}/{cfg.method.name}; set encoder.backbone and method.name to match")
+    _check_same_optimiser(run, state, state_meta, resume_path)
     run.method.load_state_dict(state["model"])
     for name, buf in _nonpersistent_buffers(run.method).items():
         buf.copy_(state["extra_buffers"][name])
@@ -234,6 +235,20 @@ def _resume(run: PretrainRun, resume_path: Path) -> None:
     set_rng_state(state["rng"])
     run.epoch, run.global_step, run.history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
     log.info("resuming from %s at epoch %d (step %d)", resume_path, run.epoch, run.global_step)
+
+
+def _check_same_optimiser(run: PretrainRun, state: dict, state_meta: dict, resume_path: Path) -> None:
+    """A resume continues the run that was saved: loading another optimiser's state would keep
+    the old learning rate while run_config.json records the new one (or crash on a missing
+    moment), so different settings are refused."""
+    saved = state_meta.get("optim")  # states saved before it was recorded: the optimiser's own keys only
+    diff = first_difference(saved, to_plain(run.cfg.optim), "optim.") if saved is not None else None
+    groups, current = state["optimizer"]["param_groups"], run.optimizer.state_dict()["param_groups"]
+    if diff is None and (len(groups) != len(current) or any(set(a) != set(b) for a, b in zip(groups, current))):
+        diff = "another optimiser"
+    if diff:
+        raise CheckpointError(f"cannot resume from {resume_path}: it was trained with other optimiser settings "
+                              f"({diff}); resume with the same optim.* or start a new run")
 
 
 def _run_epoch(run: PretrainRun, loss_module: nn.Module, epoch: int) -> dict[str, float]:
@@ -269,7 +284,8 @@ def _run_epoch(run: PretrainRun, loss_module: nn.Module, epoch: int) -> dict[str
                  "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "rng": rng_state(), "epoch": epoch + 1, "global_step": run.global_step, "history": run.history}
         save_training_state(run.ctx.run_dir / "last.safetensors", state,
-                            {"stage": "pretrain", "backbone": cfg.encoder.backbone, "method": cfg.method.name})
+                            {"stage": "pretrain", "backbone": cfg.encoder.backbone, "method": cfg.method.name,
+                             "optim": to_plain(cfg.optim)})
         run.on_event("checkpoint_end")
     return record
 

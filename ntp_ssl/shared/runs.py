@@ -48,10 +48,10 @@ def fingerprint(cfg: Any, ignore: Iterable[str] = PRESENTATION_KEYS) -> dict:
     return tree
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
-            diff = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            diff = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if diff:
                 return diff
         return None
@@ -132,7 +132,7 @@ def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATI
             atomic_write_json(path, current)
             return False
         if previous is not None and previous != current:
-            diff = _first_difference(previous, current) or "config"
+            diff = first_difference(previous, current) or "config"
             raise ConfigError(
                 f"run directory {str(run_dir)!r} holds a run with a different config ({diff}); "
                 "pass run_name=NEW_NAME or paths.root=ELSEWHERE, or remove that folder"
