@@ -76,6 +76,12 @@ def _run_in_hydra(stage: str, cfg) -> dict:
         logging.getLogger("ntp_ssl").debug("user error", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # a read-only folder, a full disk, an unwritable cache: the system said no
+        logging.getLogger("ntp_ssl").debug("system error", exc_info=True)
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}; free space or choose a writable paths.root / "
+              "paths.cache_dir, then run the same command again", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume from {run_dir}", file=sys.stderr)
         sys.exit(130)

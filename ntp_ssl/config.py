@@ -356,6 +356,7 @@ def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None
 def validate_data(data: Any) -> None:
     check_image_size(data.image_size, "data.image_size")
     check_channels(data.channels, "data.channels")
+    _check_seed("data.seed", data.seed)
     _check_positive("data.num_workers", data.num_workers, allow_zero=True)
     _check_positive("data.train_limit", data.train_limit, allow_zero=True)
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
@@ -390,9 +391,15 @@ def _check_stage(cfg: Any, schema: type, stage: str) -> None:
                       f"a key); see `ntp-ssl {stage} --help` for the keys")
 
 
+MAX_SEED = 2**31 - 1  # seeds are combined (seed * 100003 + epoch, 20000 + seed, ...) into 64-bit RNG seeds
+
+
+def _is_seed(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED
+
+
 def _check_seed(key: str, value: Any) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-           f"{key}={value!r} must be a non-negative integer")
+    _check(_is_seed(value), f"{key}={value!r} must be an integer from 0 to {MAX_SEED}")
 
 
 def validate_trainer(trainer: Any) -> None:
@@ -434,8 +441,7 @@ def validate_sweep(sweep: Any) -> None:
         _check(0 < r <= 1, f"sweep.fractions contains {r!r}; every fraction must be in (0, 1]")
     _check(len(sweep.seeds) > 0, "sweep.seeds=[] is empty; give at least one seed")
     for seed in sweep.seeds:
-        _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
-               f"sweep.seeds contains {seed!r}; every seed must be a non-negative integer")
+        _check(_is_seed(seed), f"sweep.seeds contains {seed!r}; every seed must be an integer from 0 to {MAX_SEED}")
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)
@@ -464,6 +470,8 @@ def validate_admm(admm: Any) -> None:
         _check_positive(f"admm.{key}", admm[key], allow_zero=True)
     for key in ("steps_per_iteration", "rho", "rho_growth", "lr", "batch_size"):
         _check_positive(f"admm.{key}", admm[key])
+    # batch norm in training mode needs two samples per batch
+    _check(admm.batch_size >= 2, f"admm.batch_size={admm.batch_size!r} must be >= 2 (batch norm needs two samples)")
     _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
            f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
 

@@ -76,7 +76,11 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("pretrain", "method.projection_dim=-4", "method.projection_dim=-4 must be > 0"),
         ("pretrain", "trainer.device=cuda:x", "trainer.device='cuda:x' is not one of"),
         ("pretrain", "trainer.projector_samples=0", "trainer.projector_samples=0 must be > 0"),
-        ("pretrain", "seed=-1", "seed=-1 must be a non-negative integer"),
+        ("pretrain", "seed=-1", "seed=-1 must be an integer from 0 to 2147483647"),
+        ("pretrain", "seed=100000000000000000000", "seed=100000000000000000000 must be an integer from 0 to"),
+        ("pretrain", "data.seed=-2", "data.seed=-2 must be an integer from 0 to"),
+        ("protect", "admm.batch_size=1", "admm.batch_size=1 must be >= 2 (batch norm needs two samples)"),
+        ("evaluate", "sweep.seeds=[2147483648]", "sweep.seeds contains 2147483648; every seed must be an integer"),
         ("pretrain", "data.train_limit=-1", "data.train_limit=-1 must be >= 0"),
         ("pretrain", "optim.epochs=0", "optim.epochs=0 must be > 0"),
         ("pretrain", "method.momentum_base=1.5", "method.momentum_base=1.5 must be in [0, 1]"),
@@ -455,3 +459,13 @@ def test_an_encoder_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as info:  # it used to score chance level under kNN, exit 0
         load_encoder(path)
     _one_line(info, f"tensor {name[len('encoder.'):]!r} holds NaN or infinite values")
+
+
+def test_a_binary_results_file_is_one_line(tmp_path):
+    from ntp_ssl.evaluate.results import read_results
+
+    path = tmp_path / "results.csv"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError) as info:  # was a UnicodeDecodeError traceback from `report`
+        read_results(path)
+    _one_line(info, "is not UTF-8 text")

@@ -152,3 +152,22 @@ def test_stage_validation_refuses_an_unsafe_run_name_too():
     cfg.run_name = "../x"
     with pytest.raises(ConfigError, match="run_name='../x' must be one folder name"):
         validate_pretrain(cfg)
+
+
+def test_a_system_error_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A full disk or a read-only folder (simulated: the tests may run as root) is `error: ...`, exit 2."""
+    import errno
+
+    from ntp_ssl import cli as cli_module
+
+    def full_disk(cfg, run_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "encoder.safetensors"))
+
+    monkeypatch.setattr(cli_module, "stage_runner", lambda stage: full_disk)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli_module.main(["pretrain", f"paths.root={tmp_path / 'runs'}", "run_name=disk"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot use '") and "No space left on device" in err and "paths.root" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

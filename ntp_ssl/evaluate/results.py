@@ -153,6 +153,9 @@ def read_results(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise DataError(f"cannot read results file {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"results file {str(path)!r} is not UTF-8 text; give a results.csv or results.json "
+                        "written by evaluate or protect") from None
     try:
         if suffix == ".json":
             data = json.loads(text)
