@@ -442,6 +442,8 @@ def validate_sweep(sweep: Any) -> None:
     _check(len(sweep.seeds) > 0, "sweep.seeds=[] is empty; give at least one seed")
     for seed in sweep.seeds:
         _check(_is_seed(seed), f"sweep.seeds contains {seed!r}; every seed must be an integer from 0 to {MAX_SEED}")
+    _check(sweep.scratch is True, f"sweep.scratch={sweep.scratch!r}: every SLC-AUC is measured against the "
+           "from-scratch baseline (cached after its first run); accepted: true")
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ATTACKS)

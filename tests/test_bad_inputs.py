@@ -80,6 +80,7 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("pretrain", "seed=100000000000000000000", "seed=100000000000000000000 must be an integer from 0 to"),
         ("pretrain", "data.seed=-2", "data.seed=-2 must be an integer from 0 to"),
         ("protect", "admm.batch_size=1", "admm.batch_size=1 must be >= 2 (batch norm needs two samples)"),
+        ("evaluate", "sweep.scratch=false", "sweep.scratch=False: every SLC-AUC is measured against the from-scratch"),
         ("evaluate", "sweep.seeds=[2147483648]", "sweep.seeds contains 2147483648; every seed must be an integer"),
         ("pretrain", "data.train_limit=-1", "data.train_limit=-1 must be >= 0"),
         ("pretrain", "optim.epochs=0", "optim.epochs=0 must be > 0"),

@@ -363,14 +363,16 @@ def test_a_corrupted_sweep_progress_file_is_not_a_traceback(tmp_path):
     domain = _toy_domain()
     settings = _settings()
     progress = tmp_path / "sweep_progress.json"
-    progress.write_text('[{"model": "m", "dom')
     model = sweep.ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
-    try:
-        rows = sweep.run_sweep([model], [domain], settings, progress_path=progress, progress=False)
-    except NtpSslError as exc:
-        assert "sweep_progress.json" in str(exc) and "\n" not in str(exc)
-    else:
-        assert len(rows) == 1 and json.loads(progress.read_text()) == rows
+    for damaged in ('[{"model": "m", "dom', '{"rows": 1}', '[1, 2]', '[{"model": "m"}]', '[{"model": "m", "domain": "x", '
+                    '"attack": "linear", "seed": "zero", "fraction": 0.5, "n": 4, "accuracy": 0.5}]'):
+        progress.write_text(damaged)  # truncated, the wrong shape, rows that are not result rows
+        try:
+            rows = sweep.run_sweep([model], [domain], settings, progress_path=progress, progress=False)
+        except NtpSslError as exc:
+            assert "sweep_progress.json" in str(exc) and "\n" not in str(exc)
+        else:
+            assert len(rows) == 1 and json.loads(progress.read_text()) == rows
 
 
 # ----------------------------------------------------------------------------- NaN and infinite losses

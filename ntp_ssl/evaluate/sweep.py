@@ -42,10 +42,11 @@ from torch import nn
 from ntp_ssl.config import SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
-from ntp_ssl.errors import ConfigError
+from ntp_ssl.errors import ConfigError, NtpSslError
 from ntp_ssl.data.subsets import draw_subset
 from ntp_ssl.evaluate.attack import AttackResult, fine_tune_attack
 from ntp_ssl.evaluate.probe import converged_linear_probe
+from ntp_ssl.evaluate.results import normalize_row
 from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
@@ -224,10 +225,16 @@ class _Progress:
         self.path, self.on_row, self.rows = path, on_row, []
         if path is not None and path.exists():
             try:
-                self.rows = json.loads(path.read_text())
+                rows = json.loads(path.read_bytes().decode("utf-8"))
+                if not isinstance(rows, list):
+                    raise ValueError("not a list of rows")
+                for i, row in enumerate(rows):
+                    normalize_row(row, i)  # raises on a row that is not a result row
+                self.rows = rows
                 log.info("resuming the sweep: %d finished rows in %s", len(self.rows), path)
-            except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically: only a disk or a hand did this
-                log.warning("ignoring the unreadable sweep progress file %s; the sweep starts over", path)
+            except (ValueError, KeyError, TypeError, AttributeError, NtpSslError) as exc:
+                # written atomically: only a disk or a hand did this
+                log.warning("ignoring the sweep progress file %s (%s); the sweep starts over", path, exc)
         self.done = {_row_key(r) for r in self.rows}
 
     def has(self, model: str, domain: str, attack: str, seed: int, fraction: float) -> bool:
