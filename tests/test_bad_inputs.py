@@ -470,3 +470,46 @@ def test_a_binary_results_file_is_one_line(tmp_path):
     with pytest.raises(DataError) as info:  # was a UnicodeDecodeError traceback from `report`
         read_results(path)
     _one_line(info, "is not UTF-8 text")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims width x height (a decompression bomb's header), with one tiny IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_in_a_folder_domain_is_one_line(tmp_path):
+    from PIL import Image
+
+    from ntp_ssl.data import load_domain
+
+    for label in ("a", "b"):
+        (tmp_path / "f" / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "f" / label / f"{i}.png")
+    _png_header_only(tmp_path / "f" / "a" / "bomb.png", 50_000, 50_000)  # PIL's own bomb check: was a traceback
+    with pytest.raises(DataError) as info:
+        load_domain(f"folder:{tmp_path / 'f'}", image_size=16, cache_dir=tmp_path)
+    _one_line(info, "cannot read image", "bomb.png", "decompression bomb")
+    _png_header_only(tmp_path / "f" / "a" / "bomb.png", 5_000, 5_000)  # under PIL's limit, still gigabytes decoded
+    with pytest.raises(DataError) as info:
+        load_domain(f"folder:{tmp_path / 'f'}", image_size=16, cache_dir=tmp_path)
+    _one_line(info, "is 5000x5000; accepted: up to 16777216 pixels")
+
+
+def test_an_npz_label_of_1e12_is_one_line(tmp_path):
+    from ntp_ssl.data import load_domain
+
+    y = np.arange(40) % 4
+    y[0] = 10**12  # the class count would be 1e12 + 1
+    np.savez(tmp_path / "l.npz", x=np.zeros((40, 16, 16), np.uint8), y=y)
+    with pytest.raises(DataError) as info:
+        load_domain(f"npz:{tmp_path / 'l.npz'}", image_size=16, cache_dir=tmp_path)
+    _one_line(info, "has label 1000000000000; accepted: labels 0..99999")

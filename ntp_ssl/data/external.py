@@ -104,11 +104,17 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded at full size before resizing: a bigger file costs gigabytes
+
+
 def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     try:
-        with Image.open(path) as pil:
+        with Image.open(path) as pil:  # reads the header only
+            if pil.width * pil.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {str(path)!r} is {pil.width}x{pil.height}; accepted: up to "
+                                f"{MAX_IMAGE_PIXELS} pixels (e.g. 4096x4096)")
             pil = pil.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {_one_line(exc)}") from exc
     array = np.asarray(pil, dtype=np.uint8)
     return resize_image(array[..., None] if array.ndim == 2 else array, image_size)
@@ -175,6 +181,9 @@ def _npz_images(array: np.ndarray, key: str, path: Path) -> np.ndarray:
     return array
 
 
+MAX_CLASSES = 100_000
+
+
 def _npz_labels(array: np.ndarray, key: str, path: Path, n: int, images_key: str) -> np.ndarray:
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise DataError(f"{str(path)!r}: {key!r} must be 1-D integer labels, got {array.dtype} {array.shape}")
@@ -182,6 +191,8 @@ def _npz_labels(array: np.ndarray, key: str, path: Path, n: int, images_key: str
         raise DataError(f"{str(path)!r}: {key!r} has {len(array)} labels but {images_key!r} has {n} images")
     if n and array.min() < 0:
         raise DataError(f"{str(path)!r}: {key!r} has negative label {array.min()}; labels must be 0..num_classes-1")
+    if n and array.max() >= MAX_CLASSES:  # the class count is max + 1: 1e12 would allocate terabytes later
+        raise DataError(f"{str(path)!r}: {key!r} has label {array.max()}; accepted: labels 0..{MAX_CLASSES - 1}")
     return array.astype(np.int64)
 
 
