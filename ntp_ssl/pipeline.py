@@ -32,7 +32,7 @@ from ntp_ssl.evaluate.sweep import ModelUnderTest, sparse_scratch_model
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
 from ntp_ssl.shared.runs import fingerprint, lock_run_dir, release_run_dir
-from ntp_ssl.shared.stage import StageContext, start_stage
+from ntp_ssl.shared.stage import StageContext, input_digests, start_stage
 from ntp_ssl.shared.train import seed_everything
 
 log = logging.getLogger("ntp_ssl.pipeline")
@@ -80,7 +80,8 @@ def run_main_job(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """``ntp-ssl protect``: encoder -> protect -> evaluate, all in ``run_dir``."""
     validate_protect(cfg)
     started = time.perf_counter()
-    ctx = start_stage(cfg, run_dir)
+    domains = [cfg.data.source, *cfg.data.targets, *(cfg.eval_targets or [])]
+    ctx = start_stage(cfg, run_dir, inputs=input_digests([cfg.checkpoint] if cfg.checkpoint else [], domains))
     checkpoint = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_encoder(cfg, ctx.cache_dir)
     seed_everything(cfg.seed)  # protection starts from its own seed, wherever the encoder came from
     protected = run_protect(cfg, checkpoint, ctx)

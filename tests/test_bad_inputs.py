@@ -513,3 +513,30 @@ def test_an_npz_label_of_1e12_is_one_line(tmp_path):
     with pytest.raises(DataError) as info:
         load_domain(f"npz:{tmp_path / 'l.npz'}", image_size=16, cache_dir=tmp_path)
     _one_line(info, "has label 1000000000000; accepted: labels 0..99999")
+
+
+def test_a_rerun_whose_input_file_was_swapped_is_refused(tmp_path):
+    """A run directory records what it read by content: the same path with other bytes is another run."""
+    from ntp_ssl.shared.runs import claim_run_dir
+    from ntp_ssl.shared.stage import input_digests
+
+    checkpoint = save_checkpoint(tmp_path / "encoder", {"w": torch.zeros(2)}, {"backbone": "small_cnn"})
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4))
+    domains = [f"npz:{tmp_path / 'd.npz'}", "optdigits"]
+    cfg = _compose("evaluate", f"checkpoints=[{checkpoint}]")
+    run_dir = tmp_path / "run"
+    assert claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains)) is False
+    assert claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains)) is True  # resumes
+    (run_dir / "results.csv").write_text("work")
+    save_checkpoint(checkpoint, {"w": torch.ones(2)}, {"backbone": "small_cnn"})  # swapped under the same path
+    with pytest.raises(ConfigError) as info:
+        claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains))
+    _one_line(info, "holds a run with a different config (inputs.checkpoint ")
+    save_checkpoint(checkpoint, {"w": torch.zeros(2)}, {"backbone": "small_cnn"})
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 8, 8), np.uint8), y=np.arange(4))  # other pixels, same name
+    with pytest.raises(ConfigError, match="inputs.domain npz:"):
+        claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains))
+    legacy = json.loads((run_dir / "run_config.json").read_text())
+    legacy.pop("inputs")  # a run directory made before inputs were recorded still resumes
+    (run_dir / "run_config.json").write_text(json.dumps(legacy))
+    assert claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains)) is True

@@ -29,7 +29,7 @@ from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, source_accuracy, s
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.shared.checkpoint import check_compatible, load_encoder
 from ntp_ssl.shared.runs import claim_run_dir, release_run_dir
-from ntp_ssl.shared.stage import start_stage
+from ntp_ssl.shared.stage import input_digests, start_stage
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
@@ -109,7 +109,8 @@ def sparse_scratch_controls(models: Sequence[ModelUnderTest], names: Sequence[st
 
 def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
     validate_evaluate(cfg)
-    ctx = start_stage(cfg, run_dir)
+    ctx = start_stage(cfg, run_dir, inputs=input_digests(list(cfg.checkpoints),
+                                                          [cfg.data.source or "", *cfg.data.targets]))
     models = load_models(cfg.checkpoints, cfg.names)
     for model, path in zip(models, cfg.checkpoints):
         check_compatible(model.meta, cfg.data.image_size, cfg.data.channels, f"checkpoint {path!r}")

@@ -37,7 +37,7 @@ from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.knn import domain_knn
 from ntp_ssl.shared.progress import progress_bar
 from ntp_ssl.shared.runs import first_difference, release_run_dir
-from ntp_ssl.shared.stage import StageContext, start_stage
+from ntp_ssl.shared.stage import StageContext, input_digests, start_stage
 from ntp_ssl.shared.train import (
     autocast_context,
     build_optimizer,
@@ -326,7 +326,8 @@ def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | N
     "checkpoint_end" as they happen."""
     validate_pretrain(cfg)
     rank, local_rank, world = world_info()
-    ctx = start_stage(cfg, run_dir, rank=rank)
+    domains = [cfg.data.source, *cfg.data.targets, *(cfg.domains or [])]
+    ctx = start_stage(cfg, run_dir, rank=rank, inputs=input_digests([], domains) if rank == 0 else None)
     final_path = ctx.run_dir / "encoder.safetensors"
     finished = final_path.exists() and final_path.with_suffix(".json").exists()
     meta = verified_or_set_aside(final_path, set_aside=rank == 0) if finished else None

@@ -58,6 +58,7 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
+INPUTS_KEY = "inputs"  # run_config.json: the content digests of the files the run reads
 LOCK_NAME = ".lock"
 _HELD: dict[Path, int] = {}  # run directories this process holds: file descriptors of their locks
 
@@ -113,18 +114,23 @@ def holds_work(run_dir: Path) -> bool:
     return False
 
 
-def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATION_KEYS) -> bool:
+def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATION_KEYS,
+                  inputs: dict[str, str] | None = None) -> bool:
     """Make ``run_dir`` this config's and this process's (:func:`lock_run_dir`); return True
     when it already held the same config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)
     path = run_dir / "run_config.json"
     current = fingerprint(cfg, ignore)
+    if inputs:
+        current[INPUTS_KEY] = dict(inputs)
     if path.exists():
         try:
             previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             previous = None
+        if isinstance(previous, dict) and INPUTS_KEY not in previous:
+            current.pop(INPUTS_KEY, None)  # a run directory made before inputs were recorded
         if previous is not None and previous != current and not holds_work(run_dir):
             # The earlier run stopped at start-up (a bad value or path) and left nothing but
             # bookkeeping: the corrected command takes the run directory over.

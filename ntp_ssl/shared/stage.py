@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ntp_ssl.data import default_cache_dir
+from ntp_ssl.shared.checkpoint import resolve_checkpoint_path, sha256_file
 from ntp_ssl.shared.runs import claim_run_dir
 from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
@@ -38,12 +40,32 @@ class StageContext:
             self._writer = None
 
 
-def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True) -> StageContext:
-    """Claim ``run_dir`` for ``cfg`` (rank 0), set the threads, seed every RNG with
-    ``cfg.seed + rank`` and pick the device; returns the stage's context."""
+def input_digests(checkpoints: Sequence[str], domains: Sequence[str]) -> dict[str, str]:
+    """What a run reads besides its config, by content: the SHA-256 of each checkpoint and of
+    each ``npz:`` file, and of each ``folder:``'s listing (names and sizes). A run directory
+    keyed on these refuses a rerun whose input file was swapped under the same path."""
+    digests = {}
+    for path in checkpoints:
+        digests[f"checkpoint {path}"] = sha256_file(resolve_checkpoint_path(path))
+    for spec in dict.fromkeys(domains):
+        kind, _, rest = str(spec).strip().partition(":")
+        location = Path(rest).expanduser()
+        if kind.lower() == "npz" and location.is_file():
+            digests[f"domain {spec}"] = sha256_file(location)
+        elif kind.lower() == "folder" and location.is_dir():
+            listing = sorted(f"{p.relative_to(location)}:{p.stat().st_size}" for p in location.rglob("*") if p.is_file())
+            digests[f"domain {spec}"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    return digests
+
+
+def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True,
+                inputs: dict[str, str] | None = None) -> StageContext:
+    """Claim ``run_dir`` for ``cfg`` and its ``inputs`` (rank 0; see :func:`input_digests`),
+    set the threads, seed every RNG with ``cfg.seed + rank`` and pick the device; returns the
+    stage's context."""
     run_dir = Path(run_dir)
     if claim and rank == 0:
-        claim_run_dir(run_dir, cfg)
+        claim_run_dir(run_dir, cfg, inputs=inputs)
     configure_threads(cfg.trainer.threads)
     seed_everything(cfg.seed + rank)
     device = resolve_device(cfg.trainer.device)
