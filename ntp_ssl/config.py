@@ -25,6 +25,7 @@ PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.
 ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "knn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+RHO_SCHEDULES = ("geometric", "balanced")
 
 
 @dataclass
@@ -140,6 +141,12 @@ class AdmmConfig:
     rho: float = 5e-3
     rho_growth: float = 1.5  # rho <- min(rho * growth, rho_max) after each iteration
     rho_max: float = 1.0
+    # geometric: the growth above every iteration; balanced: residual balancing (Boyd et al.
+    # 2011, 3.4.1): rho *= tau when ||W - Z|| > mu * rho ||Z - Z_prev||, rho /= tau in the
+    # opposite case, within [rho, rho_max]
+    rho_schedule: str = "geometric"
+    rho_balance_mu: float = 10.0
+    rho_balance_tau: float = 2.0
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -167,6 +174,9 @@ class LabelFreeLossConfig:
     w_fisher_source: float = 1000.0  # - w_fs min(FDR(f_S, k-means), c_fs): the source keeps its clusters
     fisher_source_clamp: float = 1.0
     pseudo_clusters: int = 10  # k of the k-means pseudo-labels (target, and source when w_fisher_source > 0)
+    # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
+    # encoder put them (0: off, the measured default until a tuned weight is measured)
+    w_source_distill: float = 0.0
 
 
 @dataclass
@@ -179,6 +189,7 @@ class SupervisedLossConfig:
     ce_clamp: float = 10.0  # c = 10 in the authors' code
     w_fisher_labels: float = 1e3  # the paper's lambda
     head_steps: int = 100  # optimiser steps fitting the source/target heads on the frozen encoder
+    w_source_distill: float = 0.0  # + w_sd mean(1 - cos(f_S, teacher(x_S))), as in loss=ssl
 
 
 @dataclass
@@ -476,6 +487,9 @@ def validate_admm(admm: Any) -> None:
     _check(admm.batch_size >= 2, f"admm.batch_size={admm.batch_size!r} must be >= 2 (batch norm needs two samples)")
     _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
            f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
+    _check_choice("admm.rho_schedule", admm.rho_schedule, RHO_SCHEDULES)
+    _check(admm.rho_balance_mu > 1, f"admm.rho_balance_mu={admm.rho_balance_mu!r} must be > 1")
+    _check(admm.rho_balance_tau > 1, f"admm.rho_balance_tau={admm.rho_balance_tau!r} must be > 1")
 
 
 def validate_loss(loss: Any) -> None:

@@ -171,6 +171,37 @@ def test_update_matches_hand_computation_and_rho_schedule():
     assert pruner.iterations == 3
 
 
+def test_residual_balancing_follows_the_rule_within_its_bounds():
+    """rho * tau when primal > mu * dual, rho / tau when dual > mu * primal, else unchanged;
+    never below the initial rho nor above rho_max (Boyd et al. 2011, 3.4.1)."""
+    pruner = ADMMPruner(random_params(), sparsity=0.5, rho=0.01, rho_max=0.05, rho_schedule="balanced",
+                        balance_mu=10.0, balance_tau=2.0)
+    expected_rho, rho = [], 0.01
+    for primal, dual in ((5.0, 0.1), (5.0, 0.1), (5.0, 0.1), (5.0, 0.1), (1.0, 1.0), (0.1, 5.0), (0.1, 5.0),
+                         (0.1, 5.0), (0.1, 5.0)):
+        if primal > 10 * dual:
+            rho = min(rho * 2, 0.05)
+        elif dual > 10 * primal:
+            rho = max(rho / 2, 0.01)
+        expected_rho.append(rho)
+        pruner.rho = pruner.next_rho(primal, dual)
+        assert pruner.rho == pytest.approx(expected_rho[-1])
+    assert max(expected_rho) == 0.05 and expected_rho[-1] == 0.01  # both bounds were reached
+    geometric = ADMMPruner(random_params(), sparsity=0.5, rho=0.1, rho_growth=3.0, rho_max=0.5)
+    assert geometric.next_rho(0.0, 99.0) == pytest.approx(0.3)  # the default ignores the residuals
+
+
+def test_balanced_update_rescales_u_with_rho():
+    params = random_params()
+    pruner = ADMMPruner(params, sparsity=0.5, rho=0.1, rho_max=1.0, rho_schedule="balanced")
+    # no W-step: Z = Proj(W) again (dual 0) while W - Z holds the pruned weights: rho doubles
+    w = {k: v.detach().clone() for k, v in params.items()}
+    stats = pruner.update()
+    assert stats["rho"] == pytest.approx(0.2)
+    for k in params:
+        assert torch.allclose(pruner.U[k], (w[k] - pruner.Z[k]) / 2.0)
+
+
 @pytest.mark.parametrize("kind", ["layer", "global", "channel", "soft"])
 def test_hard_prune_leaves_exactly_the_mask(kind):
     params = random_params()
@@ -291,6 +322,8 @@ def test_load_state_dict_rejects_mismatches():
         ({"sparsity": 0.5, "projection": "soft"}, "soft_delta"),
         ({"sparsity": 0.5, "projection": "soft", "soft_delta": -0.1}, "delta"),
         ({"sparsity": 0.5, "projection": "channel", "coupled": {"conv.weight": ["bn.weight"]}}, "all_params"),
+        ({"sparsity": 0.5, "rho_schedule": "adaptive"}, "rho_schedule"),
+        ({"sparsity": 0.5, "rho_schedule": "balanced", "balance_mu": 1.0}, "balance_mu"),
     ],
 )
 def test_pruner_config_errors(kwargs, match):

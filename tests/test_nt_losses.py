@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ntp_ssl.errors import ConfigError, NumericalError
 from ntp_ssl.protect.losses import (
+    feature_distillation,
     fisher_ratio,
     kmeans_pseudo_labels,
     mmd_multi_kernel,
@@ -343,3 +344,18 @@ def test_representation_loss_source_fisher_term_is_clamped_and_rewarded():
     assert b["source_features"].grad is None or b["source_features"].grad.abs().sum() == 0
     unused, terms = representation_ntp_loss(**{**kwargs, "source_pseudo_labels": None})
     assert "fisher_source" not in terms and unused.item() == pytest.approx(1.0)
+
+
+def test_feature_distillation_matches_a_plain_loop():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    value = feature_distillation(student, teacher)
+    reference = sum(1 - float(student[i] @ teacher[i]) / (float(student[i].norm()) * float(teacher[i].norm()))
+                    for i in range(6)) / 6
+    assert value.item() == pytest.approx(reference, rel=1e-5)
+    value.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert feature_distillation(teacher * 3.0, teacher).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert feature_distillation(-teacher, teacher).item() == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="same"):
+        feature_distillation(student[:3], teacher)

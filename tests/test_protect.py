@@ -220,3 +220,22 @@ def test_protection_never_reads_a_test_split(tmp_path, cache_dir, encoder_checkp
     monkeypatch.setattr(stage, "load_domains_for", scrambled)
     run_main_job(cfg, tmp_path / "scrambled")
     assert_same_tensors(tmp_path / "clean" / "protected.safetensors", tmp_path / "scrambled" / "protected.safetensors")
+
+
+@pytest.mark.parametrize("loss", ["ssl", "supervised"])
+def test_source_distillation_is_a_term_of_both_losses(tmp_path, cache_dir, encoder_checkpoint, loss):
+    """loss.w_source_distill > 0 adds mean(1 - cos(f_S, teacher(x_S))) with the teacher frozen at the
+    unprotected encoder; a different objective, so other protected weights; reported per iteration."""
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    for name, weight in (("plain", 0.0), ("distilled", 5.0)):
+        run_main_job(_compose_protect(cache_dir, encoder_checkpoint, f"loss={loss}",
+                                      f"loss.w_source_distill={weight}"), tmp_path / name)
+    _, meta = load_checkpoint(tmp_path / "distilled" / "protected.safetensors")
+    iterations = meta["metrics"]["iterations"]
+    assert all(0.0 <= it["distill_source"] <= 2.0 for it in iterations)
+    _, plain_meta = load_checkpoint(tmp_path / "plain" / "protected.safetensors")
+    assert "distill_source" not in plain_meta["metrics"]["iterations"][0]
+    plain, distilled = (load_checkpoint(tmp_path / n / "protected.safetensors")[0] for n in ("plain", "distilled"))
+    assert any(not torch.equal(plain[k], distilled[k]) for k in plain if k.startswith("encoder."))

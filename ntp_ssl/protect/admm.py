@@ -8,7 +8,7 @@ The problem is ``min_W L(W)  s.t.  W in S`` with ``S`` a sparsity set (see
              (the caller's loop, adding penalty() to its loss)
     Z-step:  Z = Proj(W + U)                                        (update())
     U-step:  U = U + W - Z                                          (update())
-    rho:     rho <- min(rho * growth, rho_max);  U <- U * rho_old / rho_new
+    rho:     rho <- min(rho * growth, rho_max), or residual balancing;  U <- U * rho_old / rho_new
 
 The rescaling of ``U`` keeps the unscaled dual ``rho * U`` unchanged when ``rho`` moves,
 as the scaled form requires.
@@ -121,6 +121,9 @@ class ADMMPruner:
         rho: float = 5e-3,
         rho_growth: float = 1.0,
         rho_max: float = 1.0,
+        rho_schedule: str = "geometric",
+        balance_mu: float = 10.0,
+        balance_tau: float = 2.0,
         soft_delta: float | None = None,
         coupled: Mapping[str, list[str]] | None = None,
         all_params: Mapping[str, nn.Parameter] | None = None,
@@ -135,6 +138,10 @@ class ADMMPruner:
             raise ConfigError(f"rho_growth must be a number > 0, got {rho_growth!r}")
         if not _positive(rho_max) or rho_max < rho:
             raise ConfigError(f"rho_max must be a number >= rho ({rho}), got {rho_max!r}")
+        if rho_schedule not in ("geometric", "balanced"):
+            raise ConfigError(f"rho_schedule {rho_schedule!r} is not one of: geometric, balanced")
+        if not (_positive(balance_mu) and balance_mu > 1 and _positive(balance_tau) and balance_tau > 1):
+            raise ConfigError(f"balance_mu {balance_mu!r} and balance_tau {balance_tau!r} must be numbers > 1")
         if projection == "soft":
             if soft_delta is None:
                 raise ConfigError("projection 'soft' needs soft_delta (a number >= 0), got None")
@@ -145,6 +152,8 @@ class ADMMPruner:
         self.rho = float(rho)
         self.rho_growth = float(rho_growth)
         self.rho_max = float(rho_max)
+        self.rho_min = float(rho)
+        self.rho_schedule, self.balance_mu, self.balance_tau = rho_schedule, float(balance_mu), float(balance_tau)
         self.soft_delta = None if soft_delta is None else float(soft_delta)
         self.coupled, self.all_params = self._check_coupled(coupled, all_params)
         self.iterations = 0
@@ -186,7 +195,7 @@ class ADMMPruner:
             dual_sq += dual**2
             self.U[name].add_(w - z_new[name])
             self.Z[name] = z_new[name]
-        new_rho = min(self.rho * self.rho_growth, self.rho_max)
+        new_rho = self.next_rho(math.sqrt(primal_sq), math.sqrt(dual_sq))
         if new_rho != self.rho:
             for u in self.U.values():
                 u.mul_(self.rho / new_rho)
@@ -196,6 +205,19 @@ class ADMMPruner:
         stats["dual_total"] = math.sqrt(dual_sq)
         stats["rho"] = self.rho
         return stats
+
+    def next_rho(self, primal: float, dual: float) -> float:
+        """The rho of the next W-step. ``geometric``: ``min(rho * growth, rho_max)``.
+        ``balanced`` (residual balancing): ``rho * tau`` when ``primal > mu * dual`` (W is far
+        from Z: pull harder), ``rho / tau`` when ``dual > mu * primal`` (Z still jumps: let
+        W move), else unchanged; kept within [initial rho, rho_max]."""
+        if self.rho_schedule == "geometric":
+            return min(self.rho * self.rho_growth, self.rho_max)
+        if primal > self.balance_mu * dual:
+            return min(self.rho * self.balance_tau, self.rho_max)
+        if dual > self.balance_mu * primal:
+            return max(self.rho / self.balance_tau, self.rho_min)
+        return self.rho
 
     def masks(self) -> dict[str, Tensor]:
         """Bool keep-masks: the support of the last Z-step, plus coupled channel params (channel projection)."""

@@ -83,7 +83,9 @@ def build_pruner(cfg: Any, encoder: nn.Module) -> ADMMPruner:
         log.info("prune.soft_delta not set: %.4g hits sparsity %.3f on the pretrained weights", soft_delta,
                  prune.sparsity)
     return ADMMPruner(prunable, sparsity=prune.sparsity, projection=prune.projection, rho=cfg.admm.rho,
-                      rho_growth=cfg.admm.rho_growth, rho_max=cfg.admm.rho_max, soft_delta=soft_delta,
+                      rho_growth=cfg.admm.rho_growth, rho_max=cfg.admm.rho_max,
+                      rho_schedule=cfg.admm.rho_schedule, balance_mu=cfg.admm.rho_balance_mu,
+                      balance_tau=cfg.admm.rho_balance_tau, soft_delta=soft_delta,
                       coupled=find_conv_bn_pairs(encoder) if prune.projection == "channel" else None,
                       all_params=dict(encoder.named_parameters()))
 

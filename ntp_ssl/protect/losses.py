@@ -214,3 +214,13 @@ def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
 
 def _floats(**terms: Tensor) -> dict[str, float]:
     return {name: float(value.detach()) for name, value in terms.items()}
+
+
+def feature_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean_i (1 - cos(s_i, t_i))``: how far the features moved from where the frozen teacher
+    (the unprotected encoder) put the same images; 0 when they point the same way. Cosine,
+    not squared distance, so the term does not depend on the features' scale."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features must be "
+                         "the same (batch, dim) shape")
+    return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=1, eps=1e-8)).mean()

@@ -12,6 +12,7 @@ pseudo-labels.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -20,7 +21,13 @@ from torch.utils.data import Dataset
 
 from ntp_ssl.data import Domain, ImageArrayDataset, to_float_tensor
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.protect.losses import kmeans_pseudo_labels, ntl_loss, representation_ntp_loss, supervised_ntp_loss
+from ntp_ssl.protect.losses import (
+    feature_distillation,
+    kmeans_pseudo_labels,
+    ntl_loss,
+    representation_ntp_loss,
+    supervised_ntp_loss,
+)
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
@@ -63,6 +70,15 @@ class NonTransferableObjective:
         self.source_head.to(device)
         self.target_heads.to(device)
         self.needs_heads = self.kind in ("supervised", "ntl")
+        # The teacher: a frozen copy of the encoder as it is now, before any protection step
+        # (the objective is built before a resume loads the protected state).
+        self.w_distill = float(getattr(loss, "w_source_distill", 0.0))
+        self.teacher = None
+        self._source_features: torch.Tensor | None = None  # this step's source features, for the distillation
+        if self.w_distill > 0:
+            self.teacher = copy.deepcopy(method.encoder).to(device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
 
     def trainable_heads(self) -> list[nn.Parameter]:
         """The source head learns with the encoder (it is part of the source task); target heads stay fixed."""
@@ -112,14 +128,25 @@ class NonTransferableObjective:
         (ta, tb), t_idx = target_batch
         dev = self.device
         sa, sb, ta, tb = sa.to(dev), sb.to(dev), ta.to(dev), tb.to(dev)
+        self._source_features = None
         if self.has_ssl_head and self.kind in ("ssl", "none"):
-            return self._label_free(sa, sb, ta, tb, s_idx, t_idx, target_index)
-        return self._with_heads(sa, ta, s_idx, t_idx, target_index)
+            total, terms = self._label_free(sa, sb, ta, tb, s_idx, t_idx, target_index)
+        else:
+            total, terms = self._with_heads(sa, ta, s_idx, t_idx, target_index)
+        if self.teacher is not None and self._source_features is not None:
+            # + w_sd mean(1 - cos(f_S, teacher(x_S))): the source features stay where they were
+            with torch.no_grad():
+                taught = self.teacher(sa)
+            distill = feature_distillation(self._source_features, taught)
+            total = total + self.w_distill * distill
+            terms = {**terms, "distill_source": distill.item(), "total": total.item()}
+        return total, terms
 
     def _label_free(self, sa, sb, ta, tb, s_idx, t_idx, target_index: int):
         """The SSL source term, and for ``ssl`` the representation-level target terms."""
         encoder, c, dev = self.method.encoder, self.cfg, self.device
         fs_a, fs_b = encoder(torch.cat([sa, sb])).chunk(2)
+        self._source_features = fs_a
         ssl_source = self._ssl(fs_a, fs_b)
         if self.kind == "none":
             return ssl_source, {"ssl_source": ssl_source.item(), "total": ssl_source.item()}
@@ -141,6 +168,7 @@ class NonTransferableObjective:
         """The classification losses: source cross-entropy, and the target terms of ``supervised`` / ``ntl``."""
         encoder, c, dev = self.method.encoder, self.cfg, self.device
         fs = encoder(sa)
+        self._source_features = fs
         ys = self.source_labels[s_idx].to(dev)
         source_logits = self.source_head(fs)
         if self.kind == "none":  # a supervised checkpoint: its source task is classification
