@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ntp_ssl.checks import check_channels, check_image_size, check_run_name, check_source_and_targets
+from ntp_ssl.checks import check_channels, check_image_size, check_run_name, check_source_and_targets, is_int
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
@@ -177,6 +177,16 @@ class LabelFreeLossConfig:
     # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
     # encoder put them (0: off, the measured default until a tuned weight is measured)
     w_source_distill: float = 0.0
+    # A simulated attacker (issue 13; 0: off): every sim_every steps, sim_inner_steps of SGD on a
+    # fresh linear head plus the encoder on half a target batch (k-means pseudo-labels, or
+    # labels for loss=supervised), under the current mask and/or dense (sim_modes); its
+    # first-order gradient of the adapted model's cross-entropy to the uniform distribution on
+    # the other half is added with weight w_sim_attack (the adapted model should learn nothing)
+    w_sim_attack: float = 0.0
+    sim_every: int = 5
+    sim_inner_steps: int = 5
+    sim_inner_lr: float = 0.01
+    sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
 
 
 @dataclass
@@ -190,6 +200,16 @@ class SupervisedLossConfig:
     w_fisher_labels: float = 1e3  # the paper's lambda
     head_steps: int = 100  # optimiser steps fitting the source/target heads on the frozen encoder
     w_source_distill: float = 0.0  # + w_sd mean(1 - cos(f_S, teacher(x_S))), as in loss=ssl
+    # A simulated attacker (issue 13; 0: off): every sim_every steps, sim_inner_steps of SGD on a
+    # fresh linear head plus the encoder on half a target batch (k-means pseudo-labels, or
+    # labels for loss=supervised), under the current mask and/or dense (sim_modes); its
+    # first-order gradient of the adapted model's cross-entropy to the uniform distribution on
+    # the other half is added with weight w_sim_attack (the adapted model should learn nothing)
+    w_sim_attack: float = 0.0
+    sim_every: int = 5
+    sim_inner_steps: int = 5
+    sim_inner_lr: float = 0.01
+    sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
 
 
 @dataclass
@@ -508,6 +528,11 @@ def validate_loss(loss: Any) -> None:
     for f in dataclasses.fields(schema):
         if f.name == "pseudo_clusters":
             _check(loss.pseudo_clusters >= 2, f"loss.pseudo_clusters={loss.pseudo_clusters!r} must be >= 2")
+        elif f.name == "sim_modes":
+            _check(len(loss.sim_modes) > 0 and all(m in ("masked", "dense") for m in loss.sim_modes),
+                   f"loss.sim_modes={list(loss.sim_modes)!r}; accepted: a non-empty list of masked, dense")
+        elif f.name in ("sim_every", "sim_inner_steps"):
+            _check(is_int(loss[f.name]) and loss[f.name] >= 1, f"loss.{f.name}={loss[f.name]!r} must be an integer >= 1")
         elif f.name != "kind":
             _check_positive(f"loss.{f.name}", loss[f.name], allow_zero=True)
 

@@ -82,6 +82,8 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("protect", "admm.rho_schedule=adaptive", "admm.rho_schedule='adaptive' is not one of: geometric, balanced"),
         ("protect", "admm.rho_balance_tau=1", "admm.rho_balance_tau=1.0 must be > 1"),
         ("protect", "loss.w_source_distill=-1", "loss.w_source_distill=-1.0 must be >= 0"),
+        ("protect", "loss.sim_modes=[both]", "loss.sim_modes=['both']; accepted: a non-empty list of masked, dense"),
+        ("protect", "loss.sim_every=0", "loss.sim_every=0 must be an integer >= 1"),
         ("protect", "admm.batch_size=1", "admm.batch_size=1 must be >= 2 (batch norm needs two samples)"),
         ("evaluate", "sweep.scratch=false", "sweep.scratch=False: every SLC-AUC is measured against the from-scratch"),
         ("evaluate", "sweep.seeds=[2147483648]", "sweep.seeds contains 2147483648; every seed must be an integer"),

@@ -359,3 +359,53 @@ def test_feature_distillation_matches_a_plain_loop():
     assert feature_distillation(-teacher, teacher).item() == pytest.approx(2.0, abs=1e-6)
     with pytest.raises(ValueError, match="same"):
         feature_distillation(student[:3], teacher)
+
+
+def _simulator(w_sim=2.0, lr=0.0, modes=("dense",), inner_steps=2):
+    from types import SimpleNamespace
+
+    from ntp_ssl.encoders import build_encoder
+    from ntp_ssl.protect.objective import NonTransferableObjective
+
+    torch.manual_seed(0)
+    objective = object.__new__(NonTransferableObjective)  # only what the simulator reads
+    objective.method = SimpleNamespace(encoder=build_encoder("small_cnn", image_size=16))
+    objective.cfg = SimpleNamespace(sim_every=1, sim_inner_steps=inner_steps, sim_inner_lr=lr, sim_modes=list(modes))
+    objective.device, objective.w_sim = torch.device("cpu"), w_sim
+    x, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    objective._last_target = (x, labels, 4)
+    return objective, x
+
+
+def test_simulated_attack_gradient_matches_a_direct_computation():
+    """With a zero inner learning rate the adapted model is the current one, so the added
+    gradient is w * d/dW [CE(head(f(x_out)), uniform) - ln C] with the step's seeded head."""
+    import copy
+
+    objective, x = _simulator()
+    encoder = objective.method.encoder
+    reference = copy.deepcopy(encoder)
+    state = torch.random.get_rng_state()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    penalties = objective.simulated_attack_({}, step=3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the protection's RNG is untouched
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # weights and BN stats too
+    torch.manual_seed(3)
+    head = torch.nn.Linear(encoder.feature_dim, 4)
+    log_probs = F.log_softmax(head(reference(x[4:])), dim=1)
+    penalty = -log_probs.mean(dim=1).mean() - math.log(4)
+    penalty.backward()
+    assert penalties["sim_dense"] == pytest.approx(penalty.item(), rel=1e-5) and penalties["sim_dense"] >= 0
+    for (name, p), (_, q) in zip(encoder.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(p.grad, 2.0 * q.grad, atol=1e-6), name
+
+
+def test_simulated_attack_runs_each_mode_and_skips_off_steps():
+    objective, _ = _simulator(lr=0.1, modes=("masked", "dense"))
+    encoder = objective.method.encoder
+    masks = {k: torch.rand_like(p) > 0.5 for k, p in encoder.named_parameters() if p.dim() == 4}
+    objective.cfg.sim_every = 2
+    assert objective.simulated_attack_(masks, step=1) == {}  # not a simulation step
+    penalties = objective.simulated_attack_(masks, step=2)
+    assert set(penalties) == {"sim_masked", "sim_dense"} and all(v >= 0 for v in penalties.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters() if p.dim() == 4)

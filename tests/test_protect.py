@@ -239,3 +239,15 @@ def test_source_distillation_is_a_term_of_both_losses(tmp_path, cache_dir, encod
     assert "distill_source" not in plain_meta["metrics"]["iterations"][0]
     plain, distilled = (load_checkpoint(tmp_path / n / "protected.safetensors")[0] for n in ("plain", "distilled"))
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain if k.startswith("encoder."))
+
+
+def test_the_simulated_attacker_is_a_term_of_protection(tmp_path, cache_dir, encoder_checkpoint):
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    run_main_job(_compose_protect(cache_dir, encoder_checkpoint, "loss.w_sim_attack=1.0", "loss.sim_every=2",
+                                  "loss.sim_inner_steps=2"), tmp_path / "sim")
+    _, meta = load_checkpoint(tmp_path / "sim" / "protected.safetensors")
+    for iteration in meta["metrics"]["iterations"]:  # the mean over the steps that simulated (every second)
+        assert iteration["sim_masked"] >= 0 and iteration["sim_dense"] >= 0
+    assert "sim_masked" in meta["metrics"]["retrain"]

@@ -34,9 +34,12 @@ log = logging.getLogger("ntp_ssl.protect")
 
 
 def train_steps(objective: NonTransferableObjective, optimizer, source_iter, target_iters, steps: int, *,
-                penalty=None, start_step: int, desc: str, progress: bool, params: list[nn.Parameter]) -> dict:
-    """``steps`` optimiser steps on L_NT (+ the ADMM penalty); returns the mean of each term."""
+                penalty=None, start_step: int, desc: str, progress: bool, params: list[nn.Parameter],
+                masks=None) -> dict:
+    """``steps`` optimiser steps on L_NT (+ the ADMM penalty, + the simulated attacker's
+    gradient under ``masks()`` when the loss has one); returns the mean of each term."""
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     bar = progress_bar(range(steps), desc=desc, leave=False, enabled=progress)
     objective.method.train()
     for step in bar:
@@ -49,14 +52,17 @@ def train_steps(objective: NonTransferableObjective, optimizer, source_iter, tar
             loss = loss + admm_term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if objective.w_sim > 0 and masks is not None:
+            terms = {**terms, **objective.simulated_attack_(masks(), step=start_step + step)}
         if isinstance(optimizer, MaskedOptimizer):  # pruned gradients must not count towards the clip norm
             mask_gradients_(optimizer.params, optimizer.masks)
         torch.nn.utils.clip_grad_norm_(params, 10.0)  # the negative terms can spike; keep steps bounded
         optimizer.step()
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return {key: value / max(1, steps) for key, value in sums.items()}
+    return {key: value / counts[key] for key, value in sums.items()}  # each over the steps that had it
 
 
 def _norm(params) -> float:
@@ -182,7 +188,7 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     source_iter, target_iters = run.batches(seed * 1000 + iteration)
     terms = train_steps(run.objective, run.optimizer, source_iter, target_iters, steps, penalty=run.pruner.penalty,
                         start_step=iteration * steps, desc=f"W-step {iteration + 1}/{iterations}",
-                        progress=cfg.trainer.progress, params=run.params)
+                        progress=cfg.trainer.progress, params=run.params, masks=run.pruner.masks)
     previous_support = run.pruner.masks()
     residuals = run.pruner.update()
     residuals["primal_relative"] = residuals["primal_total"] / _norm(run.pruner.params)  # ||W - Z|| / ||W||
@@ -224,7 +230,7 @@ def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
         run.objective.refresh_pseudo_labels(run.source, run.targets, seed=cfg.seed + cfg.admm.iterations)
         run.metrics["retrain"] = train_steps(run.objective, masked_opt, source_iter, target_iters,
                                              cfg.admm.retrain_steps, start_step=0, desc="masked retraining",
-                                             progress=cfg.trainer.progress, params=run.params)
+                                             progress=cfg.trainer.progress, params=run.params, masks=lambda: masks)
     run.metrics["knn_after"] = run.knn()
     for name, acc in run.metrics["knn_after"].items():
         run.writer.add_scalar(f"protect/knn_top1/{name}", acc, cfg.admm.iterations + 1)

@@ -13,6 +13,7 @@ pseudo-labels.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -75,6 +76,8 @@ class NonTransferableObjective:
         self.w_distill = float(getattr(loss, "w_source_distill", 0.0))
         self.teacher = None
         self._source_features: torch.Tensor | None = None  # this step's source features, for the distillation
+        self.w_sim = float(getattr(loss, "w_sim_attack", 0.0))
+        self._last_target: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (x, labels, classes) of this step
         if self.w_distill > 0:
             self.teacher = copy.deepcopy(method.encoder).to(device).eval()
             for p in self.teacher.parameters():
@@ -113,10 +116,61 @@ class NonTransferableObjective:
             features = extract_features(self.method.encoder, to_float_tensor(domain.train_images), device=self.device)
             return kmeans_pseudo_labels(features, self.cfg.pseudo_clusters, seed=seed).cpu()
 
-        if self.cfg.w_fisher_pseudo > 0:
+        if self.cfg.w_fisher_pseudo > 0 or self.w_sim > 0:  # the simulated attacker fits them too
             self.pseudo_labels = [cluster(domain) for domain in targets]
         if self.cfg.w_fisher_source > 0:
             self.source_pseudo_labels = cluster(source)
+
+    def simulated_attack_(self, masks: dict[str, torch.Tensor], *, step: int) -> dict[str, float]:
+        """Add ``w_sim`` times the first-order gradient of a simulated fine-tune to the encoder's
+        ``.grad`` (call after the step's backward); returns the penalty per mode.
+
+        Per mode (``masked``: the current ``masks`` kept; ``dense``: none), a copy of the
+        encoder and a fresh linear head take ``sim_inner_steps`` SGD steps on the first half of
+        this step's target batch; the penalty is the adapted model's cross-entropy to the
+        uniform distribution on the other half, minus its minimum ``ln C`` (>= 0, 0 when the
+        adapted model still predicts nothing). Its gradient with respect to the adapted
+        weights is applied to the current ones (first order, as in FOMAML: no second
+        derivatives), so the encoder moves towards weights from which fine-tuning learns little.
+        """
+        if self.w_sim <= 0 or self._last_target is None or step % self.cfg.sim_every != 0:
+            return {}
+        x, labels, classes = self._last_target
+        half = len(x) // 2
+        if half < 2:
+            return {}
+        encoder, c = self.method.encoder, self.cfg
+        penalties = {}
+        for mode in c.sim_modes:
+            adapted = copy.deepcopy(encoder)
+            with torch.random.fork_rng(devices=[]):  # the global RNG is the protection's, untouched
+                torch.manual_seed(step)
+                head = nn.Linear(encoder.feature_dim, classes).to(self.device)
+            named = dict(adapted.named_parameters())
+            keep = {k: m.to(self.device) for k, m in masks.items()} if mode == "masked" else {}
+            with torch.no_grad():
+                for name, mask in keep.items():
+                    named[name].mul_(mask.to(named[name].dtype))
+            inner = torch.optim.SGD([*adapted.parameters(), *head.parameters()], lr=c.sim_inner_lr, momentum=0.9)
+            for _ in range(c.sim_inner_steps):
+                loss = nn.functional.cross_entropy(head(adapted(x[:half])), labels[:half])
+                inner.zero_grad(set_to_none=True)
+                loss.backward()
+                for name, mask in keep.items():
+                    named[name].grad.mul_(mask.to(named[name].grad.dtype))
+                inner.step()
+            inner.zero_grad(set_to_none=True)
+            log_probs = nn.functional.log_softmax(head(adapted(x[half:])), dim=1)
+            penalty = -log_probs.mean(dim=1).mean() - math.log(classes)  # CE to uniform - ln C
+            penalty.backward()
+            for name, param in encoder.named_parameters():
+                grad = named[name].grad
+                if grad is None:
+                    continue
+                scaled = grad * (self.w_sim / len(c.sim_modes))
+                param.grad = scaled if param.grad is None else param.grad + scaled
+            penalties[f"sim_{mode}"] = penalty.item()
+        return penalties
 
     def _ssl(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         head = self.method.projection_head
@@ -129,6 +183,11 @@ class NonTransferableObjective:
         dev = self.device
         sa, sb, ta, tb = sa.to(dev), sb.to(dev), ta.to(dev), tb.to(dev)
         self._source_features = None
+        if self.w_sim > 0:
+            labels = (self.target_labels[target_index] if self.kind == "supervised"
+                      else self.pseudo_labels[target_index])[t_idx].to(dev)
+            classes = self.target_heads[target_index].out_features if self.kind == "supervised" else self.cfg.pseudo_clusters
+            self._last_target = (ta, labels, classes)
         if self.has_ssl_head and self.kind in ("ssl", "none"):
             total, terms = self._label_free(sa, sb, ta, tb, s_idx, t_idx, target_index)
         else:
