@@ -169,3 +169,20 @@ def test_resume_from_a_run_of_another_backbone_is_refused(tmp_path, cache_dir):
     cfg = compose_pretrain(cache_dir, "optim.epochs=1", f"resume_from={other}")
     with pytest.raises(CheckpointError, match="holds a resnet18/simclr run, not small_cnn/simclr"):
         run_pretrain(cfg, tmp_path / "run")
+
+
+def test_a_crafted_resume_state_is_one_line(tmp_path, cache_dir):
+    """A self-consistent file (its hashes recomputed) whose state does not fit the run."""
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pretrain.stage import run_pretrain
+    from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
+
+    run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1"), tmp_path / "a")
+    state, meta = load_training_state(tmp_path / "a" / "last.safetensors")
+    for key, value in (("epoch", 1_000_000), ("epoch", "one"), ("history", None), ("scheduler", {"x": 1})):
+        crafted = save_training_state(tmp_path / key / "last", {**state, key: value},
+                                      {k: v for k, v in meta.items() if k in ("stage", "backbone", "method", "optim")})
+        cfg = compose_pretrain(cache_dir, "optim.epochs=1", f"resume_from={crafted}")
+        with pytest.raises(CheckpointError, match="its state does not fit this run") as info:
+            run_pretrain(cfg, tmp_path / f"run-{key}-{value}")
+        assert "\n" not in str(info.value)

@@ -251,3 +251,18 @@ def test_the_simulated_attacker_is_a_term_of_protection(tmp_path, cache_dir, enc
     for iteration in meta["metrics"]["iterations"]:  # the mean over the steps that simulated (every second)
         assert iteration["sim_masked"] >= 0 and iteration["sim_dense"] >= 0
     assert "sim_masked" in meta["metrics"]["retrain"]
+
+
+def test_a_crafted_protect_state_is_one_line(tmp_path, cache_dir, encoder_checkpoint):
+    from ntp_ssl.errors import CheckpointError
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
+
+    cfg = _compose_protect(cache_dir, encoder_checkpoint)
+    run_main_job(cfg, tmp_path / "run")
+    state, _ = load_training_state(tmp_path / "run" / "protect_state.safetensors")
+    for name in ("protected.safetensors", "protected.json"):
+        (tmp_path / "run" / name).unlink()
+    save_training_state(tmp_path / "run" / "protect_state", {**state, "iteration": 10**6}, {"stage": "protect"})
+    with pytest.raises(CheckpointError, match="cannot resume protection from .*its state does not fit this run"):
+        run_main_job(cfg, tmp_path / "run")
