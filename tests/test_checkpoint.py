@@ -217,3 +217,18 @@ def test_a_damaged_finished_checkpoint_is_set_aside_not_trusted(tmp_path):
     assert not path.exists() and not path.with_suffix(".json").exists()
     kept = sorted(p.name.split(".damaged-")[0] for p in tmp_path.glob("*.damaged-*"))
     assert kept == ["encoder.json", "encoder.safetensors"]  # nothing lost
+
+
+@pytest.mark.parametrize("change", [{"num_classes": "ten"}, {"method": 3}, {"method_config": {"hidden_dim": "wide"}},
+                                    {"method_config": {"hidden_dim": 10**30}}])
+def test_badly_typed_method_metadata_is_a_one_line_error(tmp_path, change):
+    from ntp_ssl.pretrain.methods import build_method, export_state, load_method
+
+    encoder = build_encoder("small_cnn", image_size=16)
+    method = build_method("simclr", encoder, num_classes=10)
+    meta = {"backbone": "small_cnn", "image_size": 16, "channels": 3, "method": "simclr", "num_classes": 10,
+            "method_config": {}}
+    path = save_checkpoint(tmp_path / "enc", export_state(method), {**meta, **change})
+    with pytest.raises(CheckpointError) as info:  # were tracebacks
+        load_method(path, "cpu")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

@@ -25,7 +25,7 @@ from torchvision.transforms import v2 as T
 
 from ntp_ssl.checks import check_channels, check_image_size
 from ntp_ssl.errors import CheckpointError, ConfigError
-from ntp_ssl.shared.checkpoint import MASK_PREFIX, load_encoder
+from ntp_ssl.shared.checkpoint import MASK_PREFIX, load_encoder, meta_int
 
 #: Child modules whose weights a released checkpoint holds (MoCo's key branch is not one).
 EXPORTED_MODULES = ("encoder", "projection_head", "classifier")
@@ -256,8 +256,18 @@ def method_from_config(name: str, encoder: nn.Module, *, num_classes: int, optio
 def load_method(path: str | Path, device) -> tuple[nn.Module, dict, dict[str, Tensor]]:
     """The method module (encoder + its heads) of a checkpoint, its metadata, and its masks."""
     encoder, meta, masks, tensors = load_encoder(path)
-    method = method_from_config(meta["method"], encoder, num_classes=int(meta.get("num_classes", 10)),
-                                options=meta.get("method_config") or {})
+    options = meta.get("method_config") or {}
+    if not isinstance(meta.get("method"), str) or not isinstance(options, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r}: metadata method={meta.get('method')!r} / method_config "
+                              "is not a method name and a mapping of its options")
+    num_classes = meta_int(meta, "num_classes", 10, path)
+    try:
+        method = method_from_config(meta["method"], encoder, num_classes=num_classes, options=options)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {str(path)!r}: its method_config does not build a {meta['method']!r} "
+                              f"method ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     load_exported_state(method, {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)})
     return method.to(device), meta, masks
 
