@@ -29,6 +29,7 @@ from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state, method_from_config
 from ntp_ssl.shared.checkpoint import (
     load_training_state,
+    resuming,
     save_checkpoint,
     save_training_state,
     verified_or_set_aside,
@@ -226,7 +227,7 @@ def _resume(run: PretrainRun, resume_path: Path) -> None:
         raise CheckpointError(
             f"cannot resume from {resume_path}: it holds a {built[0]}/{built[1]} run, not "
             f"{cfg.encoder.backbone}/{cfg.method.name}; set encoder.backbone and method.name to match")
-    try:
+    with resuming(f"from {resume_path}"):
         _check_same_optimiser(run, state, state_meta, resume_path)
         run.method.load_state_dict(state["model"])
         for name, buf in _nonpersistent_buffers(run.method).items():
@@ -237,12 +238,6 @@ def _resume(run: PretrainRun, resume_path: Path) -> None:
         if not (0 <= epoch <= cfg.optim.epochs and 0 <= global_step):
             raise ValueError(f"epoch {epoch} of {cfg.optim.epochs}, step {global_step}")
         set_rng_state(state["rng"])
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # a crafted or foreign state
-        raise CheckpointError(f"cannot resume from {resume_path}: its state does not fit this run "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                              "remove it to start over") from None
     run.epoch, run.global_step, run.history = epoch, global_step, history
     log.info("resuming from %s at epoch %d (step %d)", resume_path, run.epoch, run.global_step)
 

@@ -22,10 +22,9 @@ from torch import nn
 
 from ntp_ssl.data import Domain, ImageArrayDataset
 from ntp_ssl.pretrain.methods import build_train_transform
-from ntp_ssl.errors import CheckpointError
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.objective import IndexedViews, NonTransferableObjective
-from ntp_ssl.shared.checkpoint import load_training_state, save_training_state
+from ntp_ssl.shared.checkpoint import load_training_state, resuming, save_training_state
 from ntp_ssl.shared.knn import knn_on_train_splits
 from ntp_ssl.shared.masking import MaskedOptimizer, mask_gradients_
 from ntp_ssl.shared.progress import progress_bar
@@ -144,7 +143,7 @@ class ProtectionRun:
 
     def resume(self) -> None:
         state, _ = load_training_state(self.state_path)
-        try:
+        with resuming(f"protection from {self.state_path}"):
             self.method.load_state_dict(state["method"])
             self.objective.source_head.load_state_dict(state["source_head"])
             self.objective.target_heads.load_state_dict(state["target_heads"])
@@ -155,12 +154,6 @@ class ProtectionRun:
                     and isinstance(metrics, dict)):
                 raise ValueError(f"iteration {iteration!r}, phase {phase!r}")
             set_rng_state(state["rng"])
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # a crafted or foreign state
-            raise CheckpointError(f"cannot resume protection from {self.state_path}: its state does not fit this "
-                                  f"run ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                                  "remove it to start over") from None
         self.iteration, self.phase, self.metrics = iteration, phase, metrics
         log.info("resuming protection from %s at ADMM iteration %d (%s)", self.state_path, self.iteration, self.phase)
 

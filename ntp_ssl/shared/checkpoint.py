@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,20 @@ def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
         return node
 
     return walk(tree)
+
+
+@contextmanager
+def resuming(what: str):
+    """Loading a training state: what a crafted or foreign state raises (a missing key, a
+    wrong type, a shape mismatch) becomes one CheckpointError, ``cannot resume {what}: ...``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointError(f"cannot resume {what}: its state does not fit this run ({type(exc).__name__}: "
+                              f"{detail}); remove it to start over") from None
 
 
 def save_training_state(path: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
