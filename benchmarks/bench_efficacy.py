@@ -49,6 +49,11 @@ SETUPS: dict[str, list[str]] = {
     "label_free_no_source_fisher": ["experiment=protect_label_free", "loss.w_fisher_source=0"],
     "label_free_moco": ["experiment=protect_label_free", "pretrain.method.name=moco"],
     "target_free": ["experiment=protect_target_free"],
+    # issue 13's options, explored on the tuning seeds (protection 0, sweep 0) before any report
+    "label_free_distill": ["experiment=protect_label_free", "loss.w_source_distill=300"],
+    "label_free_balanced_rho": ["experiment=protect_label_free", "admm.rho_schedule=balanced", "admm.rho=0.5",
+                                "admm.rho_max=50"],
+    "label_free_sim_attack": ["experiment=protect_label_free", "loss.w_sim_attack=300"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
