@@ -8,6 +8,7 @@ as one line, ``error: ...``, with exit code 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -127,6 +128,8 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
     from ntp_ssl.errors import NtpSslError
     from ntp_ssl.shared.runs import lock_run_dir
 
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other processes: rank 0 holds the run directory
+        return None
     try:  # held from here, before Hydra writes its files there, to the stage's end (re-entrant)
         lock_run_dir(run_dir)
     except NtpSslError as exc:
