@@ -150,6 +150,39 @@ def _acc(values: list[float | None]) -> str:
     return f"{np.mean(values):.3f}" if values else "-"
 
 
+def gaps(records: list[dict]) -> list[str]:
+    """The first protected setup against each control, paired by protection seed (the same
+    sweep seeds): mean and 95% interval of the difference; below 0: it protects more."""
+    setups = [r["setup"] for r in records if r["setup"] != REFERENCE]
+    if not setups:
+        return []
+    primary = setups[0]
+
+    def by_seed(setup: str, sparse: bool = False) -> dict:
+        return {r["seed"]: r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch") == sparse}
+
+    own = by_seed(primary)
+    reference = [r for r in records if r["setup"] == REFERENCE]
+    controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}),
+                *((name, by_seed(name)) for name in dict.fromkeys(setups) if name != primary),
+                (f"{primary} sparse scratch", by_seed(primary, sparse=True))]
+    lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
+             "", "| control | mask-kept | dense | best attack | source kNN |", "|---|---|---|---|---|"]
+    for name, other in controls:
+        seeds = [seed for seed in own if seed in other]
+        if not seeds:
+            continue
+        sparse = name.endswith("sparse scratch")  # attacked mask-kept only; its source is a random init
+        cells = [_cell([_target_mean(own[s], attack) - _target_mean(other[s], attack) for s in seeds])
+                 if not (sparse and attack != "finetune_masked") else "-"
+                 for attack in ("finetune_masked", "finetune_dense", "best")]
+        knn = [own[s]["source_knn"] - other[s]["source_knn"] for s in seeds
+               if own[s]["source_knn"] is not None and other[s]["source_knn"] is not None]
+        cells.append(_cell(knn) if knn and not sparse else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(records: list[dict], protect_runs: list[dict]) -> str:
     """The headline: per setup, each number a mean over targets and sweep seeds, then mean and
     Student-t 95% interval over protection seeds (the unprotected encoder: over sweep seeds)."""
@@ -175,6 +208,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
             + f" | {_cell([_source_best(r) for r in split])}"
             + f" | {np.mean([p['sparsity'] for p in runs]) if runs else 0.0:.3f}"
             + f" | {np.mean([p['protect_wall_s'] for p in runs]) / 60 if runs else 0.0:.1f} |")
+    lines += gaps(records)
     lines += ["", "Per target (mean over protection and sweep seeds):", "",
               "| setup | target | mask-kept | dense | linear | kNN | best |", "|---|---|---:|---:|---:|---:|---:|"]
     for record_setup in dict.fromkeys(r["setup"] for r in records):
