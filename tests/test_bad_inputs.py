@@ -545,3 +545,14 @@ def test_a_rerun_whose_input_file_was_swapped_is_refused(tmp_path):
     legacy.pop("inputs")  # a run directory made before inputs were recorded still resumes
     (run_dir / "run_config.json").write_text(json.dumps(legacy))
     assert claim_run_dir(run_dir, cfg, inputs=input_digests([str(checkpoint)], domains)) is True
+
+
+def test_a_fifo_given_as_a_checkpoint_does_not_hang_the_input_digest(tmp_path):
+    import os
+
+    from ntp_ssl.shared.stage import input_digests
+
+    fifo = tmp_path / "enc.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        input_digests([str(fifo)], [])

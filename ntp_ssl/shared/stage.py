@@ -10,7 +10,13 @@ from typing import Any, Sequence
 import torch
 
 from ntp_ssl.data import default_cache_dir
-from ntp_ssl.shared.checkpoint import resolve_checkpoint_path, sha256_file
+from ntp_ssl.shared.checkpoint import (
+    LEGACY_SUFFIXES,
+    MAX_CHECKPOINT_BYTES,
+    check_regular_file,
+    resolve_checkpoint_path,
+    sha256_file,
+)
 from ntp_ssl.shared.runs import claim_run_dir
 from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
@@ -46,7 +52,10 @@ def input_digests(checkpoints: Sequence[str], domains: Sequence[str]) -> dict[st
     keyed on these refuses a rerun whose input file was swapped under the same path."""
     digests = {}
     for path in checkpoints:
-        digests[f"checkpoint {path}"] = sha256_file(resolve_checkpoint_path(path))
+        resolved = resolve_checkpoint_path(path)
+        if resolved.suffix == ".safetensors" or resolved.suffix in LEGACY_SUFFIXES:
+            check_regular_file(resolved, "checkpoint", MAX_CHECKPOINT_BYTES)  # a FIFO would hang the hash
+        digests[f"checkpoint {path}"] = sha256_file(resolved)
     for spec in dict.fromkeys(domains):
         kind, _, rest = str(spec).strip().partition(":")
         location = Path(rest).expanduser()
