@@ -155,7 +155,27 @@ class AdmmConfig:
 
 
 @dataclass
-class LabelFreeLossConfig:
+class ProtectionTerms:
+    """Issue 13's terms, shared by ``loss=ssl`` and ``loss=supervised``; 0 is off (the defaults,
+    until a tuned weight is measured)."""
+
+    # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
+    # encoder put them
+    w_source_distill: float = 0.0
+    # A simulated attacker: every sim_every steps, sim_inner_steps of SGD on a fresh linear head
+    # plus the encoder on half a target batch (k-means pseudo-labels, or labels for
+    # loss=supervised), under the current mask and/or dense (sim_modes); its first-order
+    # gradient of the adapted model's cross-entropy to the uniform distribution on the other
+    # half is added with weight w_sim_attack (the adapted model should learn nothing)
+    w_sim_attack: float = 0.0
+    sim_every: int = 5
+    sim_inner_steps: int = 5
+    sim_inner_lr: float = 0.01
+    sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
+
+
+@dataclass
+class LabelFreeLossConfig(ProtectionTerms):
     """``loss=ssl``, this project's representation-level loss (no labels needed):
     w_s SSL_S - w_t min(SSL_T, c_t) - w_mmd min(MMD, c_m) + w_fp FDR(f_T, k-means_T)
     + w_fl FDR(f_T, y_T) - w_fs min(FDR(f_S, k-means_S), c_fs)."""
@@ -174,23 +194,10 @@ class LabelFreeLossConfig:
     w_fisher_source: float = 1000.0  # - w_fs min(FDR(f_S, k-means), c_fs): the source keeps its clusters
     fisher_source_clamp: float = 1.0
     pseudo_clusters: int = 10  # k of the k-means pseudo-labels (target, and source when w_fisher_source > 0)
-    # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
-    # encoder put them (0: off, the measured default until a tuned weight is measured)
-    w_source_distill: float = 0.0
-    # A simulated attacker (issue 13; 0: off): every sim_every steps, sim_inner_steps of SGD on a
-    # fresh linear head plus the encoder on half a target batch (k-means pseudo-labels, or
-    # labels for loss=supervised), under the current mask and/or dense (sim_modes); its
-    # first-order gradient of the adapted model's cross-entropy to the uniform distribution on
-    # the other half is added with weight w_sim_attack (the adapted model should learn nothing)
-    w_sim_attack: float = 0.0
-    sim_every: int = 5
-    sim_inner_steps: int = 5
-    sim_inner_lr: float = 0.01
-    sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
 
 
 @dataclass
-class SupervisedLossConfig:
+class SupervisedLossConfig(ProtectionTerms):
     """``loss=supervised``, the paper's loss with labels on both sides:
     CE_S - alpha min(CE_T, c) + w_fl FDR(f_T, y_T)."""
 
@@ -199,17 +206,6 @@ class SupervisedLossConfig:
     ce_clamp: float = 10.0  # c = 10 in the authors' code
     w_fisher_labels: float = 1e3  # the paper's lambda
     head_steps: int = 100  # optimiser steps fitting the source/target heads on the frozen encoder
-    w_source_distill: float = 0.0  # + w_sd mean(1 - cos(f_S, teacher(x_S))), as in loss=ssl
-    # A simulated attacker (issue 13; 0: off): every sim_every steps, sim_inner_steps of SGD on a
-    # fresh linear head plus the encoder on half a target batch (k-means pseudo-labels, or
-    # labels for loss=supervised), under the current mask and/or dense (sim_modes); its
-    # first-order gradient of the adapted model's cross-entropy to the uniform distribution on
-    # the other half is added with weight w_sim_attack (the adapted model should learn nothing)
-    w_sim_attack: float = 0.0
-    sim_every: int = 5
-    sim_inner_steps: int = 5
-    sim_inner_lr: float = 0.01
-    sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
 
 
 @dataclass
