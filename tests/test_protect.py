@@ -74,6 +74,7 @@ def _check_protected_file(path: Path, sparsity: float) -> None:
     with torch.no_grad():
         assert torch.equal(encoder.eval()(x), load_release(release)(x))
     assert release.stat().st_size < path.stat().st_size
+    assert (release.stat().st_mode & 0o777) == (path.stat().st_mode & 0o777)  # the usual permissions, not 0600
     assert meta["sparsity"]["files"]["release_bytes"] == release.stat().st_size
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ntp_ssl.config import to_plain
-from ntp_ssl.io import atomic_write_json, atomic_write_text
+from ntp_ssl.io import atomic_path, atomic_write_json, atomic_write_text
 from ntp_ssl.pretrain.methods import export_state
 from ntp_ssl.release import save_release
 from ntp_ssl.protect.sparsity import format_sparsity_table, sparsity_report
@@ -74,8 +74,10 @@ def export_protected(path: Path, method: nn.Module, masks: dict[str, torch.Tenso
         "sparsity": report,
     }
     # the release file: pruned tensors packed (bitmask + kept values), loadable without ntp-ssl
-    release = save_release(path.with_name(f"{path.stem}.release.safetensors"), method.encoder, masks,
-                           backbone=str(meta.get("backbone")), extra={"source": str(cfg.data.source)})
+    release = path.with_name(f"{path.stem}.release.safetensors")
+    with atomic_path(release) as tmp:  # whole or not at all, with the usual permissions
+        save_release(tmp, method.encoder, masks, backbone=str(meta.get("backbone")),
+                     extra={"source": str(cfg.data.source)})
     report.setdefault("files", {})["release_bytes"] = release.stat().st_size
     save_checkpoint(path, tensors, protected_meta)
     saved, _ = load_checkpoint(path)  # read back: exactly the mask's nonzeros, nothing dense besides
