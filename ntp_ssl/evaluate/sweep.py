@@ -51,6 +51,7 @@ from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
 from ntp_ssl.shared.knn import knn_top1
+from ntp_ssl.shared.masking import apply_masks_
 from ntp_ssl.shared.progress import progress_bar
 
 log = logging.getLogger("ntp_ssl.evaluate")
@@ -88,10 +89,7 @@ def sparse_scratch_model(model: ModelUnderTest, *, in_channels: int, image_size:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(model.backbone, in_channels=in_channels, image_size=image_size)
-    named = dict(encoder.named_parameters())
-    with torch.no_grad():
-        for key, mask in model.masks.items():
-            named[key].mul_(mask.to(named[key].dtype))
+    apply_masks_(dict(encoder.named_parameters()), model.masks)
     return ModelUnderTest(name, encoder, model.backbone, masks=model.masks, attacks=("finetune_masked",))
 
 

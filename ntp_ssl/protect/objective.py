@@ -30,6 +30,7 @@ from ntp_ssl.protect.losses import (
     supervised_ntp_loss,
 )
 from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.masking import apply_masks_, mask_gradients_
 from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
 
@@ -147,17 +148,14 @@ class NonTransferableObjective:
                 torch.manual_seed(step)
                 head = nn.Linear(encoder.feature_dim, classes).to(self.device)
             named = dict(adapted.named_parameters())
-            keep = {k: m.to(self.device) for k, m in masks.items()} if mode == "masked" else {}
-            with torch.no_grad():
-                for name, mask in keep.items():
-                    named[name].mul_(mask.to(named[name].dtype))
+            keep = masks if mode == "masked" else {}
+            apply_masks_(named, keep)
             inner = torch.optim.SGD([*adapted.parameters(), *head.parameters()], lr=c.sim_inner_lr, momentum=0.9)
             for _ in range(c.sim_inner_steps):
                 loss = nn.functional.cross_entropy(head(adapted(x[:half])), labels[:half])
                 inner.zero_grad(set_to_none=True)
                 loss.backward()
-                for name, mask in keep.items():
-                    named[name].grad.mul_(mask.to(named[name].grad.dtype))
+                mask_gradients_(named, keep)
                 inner.step()
             inner.zero_grad(set_to_none=True)
             log_probs = nn.functional.log_softmax(head(adapted(x[half:])), dim=1)
