@@ -46,6 +46,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers for augmented training
     train_limit: int = 0  # keep at most this many train samples per domain (class-covering); 0 keeps all
     test_limit: int = 0  # likewise for test splits (quick runs and tests)
+    # None or "test": every domain's own test split is measured. "validation": the tuning split:
+    # a stratified 20% of each train split (seed VALIDATION_SEED) is held out and measured
+    # instead, and no stage sees it otherwise, so settings are chosen without the test split
+    split: Optional[str] = None
 
 
 @dataclass
@@ -149,6 +153,10 @@ class AdmmConfig:
     rho_balance_tau: float = 2.0
     optimizer: str = "adam"
     lr: float = 1e-3
+    # The W-step learning rate of iteration i is lr * (lr_final / lr) ** (i / (iterations - 1));
+    # None: lr throughout. Adam moves each weight by about lr per step, so ||W - Z|| cannot
+    # settle below that noise floor unless the rate comes down as rho goes up.
+    lr_final: Optional[float] = None
     weight_decay: float = 0.0
     batch_size: int = 64
     retrain_steps: int = 60  # masked retraining after the hard prune
@@ -380,6 +388,9 @@ def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None
     _check(ok and math.isfinite(value), f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+DATA_SPLITS = (None, "test", "validation")
+
+
 def validate_data(data: Any) -> None:
     check_image_size(data.image_size, "data.image_size")
     check_channels(data.channels, "data.channels")
@@ -387,6 +398,8 @@ def validate_data(data: Any) -> None:
     _check_positive("data.num_workers", data.num_workers, allow_zero=True)
     _check_positive("data.train_limit", data.train_limit, allow_zero=True)
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
+    split = getattr(data, "split", None)
+    _check(split in DATA_SPLITS, f"data.split={split!r} is not one of: test, validation (or null: test)")
 
 
 def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
@@ -501,6 +514,8 @@ def validate_admm(admm: Any) -> None:
         _check_positive(f"admm.{key}", admm[key])
     # batch norm in training mode needs two samples per batch
     _check(admm.batch_size >= 2, f"admm.batch_size={admm.batch_size!r} must be >= 2 (batch norm needs two samples)")
+    if getattr(admm, "lr_final", None) is not None:
+        _check_positive("admm.lr_final", admm.lr_final)
     _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
            f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
     _check_choice("admm.rho_schedule", admm.rho_schedule, RHO_SCHEDULES)

@@ -393,3 +393,18 @@ def test_find_conv_bn_pairs_resnet18():
     )
     masks = pruner.masks()
     assert masks["layer4.1.bn2.bias"].shape == (512,)
+
+
+def test_w_step_lr_decays_geometrically_from_lr_to_lr_final():
+    from types import SimpleNamespace
+
+    from ntp_ssl.protect.loop import w_step_lr
+
+    admm = SimpleNamespace(lr=3e-3, lr_final=3e-4, iterations=5)
+    rates = [w_step_lr(admm, i) for i in range(5)]
+    ratio = (3e-4 / 3e-3) ** 0.25  # four equal ratios take lr to lr_final
+    for i, rate in enumerate(rates):
+        assert rate == pytest.approx(3e-3 * ratio**i)
+    assert rates[0] == pytest.approx(3e-3) and rates[-1] == pytest.approx(3e-4)
+    assert all(w_step_lr(SimpleNamespace(lr=1e-3, lr_final=None, iterations=5), i) == 1e-3 for i in range(5))
+    assert w_step_lr(SimpleNamespace(lr=1e-3, lr_final=1e-5, iterations=1), 0) == 1e-3  # one iteration: lr

@@ -185,12 +185,24 @@ def start_protection(cfg: Any, method: nn.Module, source: Domain, targets: list[
     return run
 
 
+def w_step_lr(admm: Any, iteration: int) -> float:
+    """The W-step learning rate of ``iteration`` (0-based): ``lr`` throughout, or from ``lr`` down
+    to ``lr_final`` geometrically, lr * (lr_final / lr) ** (iteration / (iterations - 1))."""
+    lr, final = float(admm.lr), getattr(admm, "lr_final", None)
+    if final is None or admm.iterations <= 1:
+        return lr
+    return lr * (float(final) / lr) ** (iteration / (admm.iterations - 1))
+
+
 def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     """One W-step, Z-step and U-step; logs and records the iteration; returns the kNN scores after it."""
     cfg, seed = run.cfg, run.cfg.seed
     steps, iterations = cfg.admm.steps_per_iteration, cfg.admm.iterations
     run.objective.refresh_pseudo_labels(run.source, run.targets, seed=seed + iteration)
     source_iter, target_iters = run.batches(seed * 1000 + iteration)
+    lr = w_step_lr(cfg.admm, iteration)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     terms = train_steps(run.objective, run.optimizer, source_iter, target_iters, steps, penalty=run.pruner.penalty,
                         start_step=iteration * steps, desc=f"W-step {iteration + 1}/{iterations}",
                         progress=cfg.trainer.progress, params=run.params, masks=run.pruner.masks)
@@ -207,7 +219,8 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     kept = sum(int(m.sum()) for m in z_masks.values())
     run.writer.add_scalar("protect/z_sparsity", 1 - kept / sum(m.numel() for m in z_masks.values()), step)
     run.metrics["iterations"].append({"iteration": step, **terms, "knn": knn, **{
-        key: residuals[key] for key in ("rho", "primal_total", "dual_total", "primal_relative", "support_overlap")}})
+        key: residuals[key] for key in ("rho", "primal_total", "dual_total", "primal_relative", "support_overlap")},
+        "lr": lr})
     log.info("ADMM %d/%d: %s; kNN %s", step, iterations, ", ".join(f"{k}={v:.4g}" for k, v in terms.items()),
              ", ".join(f"{k}={v:.3f}" for k, v in knn.items()))
     run.iteration = step
