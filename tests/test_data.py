@@ -443,3 +443,35 @@ def test_contact_sheet_png(domains, tmp_path):
         write_contact_sheet(list(domains.values()), tmp_path / "x.png", per_class=0)
     with pytest.raises(DataError):
         write_contact_sheet([], tmp_path / "x.png")
+
+
+def test_the_validation_split_holds_out_train_images_and_never_reads_the_test_split(tmp_path):
+    """data.split=validation: the measured split is a stratified fifth of the train split, the
+    rest is trained on, and not one test image is left (settings chosen there never saw it)."""
+    from types import SimpleNamespace
+
+    from ntp_ssl.data import load_domains_for
+    from ntp_ssl.data.load import VALIDATION_FRACTION
+
+    rng = np.random.default_rng(0)
+    x, x_test = rng.integers(0, 255, (100, 16, 16), dtype=np.uint8), rng.integers(0, 255, (30, 16, 16), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 25)
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x_test, y_test=np.arange(30) % 4)
+
+    def load(split):
+        data = SimpleNamespace(image_size=16, channels=3, seed=0, root=None, download=False, train_limit=0,
+                               test_limit=0, split=split)
+        return load_domains_for(SimpleNamespace(data=data, paths=SimpleNamespace(cache_dir=str(tmp_path / "c"))),
+                                [f"npz:{tmp_path / 'd.npz'}"])[0]
+
+    full, held = load(None), load("validation")
+    assert len(held.test_labels) == VALIDATION_FRACTION * 100 and len(held.train_labels) == 80
+    assert np.bincount(held.test_labels).tolist() == [5, 5, 5, 5]  # stratified
+    rows = {img.tobytes(): i for i, img in enumerate(full.train_images)}  # every image of x is distinct
+    fit = {rows[img.tobytes()] for img in held.train_images}
+    val = {rows[img.tobytes()] for img in held.test_images}
+    assert not fit & val and len(fit | val) == 100  # a partition of the train split
+    test = {img.tobytes() for img in full.test_images}
+    assert not test & {img.tobytes() for img in (*held.train_images, *held.test_images)}
+    np.testing.assert_array_equal(load("validation").test_images, held.test_images)  # the same every time
+    np.testing.assert_array_equal(load("test").test_images, full.test_images)

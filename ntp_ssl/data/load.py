@@ -11,7 +11,7 @@ from typing import Any
 from ntp_ssl.checks import check_channels, check_image_size, is_int
 from ntp_ssl.data import cache, embedded, external
 from ntp_ssl.data.domain import Domain
-from ntp_ssl.data.subsets import draw_subset
+from ntp_ssl.data.subsets import draw_subset, stratified_split
 from ntp_ssl.errors import ConfigError, DataError
 
 log = logging.getLogger("ntp_ssl.data")
@@ -111,10 +111,29 @@ def load_domains_for(cfg: Any, names: list[str]) -> list[Domain]:
                     cache_dir=cache_dir, root=data.root, download=data.download)
         for name in names
     ]
+    if getattr(data, "split", None) == "validation":
+        domains = [hold_out_validation(d) for d in domains]
     limited = [limit_domain(d, data.train_limit, data.test_limit, seed=data.seed) for d in domains]
     for domain in limited:  # every stage measures accuracy on these
         domain.check_measurable()
     return limited
+
+
+#: the tuning split (``data.split=validation``): this share of each train split, drawn with this
+#: seed whatever ``data.seed`` is, so every tuning run holds out the same images
+VALIDATION_FRACTION = 0.2
+VALIDATION_SEED = 20_261_128
+
+
+def hold_out_validation(domain: Domain) -> Domain:
+    """``domain`` with a stratified ``VALIDATION_FRACTION`` of its train split as its test split
+    and the rest as its train split; its own test split is dropped, so nothing measured on the
+    result has read it (choose settings here, report on the test split)."""
+    import dataclasses
+
+    fit, val = stratified_split(domain.train_labels, VALIDATION_FRACTION, seed=VALIDATION_SEED)
+    return dataclasses.replace(domain, train_images=domain.train_images[fit], train_labels=domain.train_labels[fit],
+                               test_images=domain.train_images[val], test_labels=domain.train_labels[val])
 
 
 def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
