@@ -541,3 +541,24 @@ def test_evaluate_is_deterministic(tmp_path, cache_dir, encoder_checkpoint):
         rows.append(run_evaluate(cfg, tmp_path / name)["rows"])
     assert rows[0] == rows[1]
     assert {r["model"] for r in rows[0]} == {"ssl", "scratch"}
+
+
+def test_an_option_added_later_with_a_null_default_leaves_older_run_directories_resumable(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.errors import ConfigError
+    from ntp_ssl.shared.runs import claim_run_dir, release_run_dir, without_new_nulls
+
+    assert without_new_nulls({"a": 1, "new": None, "d": {"x": 2, "y": None}}, {"a": 1, "d": {"x": 2}}) == {
+        "a": 1, "d": {"x": 2}}
+    assert without_new_nulls({"a": 1, "new": 0}, {"a": 1}) == {"a": 1, "new": 0}  # a set value still differs
+    assert without_new_nulls({"a": None}, {"a": 1}) == {"a": None}  # a key the old run had is kept
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps({"admm": {"lr": 0.001}}))
+    assert claim_run_dir(run_dir, OmegaConf.create({"admm": {"lr": 0.001, "lr_final": None}})) is True
+    release_run_dir(run_dir)
+    (run_dir / "out.txt").write_text("work")  # the directory holds work: a real difference is refused
+    with pytest.raises(ConfigError, match="admm.lr_final: None -> 0.0001"):
+        claim_run_dir(run_dir, OmegaConf.create({"admm": {"lr": 0.001, "lr_final": 1e-4}}))
+    release_run_dir(run_dir)

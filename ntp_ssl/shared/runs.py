@@ -48,6 +48,15 @@ def fingerprint(cfg: Any, ignore: Iterable[str] = PRESENTATION_KEYS) -> dict:
     return tree
 
 
+def without_new_nulls(current: Any, previous: Any) -> Any:
+    """``current`` without the keys ``previous`` lacks whose value is None: an option added
+    later with a null default (off) leaves the runs made before it resumable."""
+    if not (isinstance(current, dict) and isinstance(previous, dict)):
+        return current
+    return {key: without_new_nulls(value, previous.get(key)) for key, value in current.items()
+            if key in previous or value is not None}
+
+
 def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -131,6 +140,8 @@ def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATI
             previous = None
         if isinstance(previous, dict) and INPUTS_KEY not in previous:
             current.pop(INPUTS_KEY, None)  # a run directory made before inputs were recorded
+        if isinstance(previous, dict):
+            current = without_new_nulls(current, previous)
         if previous is not None and previous != current and not holds_work(run_dir):
             # The earlier run stopped at start-up (a bad value or path) and left nothing but
             # bookkeeping: the corrected command takes the run directory over.
