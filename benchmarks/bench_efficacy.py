@@ -37,6 +37,8 @@ from ntp_ssl.config import PruneConfig
 from ntp_ssl.evaluate.results import read_results, summarize
 from ntp_ssl.evaluate.slc import mean_ci95
 
+ADMM_CONVERGED = ["admm.iterations=14", "admm.rho=0.1", "admm.rho_growth=3", "admm.rho_max=1e5", "admm.lr=3e-3",
+                  "admm.lr_final=1e-3"]
 SETUPS: dict[str, list[str]] = {
     "label_free": ["experiment=protect_label_free"],
     "supervised": ["experiment=protect_supervised"],
@@ -54,6 +56,13 @@ SETUPS: dict[str, list[str]] = {
     "label_free_balanced_rho": ["experiment=protect_label_free", "admm.rho_schedule=balanced", "admm.rho=0.5",
                                 "admm.rho_max=50"],
     "label_free_sim_attack": ["experiment=protect_label_free", "loss.w_sim_attack=300"],
+    # converged ADMM (||W - Z|| / ||W|| about 0.02, consecutive supports equal, on seed 0):
+    # rho 0.1 tripled every iteration up to 1e5, 14 iterations, Adam 3e-3 down to 1e-3
+    "label_free_admm": ["experiment=protect_label_free", *ADMM_CONVERGED],
+    "label_free_admm_distill": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300"],
+    "label_free_admm_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=300"],
+    "label_free_admm_distill_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300",
+                                    "loss.w_sim_attack=300"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
@@ -102,6 +111,25 @@ def evaluate(run_name: str, checkpoints: list[str], names: list[str], sparse: li
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"rows": read_results(run_dir / "results.csv"), "source_accuracy": summary["source_accuracy"],
             "wall_s": wall, "command": args}
+
+
+def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: bool) -> dict | None:
+    """A finished evaluate run of protection seed ``seed`` on these sweep seeds that already
+    attacked ``name`` (and its sparse scratch when asked), so that adding a setup later does
+    not redo the others; None when there is none."""
+    base = f"seed{seed}-sweep{seeds_tag}"  # then "_<setups>" for setups added later
+    for run_dir in sorted((root / "evaluate").glob(f"{base}*")):
+        if run_dir.name != base and not run_dir.name.startswith(f"{base}_") or not (run_dir / "summary.json").exists():
+            continue
+        rows = read_results(run_dir / "results.csv")
+        models = {r["model"] for r in rows}
+        if name in models and (not sparse or f"{name}-sparse_scratch" in models):
+            summary = json.loads((run_dir / "summary.json").read_text())
+            wall = run_dir / "bench_wall.json"
+            return {"rows": rows, "source_accuracy": summary["source_accuracy"],
+                    "wall_s": json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan"),
+                    "command": None}
+    return None
 
 
 def scores(rows: list[dict], model: str, source: str, sweep_seed: int) -> dict[str, dict[str, float]]:
@@ -265,12 +293,19 @@ def main() -> None:
         runs = [p for p in protect_runs if p["seed"] == seed]
         names = [p["setup"] for p in runs]
         sparse = [n for n in names if n in args.sparse_scratch]
-        run = evaluate(f"seed{seed}-sweep{seeds_tag}", [p["run_dir"] for p in runs], names, sparse, root, sweep)
-        print(f"evaluated: protection seed {seed} ({run['wall_s'] / 60:.1f} min)", flush=True)
+        done = {name: found for name in names
+                if (found := evaluated_before(root, seed, seeds_tag, name, name in sparse)) is not None}
+        todo = [p for p in runs if p["setup"] not in done]
+        if todo:  # the setups not attacked before, together (the scratch baselines are cached)
+            todo_names = [p["setup"] for p in todo]
+            run = evaluate(f"seed{seed}-sweep{seeds_tag}_" + "+".join(todo_names), [p["run_dir"] for p in todo],
+                           todo_names, [n for n in todo_names if n in sparse], root, sweep)
+            print(f"evaluated: protection seed {seed}: {', '.join(todo_names)} ({run['wall_s'] / 60:.1f} min)", flush=True)
+            done.update({name: run for name in todo_names})
         for name in names:
-            records.append(per_seed_record(name, seed, run, name, args.sweep_seeds, source))
+            records.append(per_seed_record(name, seed, done[name], name, args.sweep_seeds, source))
         for name in sparse:
-            records.append(per_seed_record(name, seed, run, f"{name}-sparse_scratch", args.sweep_seeds, source))
+            records.append(per_seed_record(name, seed, done[name], f"{name}-sparse_scratch", args.sweep_seeds, source))
     text = table(records, protect_runs)
     (root / f"{args.table}.md").write_text(text + "\n")
     (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records,
