@@ -94,7 +94,7 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("pretrain", "method.momentum_base=1.5", "method.momentum_base=1.5 must be in [0, 1]"),
         ("pretrain", "+optim.lrr=0.1", "unknown config key(s) optim.lrr"),
         ("protect", "admm.weight_decay=-1", "admm.weight_decay=-1.0 must be >= 0"),
-        ("protect", "admm.rho_max=0.001", "admm.rho_max=0.001 must be >= admm.rho=0.005"),
+        ("protect", "admm.rho_max=0.001", "admm.rho_max=0.001 must be >= admm.rho=0.1"),
         ("protect", "admm.iterations=-1", "admm.iterations=-1 must be >= 0"),
         ("protect", "loss.w_mmd=-1", "loss.w_mmd=-1.0 must be >= 0"),
         ("protect", "pretrain.optim.lr=0", "optim.lr=0.0 must be > 0"),

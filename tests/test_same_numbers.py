@@ -22,7 +22,9 @@ TINY_DEFAULT_ENCODER = ["pretrain.optim.epochs=1", "pretrain.optim.batch_size=64
                         "pretrain.method.projection_dim=32", "trainer.projector=false"]
 TINY_ADMM = ["data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
              "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8", "evaluate=false",
-             "trainer.threads=1"]
+             "trainer.threads=1",
+             # the ADMM defaults of the recorded commit (the converged defaults came later)
+             "admm.rho=0.005", "admm.rho_growth=1.5", "admm.rho_max=1.0", "admm.lr=0.001", "admm.lr_final=null"]
 
 # loss option -> (extra overrides, sha256 of the protected tensors) recorded at commit 3cdb5be.
 RECORDED = {
