@@ -60,6 +60,7 @@ SETUPS: dict[str, list[str]] = {
     # rho 0.1 tripled every iteration up to 1e5, 14 iterations, Adam 3e-3 down to 1e-3
     "label_free_admm": ["experiment=protect_label_free", *ADMM_CONVERGED],
     "label_free_admm_distill": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300"],
+    "label_free_admm_distill3000": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=3000"],
     "label_free_admm_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=300"],
     "label_free_admm_distill_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300",
                                     "loss.w_sim_attack=300"],
