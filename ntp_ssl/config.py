@@ -170,8 +170,9 @@ class AdmmConfig:
 @dataclass
 class ProtectionTerms:
     """Issue 13's terms, shared by ``loss=ssl`` and ``loss=supervised``; 0 is off, the default:
-    at weight 300 neither made label-free NTP a worse start on the validation split (seed 0,
-    docs/RESULTS.md), and other weights are not measured yet."""
+    at weight 300 neither made label-free NTP a worse start on the validation split, and
+    distillation at 3000 gave the source back only as fast as it gave up protection (seed 0,
+    docs/RESULTS.md); other weights are not measured yet."""
 
     # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
     # encoder put them
