@@ -45,7 +45,7 @@ def default_encoder_config(cfg: Any) -> Any:
     # The encoder being protected is the same whichever split is measured: it is pretrained on
     # the whole source train split (data.split=validation holds out images from protection and
     # attacks, not from the owner's pretraining)
-    data = {key: value for key, value in to_plain(cfg.data).items() if key != "split"}
+    data = {**to_plain(cfg.data), "split": None}
     return OmegaConf.merge(node, {**to_plain(cfg.pretrain), "data": data, "paths": to_plain(cfg.paths),
                                   "trainer": to_plain(cfg.trainer)})
 
@@ -54,8 +54,7 @@ def default_encoder(cfg: Any, cache_dir: Path) -> Path:
     """Pretrain the default encoder for this source once; later runs reuse it from the cache."""
     pretrain_cfg = default_encoder_config(cfg)
     tree = fingerprint(pretrain_cfg)
-    if tree["data"].get("split") is None:  # the digest of caches made before data.split existed
-        tree["data"].pop("split", None)
+    del tree["data"]["split"]  # always null here: left out, caches made before data.split existed keep their key
     digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
     run_dir = cache_dir / "encoders" / f"{pretrain_cfg.run_name}-{digest}"
     log.info("[1/3 encoder] no checkpoint given: using the default %s encoder from %s", pretrain_cfg.method.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import time
@@ -129,8 +130,6 @@ def hold_out_validation(domain: Domain) -> Domain:
     """``domain`` with a stratified ``VALIDATION_FRACTION`` of its train split as its test split
     and the rest as its train split; its own test split is dropped, so nothing measured on the
     result has read it (choose settings here, report on the test split)."""
-    import dataclasses
-
     fit, val = stratified_split(domain.train_labels, VALIDATION_FRACTION, seed=VALIDATION_SEED)
     return dataclasses.replace(domain, train_images=domain.train_images[fit], train_labels=domain.train_labels[fit],
                                test_images=domain.train_images[val], test_labels=domain.train_labels[val])
@@ -138,8 +137,6 @@ def hold_out_validation(domain: Domain) -> Domain:
 
 def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
     """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
-    import dataclasses
-
     changes = {}
     for split, limit in (("train", train_limit), ("test", test_limit)):
         labels = getattr(domain, f"{split}_labels")
