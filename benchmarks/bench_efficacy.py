@@ -69,6 +69,7 @@ SETUPS: dict[str, list[str]] = {
     "label_free_admm_distill": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300"],
     "label_free_admm_distill3000": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=3000"],
     "label_free_admm_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=300"],
+    "supervised_admm": ["experiment=protect_supervised", *ADMM_CONVERGED],
     "label_free_admm_distill_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300",
                                     "loss.w_sim_attack=300"],
 }

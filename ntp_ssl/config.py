@@ -165,6 +165,10 @@ class AdmmConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     retrain_steps: int = 60  # masked retraining after the hard prune
+    # What masked retraining minimises: None, L_NT itself; "source", the source terms alone
+    # (source SSL or cross-entropy, plus the distillation when loss.w_source_distill > 0), so the
+    # kept weights serve the source again without any push on the targets (issue 13, item 2)
+    retrain_loss: Optional[str] = None
 
 
 @dataclass
@@ -526,6 +530,9 @@ def validate_admm(admm: Any) -> None:
     _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
            f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
     _check_choice("admm.rho_schedule", admm.rho_schedule, RHO_SCHEDULES)
+    if getattr(admm, "retrain_loss", None) is not None:
+        _check(admm.retrain_loss == "source",
+               f"admm.retrain_loss={admm.retrain_loss!r} is not one of: null (the protection loss), source")
     _check(admm.rho_balance_mu > 1, f"admm.rho_balance_mu={admm.rho_balance_mu!r} must be > 1")
     _check(admm.rho_balance_tau > 1, f"admm.rho_balance_tau={admm.rho_balance_tau!r} must be > 1")
 

@@ -82,6 +82,7 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("protect", "admm.rho_schedule=adaptive", "admm.rho_schedule='adaptive' is not one of: geometric, balanced"),
         ("protect", "admm.rho_balance_tau=1", "admm.rho_balance_tau=1.0 must be > 1"),
         ("protect", "admm.lr_final=0", "admm.lr_final=0.0 must be > 0"),
+        ("protect", "admm.retrain_loss=target", "admm.retrain_loss='target' is not one of: null (the protection loss), source"),
         ("evaluate", "data.split=val", "data.split='val' is not one of: test, validation"),
         ("protect", "loss.w_source_distill=-1", "loss.w_source_distill=-1.0 must be >= 0"),
         ("protect", "loss.sim_modes=[both]", "loss.sim_modes=['both']; accepted: a non-empty list of masked, dense"),

@@ -242,6 +242,24 @@ def test_source_distillation_is_a_term_of_both_losses(tmp_path, cache_dir, encod
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain if k.startswith("encoder."))
 
 
+@pytest.mark.parametrize("loss, source_terms", [("ssl", {"ssl_source"}), ("supervised", {"ce_source"})])
+def test_masked_retraining_on_the_source_terms_alone(tmp_path, cache_dir, encoder_checkpoint, loss, source_terms):
+    """admm.retrain_loss=source: ADMM unchanged, then the retraining minimises the source term
+    (and the distillation) alone, with no target term, so other protected weights."""
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    common = (f"loss={loss}", "loss.w_source_distill=1.0")
+    run_main_job(_compose_protect(cache_dir, encoder_checkpoint, *common), tmp_path / "nt")
+    run_main_job(_compose_protect(cache_dir, encoder_checkpoint, *common, "admm.retrain_loss=source"),
+                 tmp_path / "source")
+    (nt, nt_meta), (src, src_meta) = (load_checkpoint(tmp_path / n / "protected.safetensors") for n in ("nt", "source"))
+    assert set(src_meta["metrics"]["retrain"]) == {*source_terms, "distill_source", "total"}
+    assert set(nt_meta["metrics"]["retrain"]) > {*source_terms, "distill_source", "total"}  # target terms too
+    assert src_meta["metrics"]["iterations"] == nt_meta["metrics"]["iterations"]  # the same ADMM before it
+    assert any(not torch.equal(nt[k], src[k]) for k in nt if k.startswith("encoder."))
+
+
 def test_the_simulated_attacker_is_a_term_of_protection(tmp_path, cache_dir, encoder_checkpoint):
     from ntp_ssl.pipeline import run_main_job
     from ntp_ssl.shared.checkpoint import load_checkpoint

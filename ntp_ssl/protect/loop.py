@@ -245,10 +245,17 @@ def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
     if cfg.admm.retrain_steps > 0 and run.phase == "retrain":
         log.info("[2/3 protect] masked retraining for %d steps", cfg.admm.retrain_steps)
         source_iter, target_iters = run.batches(cfg.seed * 1000 + 999)
-        run.objective.refresh_pseudo_labels(run.source, run.targets, seed=cfg.seed + cfg.admm.iterations)
-        run.metrics["retrain"] = train_steps(run.objective, masked_opt, source_iter, target_iters,
-                                             cfg.admm.retrain_steps, start_step=0, desc="masked retraining",
-                                             progress=cfg.trainer.progress, params=run.params, masks=lambda: masks)
+        source_only = getattr(cfg.admm, "retrain_loss", None) == "source"
+        if not source_only:
+            run.objective.refresh_pseudo_labels(run.source, run.targets, seed=cfg.seed + cfg.admm.iterations)
+        run.objective.source_only = source_only
+        try:
+            run.metrics["retrain"] = train_steps(run.objective, masked_opt, source_iter, target_iters,
+                                                 cfg.admm.retrain_steps, start_step=0, desc="masked retraining",
+                                                 progress=cfg.trainer.progress, params=run.params,
+                                                 masks=lambda: masks)
+        finally:
+            run.objective.source_only = False
     run.metrics["knn_after"] = run.knn()
     for name, acc in run.metrics["knn_after"].items():
         run.writer.add_scalar(f"protect/knn_top1/{name}", acc, cfg.admm.iterations + 1)

@@ -6,6 +6,9 @@
 - ``ntl``: CE_S - alpha min(CE_T, c) min(MMD, c_m)
 - ``none``: the source term alone (plain pruning, the magnitude-pruning baseline)
 
+With ``source_only`` set (masked retraining under ``admm.retrain_loss=source``) every loss
+keeps its source term (and the distillation) alone.
+
 The math lives in :mod:`ntp_ssl.protect.losses`; this module feeds it batches, heads and
 pseudo-labels.
 """
@@ -79,6 +82,8 @@ class NonTransferableObjective:
         self._source_features: torch.Tensor | None = None  # this step's source features, for the distillation
         self.w_sim = float(getattr(loss, "w_sim_attack", 0.0))
         self._last_target: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (x, labels, classes) of this step
+        # True: the source terms alone (admm.retrain_loss=source during masked retraining)
+        self.source_only = False
         if self.w_distill > 0:
             self.teacher = copy.deepcopy(method.encoder).to(device).eval()
             for p in self.teacher.parameters():
@@ -134,7 +139,8 @@ class NonTransferableObjective:
         weights is applied to the current ones (first order, as in FOMAML: no second
         derivatives), so the encoder moves towards weights from which fine-tuning learns little.
         """
-        if self.w_sim <= 0 or self._last_target is None or step % self.cfg.sim_every != 0:
+        if (self.w_sim <= 0 or self.source_only or self._last_target is None
+                or step % self.cfg.sim_every != 0):
             return {}
         x, labels, classes = self._last_target
         half = len(x) // 2
@@ -181,7 +187,7 @@ class NonTransferableObjective:
         dev = self.device
         sa, sb, ta, tb = sa.to(dev), sb.to(dev), ta.to(dev), tb.to(dev)
         self._source_features = None
-        if self.w_sim > 0:
+        if self.w_sim > 0 and not self.source_only:
             labels = (self.target_labels[target_index] if self.kind == "supervised"
                       else self.pseudo_labels[target_index])[t_idx].to(dev)
             classes = self.target_heads[target_index].out_features if self.kind == "supervised" else self.cfg.pseudo_clusters
@@ -205,7 +211,7 @@ class NonTransferableObjective:
         fs_a, fs_b = encoder(torch.cat([sa, sb])).chunk(2)
         self._source_features = fs_a
         ssl_source = self._ssl(fs_a, fs_b)
-        if self.kind == "none":
+        if self.kind == "none" or self.source_only:
             return ssl_source, {"ssl_source": ssl_source.item(), "total": ssl_source.item()}
         need_target_pair = c.w_target_ssl > 0
         ft_a = encoder(torch.cat([ta, tb])) if need_target_pair else encoder(ta)
@@ -228,7 +234,7 @@ class NonTransferableObjective:
         self._source_features = fs
         ys = self.source_labels[s_idx].to(dev)
         source_logits = self.source_head(fs)
-        if self.kind == "none":  # a supervised checkpoint: its source task is classification
+        if self.kind == "none" or self.source_only:  # the source task of the heads' losses is classification
             ce = nn.functional.cross_entropy(source_logits, ys)
             return ce, {"ce_source": ce.item(), "total": ce.item()}
         ft = encoder(ta)
