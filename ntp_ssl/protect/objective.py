@@ -53,6 +53,8 @@ class IndexedViews(Dataset):
 class NonTransferableObjective:
     """``L_NT`` of the configured loss on a paired batch, with each term reported."""
 
+    source_only = False  # True: the source terms alone (admm.retrain_loss=source, masked retraining)
+
     def __init__(self, loss: Any, method: nn.Module, source: Domain, targets: list[Domain], *, device):
         self.cfg = loss
         self.kind = loss.kind
@@ -82,8 +84,6 @@ class NonTransferableObjective:
         self._source_features: torch.Tensor | None = None  # this step's source features, for the distillation
         self.w_sim = float(getattr(loss, "w_sim_attack", 0.0))
         self._last_target: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (x, labels, classes) of this step
-        # True: the source terms alone (admm.retrain_loss=source during masked retraining)
-        self.source_only = False
         if self.w_distill > 0:
             self.teacher = copy.deepcopy(method.encoder).to(device).eval()
             for p in self.teacher.parameters():
