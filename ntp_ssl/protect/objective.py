@@ -187,7 +187,7 @@ class NonTransferableObjective:
         dev = self.device
         sa, sb, ta, tb = sa.to(dev), sb.to(dev), ta.to(dev), tb.to(dev)
         self._source_features = None
-        if self.w_sim > 0 and not self.source_only:
+        if self.w_sim > 0:
             labels = (self.target_labels[target_index] if self.kind == "supervised"
                       else self.pseudo_labels[target_index])[t_idx].to(dev)
             classes = self.target_heads[target_index].out_features if self.kind == "supervised" else self.cfg.pseudo_clusters
