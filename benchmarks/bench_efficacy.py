@@ -69,6 +69,8 @@ SETUPS: dict[str, list[str]] = {
     "label_free_admm_distill": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300"],
     "label_free_admm_distill3000": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=3000"],
     "label_free_admm_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=300"],
+    "label_free_admm_distill_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300",
+                                    "loss.w_sim_attack=300"],
     # masked retraining on the source terms alone, 300 steps (admm.retrain_loss=source), with and
     # without the distillation; batch-norm scale and shift in the pruned set (item 4)
     "label_free_admm_srcretrain": ["experiment=protect_label_free", *ADMM_CONVERGED, "admm.retrain_loss=source",
@@ -78,8 +80,6 @@ SETUPS: dict[str, list[str]] = {
                                            "admm.retrain_steps=300"],
     "label_free_admm_bn": ["experiment=protect_label_free", *ADMM_CONVERGED, "prune.include_batchnorm=true"],
     "supervised_admm": ["experiment=protect_supervised", *ADMM_CONVERGED],
-    "label_free_admm_distill_sim": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=300",
-                                    "loss.w_sim_attack=300"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
