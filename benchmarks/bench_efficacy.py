@@ -182,6 +182,17 @@ def _source_best(record: dict) -> float:
     return float(np.mean([per_seed["source"]["best"] for per_seed in record["slc"].values() if "source" in per_seed]))
 
 
+def _selectivity(record: dict, attack: str) -> float:
+    """Source SLC-AUC minus the mean target SLC-AUC under one attack, mean over sweep seeds:
+    above 0 the licensed domain is the better start (nan without a source curve)."""
+    values = []
+    for per_seed in record["slc"].values():
+        targets = [v[attack] for domain, v in per_seed.items() if domain != "source" and attack in v]
+        if targets and attack in per_seed.get("source", {}):
+            values.append(per_seed["source"][attack] - float(np.mean(targets)))
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _cell(values: list[float]) -> str:
     values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
@@ -254,6 +265,15 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
             + f" | {np.mean([p['sparsity'] for p in runs]) if runs else 0.0:.3f}"
             + f" | {np.mean([p['protect_wall_s'] for p in runs]) / 60 if runs else 0.0:.1f} |")
     lines += gaps(records)
+    lines += ["", "Selectivity: source SLC-AUC minus the mean target SLC-AUC under the same attack (above 0: the",
+              "licensed domain is the better start; a protection that hits every domain alike leaves it where",
+              "the unprotected encoder has it):", "",
+              "| setup | mask-kept | dense | best attack |", "|---|---|---|---|"]
+    for setup in dict.fromkeys(r["setup"] for r in records):
+        own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
+        split = [{**own[0], "slc": {s: v}} for s, v in own[0]["slc"].items()] if setup == REFERENCE else own
+        lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
+                                                  for a in ("finetune_masked", "finetune_dense", "best")) + " |")
     lines += ["", "Per target (mean over protection and sweep seeds):", "",
               "| setup | target | mask-kept | dense | linear | kNN | best |", "|---|---|---:|---:|---:|---:|---:|"]
     for record_setup in dict.fromkeys(r["setup"] for r in records):

@@ -268,5 +268,12 @@ def test_verdicts_take_the_best_attack_on_the_source_and_against_the_targets():
     assert protected["target_slc_auc"]["finetune_masked"] == pytest.approx(-0.4)  # mean over t1, t2
     assert protected["target_slc_auc"]["best"] == pytest.approx((-0.4 + 0.2) / 2)  # best attack per target
     assert result[0]["source_minus_reference"] is None
+    # selectivity: the source's SLC-AUC under each attack minus the targets' mean under it;
+    # only attacks swept on both sides (the unprotected model's linear probe has no source row)
+    assert protected["selectivity"] == pytest.approx({"finetune_masked": -0.5 - (-0.4), "linear": -0.1 - (-0.5),
+                                                      "best": -0.1 - (-0.1)})
+    assert result[0]["selectivity"] == pytest.approx({"best": 0.1 - 0.3})
     text = verdict_text(result)
     assert text.splitlines()[1].startswith("protected: source linear 0.900 (-0.050 vs unprotected)")
+    assert text.splitlines()[1].endswith("selectivity (source minus targets) finetune_masked -0.100, linear +0.400, "
+                                         "best +0.000")

@@ -323,7 +323,11 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
     of the best attack there (what a licensed user would pick), each also as a difference
     from the ``reference`` model's. Targets: per attack, the mean SLC-AUC over the other
     domains, and ``best``: the mean over those domains of the best attack on each (the owner's
-    worst case). Models in summary order, the reference first when present.
+    worst case). Selectivity, per attack also swept on the source: the source SLC-AUC minus
+    the mean target SLC-AUC under that attack (``best``: the best against the best). Above 0
+    the licensed domain is the better start; a protection that hits the targets alone raises
+    it above the reference's, one that hits every domain alike (sparsity) does not.
+    Models in summary order, the reference first when present.
     """
     models = list(dict.fromkeys(line["model"] for line in summary))
     models.sort(key=lambda m: m != reference)
@@ -349,12 +353,18 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
         targets = {attack: math.fsum(v) / len(v) for attack, v in sorted(per_attack.items())}
         best = [best_on(model, domain) for domain in dict.fromkeys(domains)]
         targets["best"] = math.fsum(best) / len(best) if best else None
+        on_source = {line["attack"]: line["slc_auc"] for line in summary
+                     if source is not None and line["model"] == model and line["domain"] == source}
+        on_source["best"] = own["slc_auc"]
+        selectivity = {attack: on_source[attack] - value for attack, value in targets.items()
+                       if value is not None and on_source.get(attack) is not None}
         out.append({
             "model": model,
             "source": own,
             "source_minus_reference": {key: (None if value is None or base[key] is None else value - base[key])
                                        for key, value in own.items()} if model != reference else None,
             "target_slc_auc": targets,
+            "selectivity": selectivity,
         })
     return out
 
@@ -372,5 +382,7 @@ def verdict_text(lines: Sequence[dict], *, reference: str = "unprotected") -> st
             + (f" ({signed(delta.get(key))} vs {reference})" if delta else "")
             for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "best SLC-AUC")))
         targets = ", ".join(f"{attack} {signed(value)}" for attack, value in line["target_slc_auc"].items())
-        text.append(f"{line['model']}: source {source}; target SLC-AUC {targets}")
+        selective = ", ".join(f"{attack} {signed(value)}" for attack, value in line["selectivity"].items())
+        text.append(f"{line['model']}: source {source}; target SLC-AUC {targets}"
+                    + (f"; selectivity (source minus targets) {selective}" if selective else ""))
     return "\n".join(text) + "\n"
