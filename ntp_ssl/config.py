@@ -277,6 +277,11 @@ class SweepConfig:
     lr_grid: List[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # chosen on validation; [] = none
     val_fraction: float = 0.2  # of the attacker's n samples, stratified, held out to choose lr / l2 and stop
     search_min_n: int = 50  # fewer samples (or a class with one sample): no split, lr_finetune, last step
+    # speed features (attack.py), off by default: successive halving over lr_grid with this
+    # reduction factor (0: off, else >= 2), and early stopping after this many validation
+    # checks without improvement (0: off; checks are a tenth of the budget apart)
+    halving: int = 0
+    patience: int = 0
     probe_l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # linear probe
     probe_l2: float = 1e-2  # the linear probe's l2 when no validation split can be carved
     batch_size: int = 64
@@ -504,8 +509,10 @@ def validate_sweep(sweep: Any) -> None:
         _check_choice("sweep.attacks", attack, ATTACKS)
     for key in ("epochs", "min_steps", "batch_size", "lr_finetune", "probe_l2", "knn_k"):
         _check_positive(f"sweep.{key}", sweep[key])
-    for key in ("steps", "augment_shift", "weight_decay", "search_min_n"):
+    for key in ("steps", "augment_shift", "weight_decay", "search_min_n", "patience"):
         _check_positive(f"sweep.{key}", sweep[key], allow_zero=True)
+    _check(isinstance(sweep.halving, int) and (sweep.halving == 0 or sweep.halving >= 2),
+           f"sweep.halving={sweep.halving!r}: accepted 0 (off) or a reduction factor, an integer >= 2")
     _check(sweep.max_steps >= sweep.min_steps,
            f"sweep.max_steps={sweep.max_steps!r} must be >= sweep.min_steps={sweep.min_steps!r}")
     _check(0 < sweep.val_fraction < 1, f"sweep.val_fraction={sweep.val_fraction!r} must be in (0, 1)")

@@ -3,6 +3,7 @@ that no choice ever reads a test split."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -11,10 +12,11 @@ import torch
 
 from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
+from ntp_ssl.data.subsets import stratified_split
 from ntp_ssl.encoders import build_encoder
-from ntp_ssl.evaluate.attack import budget_steps, can_search, fine_tune_attack
+from ntp_ssl.evaluate.attack import budget_steps, can_search, fine_tune_attack, halving_rungs
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep
-from ntp_ssl.shared.train import fit_classifier, random_shift
+from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy, fit_classifier, random_shift
 
 TINY = SweepConfig(fractions=[0.5, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked", "finetune_dense"],
                    epochs=2, min_steps=3, max_steps=6, lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16,
@@ -77,8 +79,6 @@ def test_early_stopping_keeps_the_weights_of_the_best_validation_step():
     head = torch.nn.Linear(encoder.feature_dim, 4)
     fit = fit_classifier(encoder, head, x, y, steps=12, batch_size=16, lr=1e-2, val=(x[:16], y[:16]), eval_every=3)
     assert fit.best_step in (3, 6, 9, 12) and 0.0 <= fit.val_accuracy <= 1.0
-    from ntp_ssl.shared.train import classifier_accuracy
-
     assert classifier_accuracy(encoder, head, x[:16], y[:16]) == fit.val_accuracy  # the kept weights
 
 
@@ -112,7 +112,118 @@ def test_no_choice_reads_a_test_split():
     assert any(c[3] is not None for c in choices[0])  # something was chosen (lr or l2)
 
 
-@pytest.mark.parametrize("key,value", [("val_fraction", 1.0), ("max_steps", 1), ("lr_grid", [0.0])])
+def _toy_fit(lr: float = 1e-2, **kwargs) -> ClassifierFit:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16), torch.arange(64) % 4
+    encoder = build_encoder("small_cnn", image_size=16)
+    head = torch.nn.Linear(encoder.feature_dim, 4)
+    options = {"steps": 12, "batch_size": 16, "val": (x[:16], y[:16]), "eval_every": 3, "augment_shift": 1, **kwargs}
+    return ClassifierFit(encoder, head, x, y, lr=lr, **options)
+
+
+def _weights(fit: ClassifierFit) -> list[torch.Tensor]:
+    return [t.detach().clone() for m in (fit.encoder, fit.head) for t in m.state_dict().values()]
+
+
+def test_a_fit_in_pieces_and_fits_in_turns_give_the_numbers_of_one_fit_at_once():
+    whole = _toy_fit()
+    whole_result = whole.advance(12).finish()
+    pieces = _toy_fit()
+    for stop in (2, 5, 5, 9, 100):  # any cut, repeated or past the end
+        pieces.advance(stop)
+    assert pieces.step == 12 and pieces.done
+    assert pieces.finish() == whole_result
+    assert all(torch.equal(a, b) for a, b in zip(_weights(pieces), _weights(whole)))
+    # two learning rates advancing in turns (successive halving) against each alone
+    alone = {lr: _toy_fit(lr) for lr in (1e-2, 3e-3)}
+    for fit in alone.values():
+        fit.advance(12)
+    turns = {lr: _toy_fit(lr) for lr in (1e-2, 3e-3)}
+    for stop in (3, 6, 12):
+        for fit in turns.values():
+            fit.advance(stop)
+    for lr in alone:
+        assert turns[lr].finish() == alone[lr].finish()
+        assert all(torch.equal(a, b) for a, b in zip(_weights(turns[lr]), _weights(alone[lr])))
+
+
+def test_patience_stops_a_fit_that_stopped_improving():
+    frozen = _toy_fit(lr=0.0, patience=1)  # lr 0: validation accuracy never improves after the first check
+    frozen.advance(12)
+    assert frozen.stopped and frozen.step == 6  # first check sets the best, the second (no gain) stops it
+    result = frozen.finish()
+    assert result.best_step == 3
+    patient = _toy_fit(lr=0.0, patience=5)
+    patient.advance(12)
+    assert not patient.stopped and patient.step == 12  # fewer checks than the patience
+
+
+def _reference_rungs(steps: int, eval_every: int, candidates: int, eta: int) -> list[int]:
+    """Successive halving spelled out: budgets steps/eta, steps/eta^2, ... while more than one
+    candidate would be left to compare, each rounded up to a validation check."""
+    if eta < 2 or candidates < 2:
+        return [steps]
+    budgets, left = [], candidates
+    k = 1
+    while left > 1:
+        budgets.append(steps / eta**k)
+        left = -(-left // eta)
+        k += 1
+    rounded = sorted({min(steps, eval_every * int(np.ceil(b / eval_every))) for b in budgets})
+    return [r for r in rounded if r < steps] + [steps]
+
+
+@pytest.mark.parametrize("steps,eval_every,candidates,eta", [
+    (250, 25, 2, 2), (250, 25, 3, 2), (250, 25, 3, 3), (600, 60, 3, 2), (100, 10, 5, 2), (12, 2, 3, 3),
+    (7, 1, 2, 2), (250, 25, 1, 2), (250, 25, 3, 0), (5, 5, 4, 2)])
+def test_halving_rungs_fall_on_validation_checks(steps, eval_every, candidates, eta):
+    rungs = halving_rungs(steps, eval_every, candidates, eta)
+    assert rungs == _reference_rungs(steps, eval_every, candidates, eta)
+    assert rungs[-1] == steps and rungs == sorted(set(rungs))
+    assert all(r % eval_every == 0 for r in rungs[:-1])
+
+
+def test_successive_halving_keeps_the_best_at_the_rung_and_its_numbers_are_a_full_fit():
+    domain = _domain(n_train=80)
+    x, xt = to_float_tensor(domain.train_images), to_float_tensor(domain.test_images)
+    y, yt = torch.tensor(domain.train_labels), torch.tensor(domain.test_labels)
+    encoder = build_encoder("small_cnn", image_size=16)
+    settings = dataclasses.replace(TINY, lr_grid=[1e-4, 3e-3, 3e-2], halving=3, min_steps=10, max_steps=10)
+    halved = fine_tune_attack(encoder, None, x, y, xt, yt, num_classes=10, settings=settings, seed=0, device="cpu")
+    # the slow reference: each learning rate alone, compared at the first rung (ties: the earlier)
+    rung = halving_rungs(10, 1, 3, 3)[0]
+    fit_idx, val_idx = (torch.as_tensor(i) for i in stratified_split(y.numpy(), settings.val_fraction, seed=0))
+    at_rung = []
+    for lr in settings.lr_grid:
+        torch.manual_seed(0)
+        model = copy.deepcopy(encoder)
+        head = torch.nn.Linear(model.feature_dim, 10)
+        fit = ClassifierFit(model, head, x[fit_idx], y[fit_idx], steps=10, batch_size=settings.batch_size, lr=lr,
+                            weight_decay=settings.weight_decay, seed=0, augment_shift=settings.augment_shift,
+                            val=(x[val_idx], y[val_idx]), eval_every=1)
+        at_rung.append(fit.advance(rung).val_accuracy)
+    assert len(set(at_rung)) > 1, at_rung  # the rung decides something
+    assert halved.choice == settings.lr_grid[int(np.argmax(at_rung))]
+    # the survivor's numbers are those of the full search restricted to it
+    alone = fine_tune_attack(encoder, None, x, y, xt, yt, num_classes=10, seed=0, device="cpu",
+                             settings=dataclasses.replace(settings, lr_grid=[halved.choice], halving=0))
+    assert (halved.accuracy, halved.val_accuracy, halved.best_step, halved.steps) == (
+        alone.accuracy, alone.val_accuracy, alone.best_step, alone.steps)
+
+
+def test_speed_features_enter_the_scratch_key_only_when_on():
+    from ntp_ssl.evaluate.sweep import scratch_key
+
+    domain = _domain()
+    keys = [scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=setting)
+            for setting in (TINY, dataclasses.replace(TINY, halving=2), dataclasses.replace(TINY, patience=3))]
+    assert len(set(keys)) == 3
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0,
+                       settings=dataclasses.replace(TINY, halving=0, patience=0)) == keys[0]
+
+
+@pytest.mark.parametrize("key,value", [("val_fraction", 1.0), ("max_steps", 1), ("lr_grid", [0.0]),
+                                       ("halving", 1), ("patience", -1)])
 def test_bad_protocol_values_are_one_line_errors(key, value):
     from omegaconf import OmegaConf
 

@@ -13,7 +13,13 @@ initialisation) trains a fresh linear head on the encoder's features, the encode
   trained per learning rate of ``sweep.lr_grid``, each keeps the weights of its best
   validation step (early stopping), and the learning rate with the best validation accuracy
   wins. The reported number is the test accuracy of that model. With fewer samples, the
-  attack trains on all of them with ``sweep.lr_finetune`` and reports the last step.
+  attack trains on all of them with ``sweep.lr_finetune`` and reports the last step;
+- **speed features** (off by default): ``sweep.halving`` = eta >= 2 is successive halving
+  over the grid: every learning rate trains to a first rung of the budget, the best
+  1/eta of them (by validation accuracy so far; at least one) go on to the next rung, and so
+  on up to the full budget; the rungs fall on validation checks, so a learning rate that
+  survives gives exactly the numbers it gives without halving. ``sweep.patience`` = p > 0
+  stops a fit after p validation checks (a tenth of the budget apart) without improvement.
 
 The test split is read once, for the reported accuracy; no choice depends on it.
 """
@@ -31,7 +37,7 @@ from torch import nn
 
 from ntp_ssl.evaluate.probe import stratified_split
 from ntp_ssl.shared.masking import apply_masks_
-from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
+from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy
 
 
 @dataclass
@@ -60,20 +66,41 @@ def can_search(labels: np.ndarray, settings: Any, grid) -> bool:
     return len(grid) > 0 and len(labels) >= settings.search_min_n and counts[counts > 0].min() >= 2
 
 
-def _train(encoder: nn.Module, masks, x, y, *, head: nn.Module | None, num_classes: int, lr: float, steps: int,
-           settings: Any, seed: int, device, val=None) -> tuple[nn.Module, nn.Module, Any]:
-    """A fresh copy of ``encoder`` (masked when ``masks``) and of ``head`` (or a new one), trained."""
+def halving_rungs(steps: int, eval_every: int, candidates: int, eta: int) -> list[int]:
+    """The steps at which successive halving compares the ``candidates`` (the last is
+    ``steps``): ``steps / eta**k`` for k = R..0 with R = ceil(log_eta(candidates)), each
+    rounded up to a multiple of ``eval_every`` (a validation check falls on it) and kept
+    only if below the next. ``eta`` < 2 or a single candidate: ``[steps]``."""
+    if eta < 2 or candidates < 2:
+        return [steps]
+    rounds = math.ceil(math.log(candidates) / math.log(eta) - 1e-9)
+    rungs = []
+    for k in range(rounds, 0, -1):
+        rung = min(steps, eval_every * math.ceil(steps / eta**k / eval_every))
+        if rung < steps and (not rungs or rung > rungs[-1]):
+            rungs.append(rung)
+    return [*rungs, steps]
+
+
+def _start(encoder: nn.Module, masks, x, y, *, head: nn.Module | None, num_classes: int, lr: float, steps: int,
+           settings: Any, seed: int, device, val=None) -> tuple[nn.Module, nn.Module, ClassifierFit]:
+    """A fresh copy of ``encoder`` (masked when ``masks``) and of ``head`` (or a new one), ready to train."""
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder)
     head = copy.deepcopy(head) if head is not None else nn.Linear(model.feature_dim, num_classes)
     if masks:
         named = dict(model.named_parameters())
         apply_masks_({k: named[k] for k in masks}, masks)
-    fit = fit_classifier(model, head, x, y, steps=steps, batch_size=settings.batch_size, lr=lr,
-                         weight_decay=settings.weight_decay, train_encoder=True, masks=masks or None, seed=seed,
-                         device=device, stage="evaluate fine-tune", augment_shift=settings.augment_shift, val=val,
-                         eval_every=max(1, math.ceil(steps / 10)) if val is not None else 0)
+    fit = ClassifierFit(model, head, x, y, steps=steps, batch_size=settings.batch_size, lr=lr,
+                        weight_decay=settings.weight_decay, train_encoder=True, masks=masks or None, seed=seed,
+                        device=device, stage="evaluate fine-tune", augment_shift=settings.augment_shift, val=val,
+                        eval_every=_eval_every(steps) if val is not None else 0,
+                        patience=int(getattr(settings, "patience", 0)) if val is not None else 0)
     return model, head, fit
+
+
+def _eval_every(steps: int) -> int:
+    return max(1, math.ceil(steps / 10))  # ten validation checks per fit
 
 
 def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, x_train, y_train, x_test, y_test, *,
@@ -82,20 +109,40 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
     grid = [float(lr) for lr in settings.lr_grid]
     if not can_search(y_train.numpy(), settings, grid):
         steps = budget_steps(len(y_train), settings)
-        model, fitted_head, _ = _train(encoder, masks, x_train, y_train, head=head, num_classes=num_classes,
-                                       lr=settings.lr_finetune, steps=steps, settings=settings, seed=seed,
-                                       device=device)
+        model, fitted_head, fit = _start(encoder, masks, x_train, y_train, head=head, num_classes=num_classes,
+                                         lr=settings.lr_finetune, steps=steps, settings=settings, seed=seed,
+                                         device=device)
+        fit.advance(steps).finish()
         return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device), steps=steps)
     fit_idx, val_idx = (torch.as_tensor(i) for i in stratified_split(y_train.numpy(), settings.val_fraction,
                                                                      seed=seed))
     steps = budget_steps(len(fit_idx), settings)
-    best = None
-    for lr in grid:
-        model, fitted_head, fit = _train(encoder, masks, x_train[fit_idx], y_train[fit_idx], head=head,
-                                         num_classes=num_classes, lr=lr, steps=steps, settings=settings, seed=seed,
-                                         device=device, val=(x_train[val_idx], y_train[val_idx]))
-        if best is None or fit.val_accuracy > best[3].val_accuracy:  # ties keep the earlier learning rate
-            best = (lr, model, fitted_head, fit)
+    val = (x_train[val_idx], y_train[val_idx])
+    rungs = halving_rungs(steps, _eval_every(steps), len(grid), int(getattr(settings, "halving", 0)))
+
+    def start(lr: float):
+        return _start(encoder, masks, x_train[fit_idx], y_train[fit_idx], head=head, num_classes=num_classes, lr=lr,
+                      steps=steps, settings=settings, seed=seed, device=device, val=val)
+
+    if len(rungs) == 1:  # every learning rate to the full budget, one at a time (one model in memory)
+        best = None
+        for lr in grid:
+            model, fitted_head, fit = start(lr)
+            fit.advance(steps)
+            if best is None or fit.val_accuracy > best[3].val_accuracy:  # ties keep the earlier learning rate
+                best = (lr, model, fitted_head, fit)
+    else:  # successive halving: all candidates to each rung, the best 1/eta of them on
+        eta = int(settings.halving)
+        alive = [(lr, *start(lr)) for lr in grid]
+        for rung in rungs:
+            for candidate in alive:
+                candidate[3].advance(rung)
+            # sorted() is stable: ties keep the earlier learning rate
+            alive = sorted(alive, key=lambda c: -c[3].val_accuracy)
+            if rung < steps:
+                alive = alive[:max(1, len(alive) // eta)]
+        best = alive[0]
     lr, model, fitted_head, fit = best
+    result = fit.finish()
     return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device), choice=lr,
-                        val_accuracy=fit.val_accuracy, steps=steps, best_step=fit.best_step)
+                        val_accuracy=result.val_accuracy, steps=steps, best_step=result.best_step)

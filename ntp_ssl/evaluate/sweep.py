@@ -61,6 +61,9 @@ SCRATCH_CACHE_VERSION = 3  # 3: keyed on the domain's content; entries carry the
 #: every sweep setting a fine-tune's result depends on (the scratch cache key holds them all)
 PROTOCOL_KEYS = ("steps", "epochs", "min_steps", "max_steps", "augment_shift", "lr_finetune", "lr_grid",
                  "val_fraction", "search_min_n", "batch_size", "weight_decay")
+#: the speed features: in the key only when on (0 is the protocol without them, so entries
+#: cached before they existed stay valid)
+SPEED_KEYS = ("halving", "patience")
 
 
 def _plain(value):
@@ -134,6 +137,7 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         "content": domain.content_digest(),
         "image_size": domain.image_size, "channels": domain.channels, "n_train": int(len(domain.train_labels)),
         "fraction": fraction, "n": n, "seed": seed, "protocol": {k: _plain(getattr(settings, k)) for k in PROTOCOL_KEYS},
+        **{k: int(getattr(settings, k)) for k in SPEED_KEYS if getattr(settings, k, 0)},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -170,6 +170,89 @@ def _fit_optimizer(encoder: nn.Module, head: nn.Module, *, optimizer: str, lr: f
     return opt, schedule
 
 
+class ClassifierFit:
+    """:func:`fit_classifier` in pieces: ``advance(to_step)`` runs the scheduled optimiser
+    steps up to ``to_step`` (of ``steps``), ``finish()`` restores the best validation weights
+    and returns the :class:`FitResult`. Several fits can advance in turns (successive halving
+    over learning rates) and give the numbers each would give alone: each holds its own
+    batch order, shifts, optimiser and schedule, and the loop reads no global RNG.
+
+    With ``patience`` > 0 (and ``val``), a fit whose validation accuracy has not improved for
+    that many consecutive checks stops (``stopped``): its remaining steps are skipped.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
+                 steps: int, batch_size: int, lr: float, weight_decay: float = 0.0, optimizer: str = "adam",
+                 train_encoder: bool = True, masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu", stage: str = "fit", augment_shift: int = 0,
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0, patience: int = 0):
+        self.device = torch.device(device)
+        self.encoder, self.head = encoder.to(self.device), head.to(self.device)
+        self.inputs, self.labels, self.steps, self.train_encoder = inputs, labels, steps, train_encoder
+        self.stage, self.augment_shift, self.eval_every, self.patience = stage, augment_shift, eval_every, patience
+        generator = torch.Generator().manual_seed(seed)
+        self.shifts = torch.Generator().manual_seed(seed + 7777)  # its own stream: the batch order does not depend on it
+        self.batches = batch_indices(len(labels), batch_size, steps, generator)
+        self.opt, self.schedule = _fit_optimizer(encoder, head, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                                                 train_encoder=train_encoder, masks=masks, steps=steps)
+        self.best = _BestOnValidation(encoder, head, val, self.device) if val is not None else None
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.recent: list[float] = []
+        self.step = 0  # optimiser steps taken
+        self.stopped = False  # early stop: no validation improvement in `patience` checks
+        self._checks_without_gain = 0
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.step >= self.steps
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The best validation accuracy seen so far (None without ``val``)."""
+        return self.best.accuracy if self.best is not None else None
+
+    def advance(self, to_step: int) -> "ClassifierFit":
+        """Take the scheduled steps up to ``to_step`` (or until an early stop)."""
+        encoder, head = self.encoder, self.head
+        if self.train_encoder:
+            encoder.train()
+        head.train()
+        while self.step < min(to_step, self.steps) and not self.stopped:
+            idx = next(self.batches)
+            x = random_shift(self.inputs[idx], self.augment_shift, self.shifts).to(self.device, non_blocking=True)
+            y = self.labels[idx].to(self.device, non_blocking=True)
+            if self.train_encoder:
+                features = encoder(x)
+            else:
+                with torch.no_grad():
+                    features = encoder(x)
+            loss = self.loss_fn(head(features), y)
+            check_finite(loss, stage=self.stage, step=self.step, term="cross-entropy")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.schedule.step()
+            self.recent = (self.recent + [loss.item()])[-10:]
+            self.step += 1
+            best = self.best
+            if best is not None and ((self.eval_every > 0 and self.step % self.eval_every == 0)
+                                     or self.step == self.steps):
+                before = best.accuracy
+                best.check(self.step)  # measured in eval mode; the modes are restored after it
+                self._checks_without_gain = 0 if best.accuracy > before else self._checks_without_gain + 1
+                self.stopped = self.patience > 0 and self._checks_without_gain >= self.patience
+        return self
+
+    def finish(self) -> FitResult:
+        if not self.train_encoder:
+            for p in self.encoder.parameters():
+                p.requires_grad_(True)
+        if self.best is not None:
+            self.best.restore()
+        return FitResult(float(np.mean(self.recent)) if self.recent else float("nan"),
+                         self.best.accuracy if self.best else None, self.best.step if self.best else None)
+
+
 def fit_classifier(
     encoder: nn.Module,
     head: nn.Module,
@@ -189,6 +272,7 @@ def fit_classifier(
     augment_shift: int = 0,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 0,
+    patience: int = 0,
 ) -> FitResult:
     """Fit ``head(encoder(x))`` to ``labels`` with cross-entropy for ``steps`` optimiser steps.
 
@@ -198,42 +282,14 @@ def fit_classifier(
     frozen (eval mode, no gradients). ``augment_shift`` moves each training image by up to
     that many pixels (:func:`random_shift`). With ``val`` (inputs, labels), the validation
     accuracy is measured every ``eval_every`` steps and after the last one, and the weights
-    of the best step are restored at the end (early stopping on validation data).
+    of the best step are restored at the end (early stopping on validation data); with
+    ``patience`` > 0 training also stops after that many checks without improvement.
     """
-    device = torch.device(device)
-    encoder.to(device)
-    head.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    shifts = torch.Generator().manual_seed(seed + 7777)  # its own stream: the batch order does not depend on it
-    opt, schedule = _fit_optimizer(encoder, head, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                                   train_encoder=train_encoder, masks=masks, steps=steps)
-    best = _BestOnValidation(encoder, head, val, device) if val is not None else None
-    loss_fn = nn.CrossEntropyLoss()
-    recent: list[float] = []
-    for step, idx in enumerate(batch_indices(len(labels), batch_size, steps, generator)):
-        x = random_shift(inputs[idx], augment_shift, shifts).to(device, non_blocking=True)
-        y = labels[idx].to(device, non_blocking=True)
-        if train_encoder:
-            features = encoder(x)
-        else:
-            with torch.no_grad():
-                features = encoder(x)
-        loss = loss_fn(head(features), y)
-        check_finite(loss, stage=stage, step=step, term="cross-entropy")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        recent = (recent + [loss.item()])[-10:]
-        if best is not None and ((eval_every > 0 and (step + 1) % eval_every == 0) or step + 1 == steps):
-            best.check(step + 1)  # measured in eval mode; the modes are restored after it
-    if not train_encoder:
-        for p in encoder.parameters():
-            p.requires_grad_(True)
-    if best is not None:
-        best.restore()
-    return FitResult(float(np.mean(recent)) if recent else float("nan"), best.accuracy if best else None,
-                     best.step if best else None)
+    fit = ClassifierFit(encoder, head, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, optimizer=optimizer, train_encoder=train_encoder, masks=masks,
+                        seed=seed, device=device, stage=stage, augment_shift=augment_shift, val=val,
+                        eval_every=eval_every, patience=patience)
+    return fit.advance(steps).finish()
 
 
 @torch.no_grad()
