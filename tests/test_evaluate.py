@@ -49,16 +49,20 @@ def _pruned_model(name="protected") -> ModelUnderTest:
 def test_mask_kept_attack_keeps_zeros_and_dense_attack_regrows(monkeypatch):
     model = _pruned_model()
     seen = {}
-    real = attack_module.fit_classifier
 
-    def spy(encoder, head, *args, **kwargs):
-        out = real(encoder, head, *args, **kwargs)
-        named = dict(encoder.named_parameters())
-        pruned = sum(int((named[k][~m] != 0).sum()) for k, m in model.masks.items())
-        seen["masked" if kwargs.get("masks") else "dense"] = pruned
-        return out
+    class Spy(attack_module.ClassifierFit):  # records the pruned weights of every trained copy
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.spy_masked = bool(kwargs.get("masks"))
 
-    monkeypatch.setattr(attack_module, "fit_classifier", spy)
+        def finish(self):
+            out = super().finish()
+            named = dict(self.encoder.named_parameters())
+            seen["masked" if self.spy_masked else "dense"] = sum(int((named[k][~m] != 0).sum())
+                                                                 for k, m in model.masks.items())
+            return out
+
+    monkeypatch.setattr(attack_module, "ClassifierFit", Spy)
     domain = _domain()
     x = sweep_module._tensors(domain)
     for masks in (model.masks, None):
