@@ -118,7 +118,8 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
                                                                      seed=seed))
     steps = budget_steps(len(fit_idx), settings)
     val = (x_train[val_idx], y_train[val_idx])
-    rungs = halving_rungs(steps, _eval_every(steps), len(grid), int(getattr(settings, "halving", 0)))
+    eta = int(getattr(settings, "halving", 0))
+    rungs = halving_rungs(steps, _eval_every(steps), len(grid), eta)
 
     def start(lr: float):
         return _start(encoder, masks, x_train[fit_idx], y_train[fit_idx], head=head, num_classes=num_classes, lr=lr,
@@ -132,7 +133,6 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
             if best is None or fit.val_accuracy > best[3].val_accuracy:  # ties keep the earlier learning rate
                 best = (lr, model, fitted_head, fit)
     else:  # successive halving: all candidates to each rung, the best 1/eta of them on
-        eta = int(settings.halving)
         alive = [(lr, *start(lr)) for lr in grid]
         for rung in rungs:
             for candidate in alive:

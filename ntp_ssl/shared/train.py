@@ -213,10 +213,7 @@ class ClassifierFit:
 
     def advance(self, to_step: int) -> "ClassifierFit":
         """Take the scheduled steps up to ``to_step`` (or until an early stop)."""
-        encoder, head = self.encoder, self.head
-        if self.train_encoder:
-            encoder.train()
-        head.train()
+        encoder, head = self.encoder, self.head  # in the modes _fit_optimizer set (checks restore them)
         while self.step < min(to_step, self.steps) and not self.stopped:
             idx = next(self.batches)
             x = random_shift(self.inputs[idx], self.augment_shift, self.shifts).to(self.device, non_blocking=True)
