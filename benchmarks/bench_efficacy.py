@@ -239,6 +239,15 @@ def gaps(records: list[dict]) -> list[str]:
     return lines
 
 
+def _spread(setup: str, own: list[dict]) -> list[dict]:
+    """The records a setup's interval is taken over: its protection seeds, or for the one
+    unprotected encoder its sweep seeds (one record per sweep seed)."""
+    if setup != REFERENCE:
+        return own
+    (record,) = own
+    return [{**record, "slc": {s: v}} for s, v in record["slc"].items()]
+
+
 def table(records: list[dict], protect_runs: list[dict]) -> str:
     """The headline: per setup, each number a mean over targets and sweep seeds, then mean and
     Student-t 95% interval over protection seeds (the unprotected encoder: over sweep seeds)."""
@@ -249,11 +258,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
     for setup in dict.fromkeys(r["setup"] for r in records):
         own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
         controls = [r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch")]
-        if setup == REFERENCE:  # one encoder: its spread is over sweep seeds
-            (record,) = own
-            split = [{**record, "slc": {s: v}} for s, v in record["slc"].items()]
-        else:
-            split = own
+        split = _spread(setup, own)
         n_sweep = len(own[0]["slc"])
         cells = [_cell([_target_mean(r, a) for r in split]) for a in ATTACKS]
         runs = [p for p in protect_runs if p["setup"] == setup]
@@ -271,7 +276,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "| setup | mask-kept | dense | best attack |", "|---|---|---|---|"]
     for setup in dict.fromkeys(r["setup"] for r in records):
         own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
-        split = [{**own[0], "slc": {s: v}} for s, v in own[0]["slc"].items()] if setup == REFERENCE else own
+        split = _spread(setup, own)
         lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
                                                   for a in ("finetune_masked", "finetune_dense", "best")) + " |")
     lines += ["", "Per target (mean over protection and sweep seeds):", "",

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import compose_config, default_out, fmt, log, print_system, system_info, table  # noqa: E402
-from bench_sweep import QUICK_EVALUATE, build_models, pretrain_checkpoint, warm_up  # noqa: E402
+from bench_pretrain import default_out, fmt, log, table  # noqa: E402
+from bench_sweep import QUICK_EVALUATE, build_models, evaluate_setup, warm_up  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -137,22 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ntp_ssl.data import domain_spec, load_domains_for
     from ntp_ssl.io import atomic_write_json
-    from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntp-bench-speed-")))
-        cache_dir = args.cache_dir or tmp / "domains"
-        overrides = [f"paths.cache_dir={cache_dir}", f"data.source={args.source}",
-                     f"data.targets=[{','.join(args.targets)}]", *(QUICK_EVALUATE if args.quick else []),
-                     *args.overrides]
-        cfg = compose_config("evaluate", overrides)
-        configure_threads(cfg.trainer.threads)
-        seed_everything(cfg.seed)
-        device = resolve_device(cfg.trainer.device)
-        info = system_info()
-        print_system(info)
-        checkpoint = args.checkpoint or pretrain_checkpoint(cache_dir, args.work_dir or tmp / "runs", args.quick,
-                                                            args.source)
+        cfg, overrides, device, info, checkpoint = evaluate_setup(tmp, args, list(args.targets))
         models, _ = build_models(checkpoint, 0.9)
         models = models[1:] if args.pruned else models[:1]
         targets = load_domains_for(cfg, list(args.targets))

@@ -296,6 +296,27 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def evaluate_setup(tmp: Path, args: argparse.Namespace, targets: list[str]):
+    """What the sweep benchmarks share before sweeping: the evaluate config on ``targets``
+    (with ``args``' source, cache, --quick and overrides), threads, seed and device set, the
+    system printed, and the encoder checkpoint (pretrained under ``tmp`` when not given).
+    Returns (cfg, overrides, device, system info, checkpoint)."""
+    from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
+
+    cache_dir = args.cache_dir or tmp / "domains"
+    overrides = [f"paths.cache_dir={cache_dir}", f"data.source={args.source}", f"data.targets=[{','.join(targets)}]",
+                 *(QUICK_EVALUATE if args.quick else []), *args.overrides]
+    cfg = compose_config("evaluate", overrides)
+    configure_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    info = system_info()
+    print_system(info)
+    checkpoint = args.checkpoint or pretrain_checkpoint(cache_dir, args.work_dir or tmp / "runs", args.quick,
+                                                        args.source)
+    return cfg, overrides, device, info, checkpoint
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run: " + " ".join(QUICK_EVALUATE))
@@ -320,21 +341,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ntp_ssl.data import domain_spec, load_domains_for
     from ntp_ssl.io import atomic_write_json
-    from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ntp-bench-sweep-")))
-        cache_dir = args.cache_dir or tmp / "domains"
-        overrides = [f"paths.cache_dir={cache_dir}", f"data.source={args.source}", f"data.targets=[{args.target}]",
-                     *(QUICK_EVALUATE if args.quick else []), *args.overrides]
-        cfg = compose_config("evaluate", overrides)
-        configure_threads(cfg.trainer.threads)
-        seed_everything(cfg.seed)
-        device = resolve_device(cfg.trainer.device)
-        info = system_info()
-        print_system(info)
-        checkpoint = args.checkpoint or pretrain_checkpoint(cache_dir, args.work_dir or tmp / "runs", args.quick,
-                                                            args.source)
+        cfg, overrides, device, info, checkpoint = evaluate_setup(tmp, args, [args.target])
         models, pruned = build_models(checkpoint, args.sparsity)
         target = load_domains_for(cfg, [args.target])[0]
         settings = OmegaConf.to_object(cfg.sweep)
