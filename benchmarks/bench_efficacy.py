@@ -84,7 +84,10 @@ SETUPS: dict[str, list[str]] = {
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
 REFERENCE = "unprotected"
-ATTACKS = ("finetune_masked", "finetune_dense", "linear", "knn", "best")
+# table columns in this order, each shown when the records hold it ("best" always)
+ATTACK_LABELS = {"finetune_masked": "mask-kept", "finetune_dense": "dense", "lpft_masked": "LP-FT mask-kept",
+                 "lpft_dense": "LP-FT dense", "linear": "linear", "knn": "kNN", "best": "best attack"}
+FINE_TUNES = ("finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense")  # the attacks that move weights
 
 
 def _ntp_ssl(args: list[str], log_path: Path) -> float:
@@ -206,6 +209,12 @@ def _acc(values: list[float | None]) -> str:
     return f"{np.mean(values):.3f}" if values else "-"
 
 
+def attacks_measured(records: list[dict]) -> list[str]:
+    """The attacks of ATTACK_LABELS that some record holds, in table order, "best" last."""
+    held = {a for r in records for per_seed in r["slc"].values() for v in per_seed.values() for a in v}
+    return [a for a in ATTACK_LABELS if a in held or a == "best"]
+
+
 def gaps(records: list[dict]) -> list[str]:
     """The first protected setup against each control, paired by protection seed (the same
     sweep seeds): mean and 95% interval of the difference; below 0: it protects more."""
@@ -222,8 +231,10 @@ def gaps(records: list[dict]) -> list[str]:
     controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}),
                 *((name, by_seed(name)) for name in dict.fromkeys(setups) if name != primary),
                 (f"{primary} sparse scratch", by_seed(primary, sparse=True))]
+    compared = [a for a in attacks_measured(records) if a in FINE_TUNES or a == "best"]
     lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
-             "", "| control | mask-kept | dense | best attack | source kNN |", "|---|---|---|---|---|"]
+             "", "| control | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " | source kNN |",
+             "|---|" + "---|" * (len(compared) + 1)]
     for name, other in controls:
         seeds = [seed for seed in own if seed in other]
         if not seeds:
@@ -231,7 +242,7 @@ def gaps(records: list[dict]) -> list[str]:
         sparse = name.endswith("sparse scratch")  # attacked mask-kept only; its source is a random init
         cells = [_cell([_target_mean(own[s], attack) - _target_mean(other[s], attack) for s in seeds])
                  if not (sparse and attack != "finetune_masked") else "-"
-                 for attack in ("finetune_masked", "finetune_dense", "best")]
+                 for attack in compared]
         knn = [own[s]["source_knn"] - other[s]["source_knn"] for s in seeds
                if own[s]["source_knn"] is not None and other[s]["source_knn"] is not None]
         cells.append(_cell(knn) if knn and not sparse else "-")
@@ -251,16 +262,16 @@ def _spread(setup: str, own: list[dict]) -> list[dict]:
 def table(records: list[dict], protect_runs: list[dict]) -> str:
     """The headline: per setup, each number a mean over targets and sweep seeds, then mean and
     Student-t 95% interval over protection seeds (the unprotected encoder: over sweep seeds)."""
-    head = ["| setup | seeds (protection x sweep) | mask-kept | dense | linear | kNN | best attack | sparse scratch, mask-kept "
-            "| source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
-            "|---|---|---|---|---|---|---|---|---:|---:|---|---:|---:|"]
-    lines = list(head)
+    attacks = attacks_measured(records)
+    lines = ["| setup | seeds (protection x sweep) | " + " | ".join(ATTACK_LABELS[a] for a in attacks)
+             + " | sparse scratch, mask-kept | source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
+             "|---|---|" + "---|" * (len(attacks) + 1) + "---:|---:|---|---:|---:|"]
     for setup in dict.fromkeys(r["setup"] for r in records):
         own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
         controls = [r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch")]
         split = _spread(setup, own)
         n_sweep = len(own[0]["slc"])
-        cells = [_cell([_target_mean(r, a) for r in split]) for a in ATTACKS]
+        cells = [_cell([_target_mean(r, a) for r in split]) for a in attacks]
         runs = [p for p in protect_runs if p["setup"] == setup]
         lines.append(
             f"| {setup} | {len(own) if setup != REFERENCE else '-'} x {n_sweep} | " + " | ".join(cells)
@@ -270,23 +281,25 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
             + f" | {np.mean([p['sparsity'] for p in runs]) if runs else 0.0:.3f}"
             + f" | {np.mean([p['protect_wall_s'] for p in runs]) / 60 if runs else 0.0:.1f} |")
     lines += gaps(records)
+    compared = [a for a in attacks if a in FINE_TUNES or a == "best"]
     lines += ["", "Selectivity: source SLC-AUC minus the mean target SLC-AUC under the same attack (above 0: the",
               "licensed domain is the better start; a protection that hits every domain alike leaves it where",
               "the unprotected encoder has it):", "",
-              "| setup | mask-kept | dense | best attack |", "|---|---|---|---|"]
+              "| setup | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " |", "|---|" + "---|" * len(compared)]
     for setup in dict.fromkeys(r["setup"] for r in records):
         own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
         split = _spread(setup, own)
         lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
-                                                  for a in ("finetune_masked", "finetune_dense", "best")) + " |")
+                                                  for a in compared) + " |")
     lines += ["", "Per target (mean over protection and sweep seeds):", "",
-              "| setup | target | mask-kept | dense | linear | kNN | best |", "|---|---|---:|---:|---:|---:|---:|"]
+              "| setup | target | " + " | ".join(ATTACK_LABELS[a] if a != "best" else "best" for a in attacks) + " |",
+              "|---|---|" + "---:|" * len(attacks)]
     for record_setup in dict.fromkeys(r["setup"] for r in records):
         own = [r for r in records if r["setup"] == record_setup and not r["model"].endswith("-sparse_scratch")]
         domains = sorted({d for r in own for per_seed in r["slc"].values() for d in per_seed})
         for domain in domains:
             cells = []
-            for attack in ATTACKS:
+            for attack in attacks:
                 values = [per_seed[domain].get(attack) for r in own for per_seed in r["slc"].values()
                           if domain in per_seed]
                 values = [v for v in values if v is not None]
