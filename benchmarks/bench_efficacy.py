@@ -103,9 +103,22 @@ def _ntp_ssl(args: list[str], log_path: Path) -> float:
     return time.perf_counter() - started
 
 
+def _same_run(recorded: str, args: list[str]) -> bool:
+    """Whether a recorded command line is ``args`` (where the outputs went aside)."""
+    def key(words: list[str]) -> list[str]:
+        return [w for w in words if not w.startswith("paths.root=")]
+    return key(recorded.split()[1:]) == key(args)
+
+
 def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
-    """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded)."""
+    """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded).
+    A finished run made by another command (another encoder, another attacker) is an error,
+    not a silent reuse."""
     wall_file = run_dir / "bench_wall.json"
+    if (run_dir / done_file).exists() and wall_file.exists():
+        recorded = json.loads(wall_file.read_text())["command"]
+        if not _same_run(recorded, args):
+            raise SystemExit(f"{run_dir} holds the run of another command ({recorded}); give this one its own --root")
     if not (run_dir / done_file).exists():
         wall = _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log")
         wall_file.write_text(json.dumps({"wall_s": wall, "command": "ntp-ssl " + " ".join(args)}))
@@ -133,19 +146,21 @@ def evaluate(run_name: str, checkpoints: list[str], names: list[str], sparse: li
             "wall_s": wall, "command": args}
 
 
-def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: bool) -> dict | None:
-    """A finished evaluate run of protection seed ``seed`` on these sweep seeds that already
-    attacked ``name`` (and its sparse scratch when asked), so that adding a setup later does
-    not redo the others; None when there is none."""
+def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: bool, sweep: list[str]) -> dict | None:
+    """A finished evaluate run of protection seed ``seed`` on these sweep seeds and this
+    attacker (``sweep``) that already attacked ``name`` (and its sparse scratch when asked), so
+    that adding a setup later does not redo the others; None when there is none."""
     base = f"seed{seed}-sweep{seeds_tag}"  # then "_<setups>" for setups added later
     for run_dir in sorted((root / "evaluate").glob(f"{base}*")):
         if run_dir.name != base and not run_dir.name.startswith(f"{base}_") or not (run_dir / "summary.json").exists():
             continue
         rows = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
+        wall = run_dir / "bench_wall.json"
+        if wall.exists() and not set(sweep) <= set(json.loads(wall.read_text())["command"].split()):
+            continue  # another attacker
         if name in models and (not sparse or f"{name}-sparse_scratch" in models):
             summary = json.loads((run_dir / "summary.json").read_text())
-            wall = run_dir / "bench_wall.json"
             return {"rows": rows, "source_accuracy": summary["source_accuracy"],
                     "wall_s": json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan"),
                     "command": None}
@@ -349,7 +364,7 @@ def main() -> None:
         names = [p["setup"] for p in runs]
         sparse = [n for n in names if n in args.sparse_scratch]
         done = {name: found for name in names
-                if (found := evaluated_before(root, seed, seeds_tag, name, name in sparse)) is not None}
+                if (found := evaluated_before(root, seed, seeds_tag, name, name in sparse, sweep)) is not None}
         todo = [p for p in runs if p["setup"] not in done]
         if todo:  # the setups not attacked before, together (the scratch baselines are cached)
             todo_names = [p["setup"] for p in todo]
