@@ -157,7 +157,7 @@ def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: b
         rows = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
         wall = run_dir / "bench_wall.json"
-        if wall.exists() and not set(sweep) <= set(json.loads(wall.read_text())["command"].split()):
+        if wall.exists() and [w for w in json.loads(wall.read_text())["command"].split() if w.startswith("sweep")] != sweep:
             continue  # another attacker
         if name in models and (not sparse or f"{name}-sparse_scratch" in models):
             summary = json.loads((run_dir / "summary.json").read_text())
