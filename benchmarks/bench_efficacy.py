@@ -57,7 +57,8 @@ SETUPS: dict[str, list[str]] = {
     "label_free_no_fisher": ["experiment=protect_label_free", "loss.w_fisher_pseudo=0"],
     "label_free_no_source_fisher": ["experiment=protect_label_free", "loss.w_fisher_source=0"],
     "label_free_moco": ["experiment=protect_label_free", "pretrain.method.name=moco"],
-    "magnitude_moco": ["experiment=protect_magnitude", "pretrain.method.name=moco"],  # its sparsity control
+    "magnitude_moco": ["experiment=protect_magnitude", "pretrain.method.name=moco"],  # its sparsity controls
+    "random_mask_moco": ["experiment=protect_random_mask", "pretrain.method.name=moco"],
     "target_free": ["experiment=protect_target_free"],
     # issue 13's options, explored on the tuning seeds (protection 0, sweep 0) before any report
     "label_free_distill": ["experiment=protect_label_free", "loss.w_source_distill=300"],
