@@ -105,6 +105,13 @@ def _ntp_ssl(args: list[str], log_path: Path) -> float:
     return time.perf_counter() - started
 
 
+def _recorded(run_dir: Path) -> dict | None:
+    """What ``_once`` wrote beside a run: its wall time and the command ("ntp-ssl ARGS..."),
+    or None for a run made outside the benchmark."""
+    wall_file = run_dir / "bench_wall.json"
+    return json.loads(wall_file.read_text()) if wall_file.exists() else None
+
+
 def _same_run(recorded: str, args: list[str]) -> bool:
     """Whether a recorded command line is ``args`` (where the outputs went aside)."""
     def key(words: list[str]) -> list[str]:
@@ -116,15 +123,16 @@ def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
     """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded).
     A finished run made by another command (another encoder, another attacker) is an error,
     not a silent reuse."""
-    wall_file = run_dir / "bench_wall.json"
-    if (run_dir / done_file).exists() and wall_file.exists():
-        recorded = json.loads(wall_file.read_text())["command"]
-        if not _same_run(recorded, args):
-            raise SystemExit(f"{run_dir} holds the run of another command ({recorded}); give this one its own --root")
-    if not (run_dir / done_file).exists():
-        wall = _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log")
-        wall_file.write_text(json.dumps({"wall_s": wall, "command": "ntp-ssl " + " ".join(args)}))
-    return json.loads(wall_file.read_text())["wall_s"] if wall_file.exists() else float("nan")
+    recorded = _recorded(run_dir)
+    if (run_dir / done_file).exists():
+        if recorded is not None and not _same_run(recorded["command"], args):
+            raise SystemExit(f"{run_dir} holds the run of another command ({recorded['command']}); "
+                             "give this one its own --root")
+    else:
+        recorded = {"wall_s": _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log"),
+                    "command": "ntp-ssl " + " ".join(args)}
+        (run_dir / "bench_wall.json").write_text(json.dumps(recorded))
+    return recorded["wall_s"] if recorded is not None else float("nan")
 
 
 def protect(name: str, overrides: list[str], seed: int, root: Path, extra: list[str]) -> dict:
@@ -156,16 +164,15 @@ def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: b
     for run_dir in sorted((root / "evaluate").glob(f"{base}*")):
         if run_dir.name != base and not run_dir.name.startswith(f"{base}_") or not (run_dir / "summary.json").exists():
             continue
+        recorded = _recorded(run_dir)
+        if recorded is not None and [w for w in recorded["command"].split() if w.startswith("sweep")] != sweep:
+            continue  # another attacker
         rows = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
-        wall = run_dir / "bench_wall.json"
-        if wall.exists() and [w for w in json.loads(wall.read_text())["command"].split() if w.startswith("sweep")] != sweep:
-            continue  # another attacker
         if name in models and (not sparse or f"{name}-sparse_scratch" in models):
             summary = json.loads((run_dir / "summary.json").read_text())
             return {"rows": rows, "source_accuracy": summary["source_accuracy"],
-                    "wall_s": json.loads(wall.read_text())["wall_s"] if wall.exists() else float("nan"),
-                    "command": None}
+                    "wall_s": recorded["wall_s"] if recorded is not None else float("nan"), "command": None}
     return None
 
 
@@ -232,9 +239,15 @@ def attacks_measured(records: list[dict]) -> list[str]:
     return [a for a in ATTACK_LABELS if a in held or a == "best"]
 
 
-def gaps(records: list[dict]) -> list[str]:
+def compared_attacks(attacks: list[str]) -> list[str]:
+    """The columns that set setups side by side (gaps, selectivity): the fine-tunes and "best"."""
+    return [a for a in attacks if a in FINE_TUNES or a == "best"]
+
+
+def gaps(records: list[dict], compared: list[str]) -> list[str]:
     """The first protected setup against each control, paired by protection seed (the same
-    sweep seeds): mean and 95% interval of the difference; below 0: it protects more."""
+    sweep seeds), under each attack of ``compared``: mean and 95% interval of the difference;
+    below 0: it protects more."""
     setups = [r["setup"] for r in records if r["setup"] != REFERENCE]
     if not setups:
         return []
@@ -248,7 +261,6 @@ def gaps(records: list[dict]) -> list[str]:
     controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}),
                 *((name, by_seed(name)) for name in dict.fromkeys(setups) if name != primary),
                 (f"{primary} sparse scratch", by_seed(primary, sparse=True))]
-    compared = [a for a in attacks_measured(records) if a in FINE_TUNES or a == "best"]
     lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
              "", "| control | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " | source kNN |",
              "|---|" + "---|" * (len(compared) + 1)]
@@ -297,8 +309,8 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
             + f" | {_cell([_source_best(r) for r in split])}"
             + f" | {np.mean([p['sparsity'] for p in runs]) if runs else 0.0:.3f}"
             + f" | {np.mean([p['protect_wall_s'] for p in runs]) / 60 if runs else 0.0:.1f} |")
-    lines += gaps(records)
-    compared = [a for a in attacks if a in FINE_TUNES or a == "best"]
+    compared = compared_attacks(attacks)
+    lines += gaps(records, compared)
     lines += ["", "Selectivity: source SLC-AUC minus the mean target SLC-AUC under the same attack (above 0: the",
               "licensed domain is the better start; a protection that hits every domain alike leaves it where",
               "the unprotected encoder has it):", "",
