@@ -408,3 +408,29 @@ def test_w_step_lr_decays_geometrically_from_lr_to_lr_final():
     assert rates[0] == pytest.approx(3e-3) and rates[-1] == pytest.approx(3e-4)
     assert all(w_step_lr(SimpleNamespace(lr=1e-3, lr_final=None, iterations=5), i) == 1e-3 for i in range(5))
     assert w_step_lr(SimpleNamespace(lr=1e-3, lr_final=1e-5, iterations=1), 0) == 1e-3  # one iteration: lr
+
+
+@pytest.mark.parametrize("kind", ["layer", "global", "random"])
+def test_magnitude_reference_is_a_magnitude_mask_whatever_the_projection(kind):
+    """The diagnostics' "overlap with a magnitude mask" must compare with a magnitude mask:
+    for the random projection the pruner's own first mask is not one (it once reported 1.0)."""
+    from ntp_ssl.protect.loop import magnitude_reference, mask_overlap
+
+    torch.manual_seed(0)
+    params = {"a": nn.Parameter(torch.randn(8, 16)), "b": nn.Parameter(torch.randn(40) * 3)}
+    pruner = ADMMPruner(params, sparsity=0.75, projection=kind)
+    reference = magnitude_reference(pruner)
+    magnitudes = torch.cat([p.detach().abs().flatten() for p in params.values()])
+    for name, p in params.items():
+        kept = p.detach().abs()[reference[name]]
+        if kind == "global":  # the 25% largest |w| over both tensors: the slow reference is a sort
+            threshold = magnitudes.sort(descending=True).values[int(0.25 * magnitudes.numel()) - 1]
+        else:  # the 25% largest |w| of each tensor
+            threshold = p.detach().abs().flatten().sort(descending=True).values[int(0.25 * p.numel()) - 1]
+        assert int(reference[name].sum()) == int(0.25 * p.numel()) or kind == "global"
+        assert kept.min() >= threshold
+    overlap = mask_overlap(reference, pruner.masks())
+    if kind == "random":
+        assert overlap < 0.6  # a random 25% shares about a quarter of a magnitude 25%
+    else:
+        assert overlap == 1.0

@@ -24,6 +24,7 @@ from ntp_ssl.data import Domain, ImageArrayDataset
 from ntp_ssl.pretrain.methods import build_train_transform
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.objective import IndexedViews, NonTransferableObjective
+from ntp_ssl.protect.projections import MASKS
 from ntp_ssl.shared.checkpoint import load_training_state, resuming, save_training_state
 from ntp_ssl.shared.knn import knn_on_train_splits
 from ntp_ssl.shared.masking import MaskedOptimizer, mask_gradients_
@@ -76,6 +77,15 @@ def mask_overlap(reference: dict[str, torch.Tensor], masks: dict[str, torch.Tens
     return both / max(1, kept)
 
 
+def magnitude_reference(pruner: ADMMPruner) -> dict[str, torch.Tensor]:
+    """The plain magnitude mask of the weights as they are now (the unprotected ones) at the
+    pruner's sparsity: global top-|w| for the global and soft projections, per layer otherwise.
+    Not ``pruner.masks()``: with the random or channel projection that is no magnitude mask."""
+    weights = {name: p.detach() for name, p in pruner.params.items()}
+    kind = "global" if pruner.projection in ("global", "soft") else "layer"
+    return MASKS[kind](weights, pruner.sparsity)
+
+
 def build_pruner(cfg: Any, encoder: nn.Module) -> ADMMPruner:
     """The ADMM pruner over the encoder's prunable weights, as ``cfg.prune`` and ``cfg.admm`` say."""
     prune = cfg.prune
@@ -113,7 +123,7 @@ class ProtectionRun:
     device: Any
     writer: Any
     optimizer: Any = None
-    magnitude_masks: dict = field(default_factory=dict)  # the projection of the unprotected weights
+    magnitude_masks: dict = field(default_factory=dict)  # magnitude_reference of the unprotected weights
     iteration: int = 0
     phase: str = "admm"
     metrics: dict = field(default_factory=lambda: {"iterations": []})
@@ -174,7 +184,7 @@ def start_protection(cfg: Any, method: nn.Module, source: Domain, targets: list[
                         source_views=views(source), target_views=[views(t) for t in targets], params=params,
                         state_path=run_dir / "protect_state.safetensors", device=device, writer=writer)
     run.optimizer = run.new_optimizer()
-    run.magnitude_masks = pruner.masks()  # Z starts as Proj(W): the plain magnitude mask at this sparsity
+    run.magnitude_masks = magnitude_reference(pruner)
     if cfg.resume and run.state_path.exists():
         run.resume()
     else:
