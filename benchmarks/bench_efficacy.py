@@ -82,6 +82,15 @@ SETUPS: dict[str, list[str]] = {
                                            "admm.retrain_steps=300"],
     "label_free_admm_bn": ["experiment=protect_label_free", *ADMM_CONVERGED, "prune.include_batchnorm=true"],
     "supervised_admm": ["experiment=protect_supervised", *ADMM_CONVERGED],
+    # the label-free loss under a fixed random mask (no ADMM: the random mask's masked retraining,
+    # on L_NT for as many steps as converged ADMM takes): does the random mask's dense
+    # protection add to the loss's mask-kept one?
+    "label_free_random_mask": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
+                               "admm.retrain_steps=420"],
+    # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
+    # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
+    "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",
+                                  "loss.sim_inner_steps=20", "loss.sim_inner_lr=0.05", "loss.sim_modes=[dense]"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
