@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -65,6 +68,24 @@ def test_overrides_apply():
 def test_experiment_config_composes():
     cfg = _compose("pretrain", ["experiment=pretrain_resnet18_cifar10"])
     assert (cfg.encoder.backbone, cfg.data.source, cfg.trainer.precision) == ("resnet18", "cifar10", "bf16-mixed")
+
+
+def test_label_free_random_experiment_is_the_measured_setup():
+    """experiment=protect_label_free_random must be what bench_efficacy's label_free_random_mask
+    measured (docs/RESULTS.md): the same config but for the run name."""
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_efficacy import SETUPS
+    finally:
+        sys.path.pop(0)
+    named = OmegaConf.to_container(_compose("protect", ["experiment=protect_label_free_random"]))
+    measured = OmegaConf.to_container(_compose("protect", SETUPS["label_free_random_mask"]))
+    assert named.pop("run_name") != measured.pop("run_name")
+    assert named == measured
+    assert (named["prune"]["projection"], named["admm"]["iterations"], named["admm"]["retrain_steps"],
+            named["loss"]["kind"]) == ("random", 0, 420, "ssl")
 
 
 def test_misspelt_key_is_rejected():
