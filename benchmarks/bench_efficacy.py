@@ -87,6 +87,13 @@ SETUPS: dict[str, list[str]] = {
     # protection add to the loss's mask-kept one?
     "label_free_random_mask": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
                                "admm.retrain_steps=420"],
+    "label_free_random_mask_moco": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
+                                    "admm.retrain_steps=420", "pretrain.method.name=moco"],
+    # its source levers, on the tuning seed: source distillation (issue 13, item 2), a sparser-kept mask
+    "label_free_random_mask_distill": ["experiment=protect_label_free", "prune.projection=random",
+                                       "admm.iterations=0", "admm.retrain_steps=420", "loss.w_source_distill=1000"],
+    "label_free_random_mask_s0.8": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
+                                    "admm.retrain_steps=420", "prune.sparsity=0.8"],
     # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",
