@@ -43,6 +43,11 @@ ADMM_CONVERGED = ["admm.iterations=14", "admm.rho=0.1", "admm.rho_growth=3", "ad
                   "admm.lr_final=1e-3"]
 ADMM_FIVE = ["admm.iterations=5", "admm.rho=0.005", "admm.rho_growth=1.5", "admm.rho_max=1.0", "admm.lr=1e-3",
              "admm.lr_final=null"]
+# The label-free loss under a fixed random mask, no ADMM: the random mask's masked retraining on
+# L_NT for as many steps as converged ADMM takes (experiment=protect_label_free_random composes
+# to the same config; tests/test_config.py)
+RANDOM_MASK_NTP = ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
+                   "admm.retrain_steps=420"]
 SETUPS: dict[str, list[str]] = {
     "label_free": ["experiment=protect_label_free"],
     # the headline's and the tuning table's "label_free" rows were measured on these settings,
@@ -82,18 +87,12 @@ SETUPS: dict[str, list[str]] = {
                                            "admm.retrain_steps=300"],
     "label_free_admm_bn": ["experiment=protect_label_free", *ADMM_CONVERGED, "prune.include_batchnorm=true"],
     "supervised_admm": ["experiment=protect_supervised", *ADMM_CONVERGED],
-    # the label-free loss under a fixed random mask (no ADMM: the random mask's masked retraining,
-    # on L_NT for as many steps as converged ADMM takes): does the random mask's dense
-    # protection add to the loss's mask-kept one?
-    "label_free_random_mask": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
-                               "admm.retrain_steps=420"],
-    "label_free_random_mask_moco": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
-                                    "admm.retrain_steps=420", "pretrain.method.name=moco"],
+    # does the random mask's dense protection add to the label-free loss's mask-kept one?
+    "label_free_random_mask": RANDOM_MASK_NTP,
+    "label_free_random_mask_moco": [*RANDOM_MASK_NTP, "pretrain.method.name=moco"],
     # its source levers, on the tuning seed: source distillation (issue 13, item 2), a sparser-kept mask
-    "label_free_random_mask_distill": ["experiment=protect_label_free", "prune.projection=random",
-                                       "admm.iterations=0", "admm.retrain_steps=420", "loss.w_source_distill=1000"],
-    "label_free_random_mask_s0.8": ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
-                                    "admm.retrain_steps=420", "prune.sparsity=0.8"],
+    "label_free_random_mask_distill": [*RANDOM_MASK_NTP, "loss.w_source_distill=1000"],
+    "label_free_random_mask_s0.8": [*RANDOM_MASK_NTP, "prune.sparsity=0.8"],
     # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",
