@@ -171,6 +171,16 @@ def evaluate(run_name: str, checkpoints: list[str], names: list[str], sparse: li
             "wall_s": wall, "command": args}
 
 
+# the words of an evaluate command line that name the run, not the attacker (``evaluate`` builds them)
+PER_RUN_WORDS = ("checkpoints=", "names=", "sparse_scratch=", "run_name=", "paths.root=")
+
+
+def attacker_words(command: str) -> list[str]:
+    """The attacker's overrides in a recorded ``ntp-ssl evaluate ...`` line, in order: every
+    word but the program, the stage and the per-run ones; what ``evaluate`` got as ``sweep``."""
+    return [w for w in command.split()[2:] if not w.startswith(PER_RUN_WORDS)]
+
+
 def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: bool, sweep: list[str]) -> dict | None:
     """A finished evaluate run of protection seed ``seed`` on these sweep seeds and this
     attacker (``sweep``) that already attacked ``name`` (and its sparse scratch when asked), so
@@ -180,8 +190,8 @@ def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: b
         if run_dir.name != base and not run_dir.name.startswith(f"{base}_") or not (run_dir / "summary.json").exists():
             continue
         recorded = _recorded(run_dir)
-        if recorded is not None and [w for w in recorded["command"].split() if w.startswith("sweep")] != sweep:
-            continue  # another attacker
+        if recorded is not None and attacker_words(recorded["command"]) != sweep:
+            continue  # another attacker (or another split)
         rows = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
         if name in models and (not sparse or f"{name}-sparse_scratch" in models):

@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
+def bench_efficacy():
+    """benchmarks/bench_efficacy.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_efficacy", REPO / "benchmarks" / "bench_efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """The domain cache: $NTP_SSL_CACHE_DIR when CI sets one (reused across runs), else a session folder."""
     env = os.environ.get("NTP_SSL_CACHE_DIR")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -70,18 +67,13 @@ def test_experiment_config_composes():
     assert (cfg.encoder.backbone, cfg.data.source, cfg.trainer.precision) == ("resnet18", "cifar10", "bf16-mixed")
 
 
-def test_label_free_random_experiment_is_the_measured_setup():
+def test_label_free_random_experiment_is_the_measured_setup(bench_efficacy):
     """experiment=protect_label_free_random must be what bench_efficacy's label_free_random_mask
     measured (docs/RESULTS.md): the same config but for the run name."""
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from bench_efficacy import SETUPS
-    finally:
-        sys.path.pop(0)
     named = OmegaConf.to_container(_compose("protect", ["experiment=protect_label_free_random"]))
-    measured = OmegaConf.to_container(_compose("protect", SETUPS["label_free_random_mask"]))
+    measured = OmegaConf.to_container(_compose("protect", bench_efficacy.SETUPS["label_free_random_mask"]))
     assert named.pop("run_name") != measured.pop("run_name")
     assert named == measured
     assert (named["prune"]["projection"], named["admm"]["iterations"], named["admm"]["retrain_steps"],
@@ -152,3 +144,28 @@ def test_domain_specs_compare_by_what_they_name(tmp_path, monkeypatch):
     assert domain_key("npz:data/a.npz") == domain_key(f"NPZ:{tmp_path}/data/../data/a.npz")
     assert domain_key("npz:a.npz") != domain_key("folder:a.npz")
     assert domain_key("folder:Data") != domain_key("folder:data")  # paths keep their case
+
+
+def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(bench_efficacy, tmp_path):
+    """A recorded evaluate run counts as "attacked before" only when its attacker words (split
+    included) are exactly this benchmark's: a validation-split run must not stand in for a
+    test-split one, and a run made with data.split=validation must still be found again."""
+    import json
+
+    def recorded_run(name: str, sweep: list[str]) -> None:
+        run_dir = tmp_path / "evaluate" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"source_accuracy": {}}))
+        (run_dir / "results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n"
+                                             "lf,optdigits,finetune_dense,0,1.0,10,0.5\n")
+        command = ["ntp-ssl", "evaluate", "checkpoints=[/x/lf-seed0]", "names=[lf]", "sparse_scratch=[]", *sweep,
+                   f"run_name={name}", f"paths.root={tmp_path}"]
+        (run_dir / "bench_wall.json").write_text(json.dumps({"wall_s": 1.0, "command": " ".join(command)}))
+        assert bench_efficacy.attacker_words(" ".join(command)) == sweep
+
+    validation = ["sweep=main_job", "data.split=validation", "sweep.seeds=[0]"]
+    recorded_run("seed0-sweep0_lf", validation)
+    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, validation) is not None
+    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=main_job", "sweep.seeds=[0]"]) is None
+    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=converged", "data.split=validation",
+                                                                          "sweep.seeds=[0]"]) is None
