@@ -93,6 +93,11 @@ SETUPS: dict[str, list[str]] = {
     # its source levers, on the tuning seed: source distillation (issue 13, item 2), a sparser-kept mask
     "label_free_random_mask_distill": [*RANDOM_MASK_NTP, "loss.w_source_distill=1000"],
     "label_free_random_mask_s0.8": [*RANDOM_MASK_NTP, "prune.sparsity=0.8"],
+    # the random mask drawn anew for each protection seed (prune.random_seed=${seed}); the two
+    # setups above share one mask across seeds, drawn from the tensor names, so their intervals
+    # say nothing about the mask's draw
+    "random_mask_seeded": ["experiment=protect_random_mask", "prune.random_seed=${seed}"],
+    "label_free_random_mask_seeded": [*RANDOM_MASK_NTP, "prune.random_seed=${seed}"],
     # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",

@@ -133,6 +133,11 @@ class PruneConfig:
     sparsity: float = 0.9
     projection: str = "layer"  # layer | global | channel | soft | random (the random-mask control)
     soft_delta: Optional[float] = None  # soft threshold; None: chosen to hit `sparsity` at the start
+    # The random projection's draw. None: fixed by each tensor's name, one mask whatever the
+    # run's seed (how every random-mask table up to issue 13's last rounds was measured); an
+    # integer: mixed with the name, so each value draws an independent mask. `${seed}` ties
+    # the mask to the protection seed, so intervals over seeds cover the mask's draw too.
+    random_seed: Optional[int] = None
     include_bias: bool = False
     # Batch-norm scale and shift pruned too (as the authors do): at 90% it silences 90% of the
     # channels and breaks the source as much as the targets (docs/RESULTS.md); left off.
@@ -529,6 +534,11 @@ def validate_prune(prune: Any) -> None:
     _check_choice("prune.projection", prune.projection, ("layer", "global", "channel", "soft", "random"))
     if prune.soft_delta is not None:
         _check_positive("prune.soft_delta", prune.soft_delta)
+    random_seed = getattr(prune, "random_seed", None)
+    if random_seed is not None:
+        _check_seed("prune.random_seed", random_seed)
+        _check(prune.projection == "random", f"prune.random_seed={random_seed!r} applies to "
+               f"prune.projection=random only, got prune.projection={prune.projection!r}; accepted: null")
 
 
 def validate_admm(admm: Any) -> None:

@@ -434,3 +434,15 @@ def test_magnitude_reference_is_a_magnitude_mask_whatever_the_projection(kind):
         assert overlap < 0.6  # a random 25% shares about a quarter of a magnitude 25%
     else:
         assert overlap == 1.0
+
+
+def test_the_pruner_draws_its_random_mask_from_random_seed_and_refuses_it_elsewhere():
+    from ntp_ssl.protect.projections import random_masks_per_layer
+
+    params = random_params()
+    weights = {n: p.detach() for n, p in params.items()}
+    pruner = ADMMPruner(params, sparsity=0.5, projection="random", random_seed=7)
+    expected = random_masks_per_layer(weights, 0.5, 7)
+    assert all(torch.equal(pruner.masks()[n], expected[n]) for n in params)
+    with pytest.raises(ConfigError, match="random_seed=7 applies to projection 'random' only"):
+        ADMMPruner(params, sparsity=0.5, projection="layer", random_seed=7)

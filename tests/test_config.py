@@ -102,6 +102,8 @@ def test_wrong_type_is_rejected():
         ("pretrain", "trainer.device=tpu", "trainer.device='tpu'"),
         ("protect", "prune.sparsity=1.0", "prune.sparsity=1.0"),
         ("protect", "prune.projection=magic", "prune.projection='magic'"),
+        ("protect", "prune.random_seed=3", "prune.random_seed=3 applies to prune.projection=random only"),
+        ("protect", "prune.random_seed=-1", "prune.random_seed=-1"),
         ("protect", "loss.kind=magic", "loss.kind='magic'"),
         ("protect", "data.targets=[mnist]", "data.targets entry 'mnist' is data.source='mnist'"),
         ("protect", "data.targets=[MNIST]", "data.targets entry 'MNIST' is data.source='mnist'"),

@@ -250,3 +250,23 @@ def test_the_random_mask_control_keeps_the_exact_count_whatever_the_values():
     assert any(not torch.equal(masks[k], magnitude[k]) for k in w)
     projected = project_random(w, 0.7)
     assert all(torch.equal(projected[k], w[k] * masks[k]) for k in w)
+
+
+def test_a_random_seed_draws_an_independent_random_mask_with_the_same_count():
+    from ntp_ssl.protect.projections import project_with_masks, random_masks_per_layer
+
+    w = make_weights()
+    by_name = random_masks_per_layer(w, 0.7)
+    seeded = {seed: random_masks_per_layer(w, 0.7, seed) for seed in (0, 1)}
+    for name, t in w.items():
+        for masks in seeded.values():
+            assert int((~masks[name]).sum()) == n_pruned(t.numel(), 0.7)
+    # a seed gives another draw than the name alone and than another seed, and the same draw twice
+    big = [k for k, t in w.items() if t.numel() >= 20]
+    assert big
+    for k in big:
+        assert not torch.equal(seeded[0][k], by_name[k])
+        assert not torch.equal(seeded[0][k], seeded[1][k])
+        assert torch.equal(seeded[1][k], random_masks_per_layer(w, 0.7, 1)[k])
+    projected, masks = project_with_masks(w, "random", sparsity=0.7, random_seed=1)
+    assert all(torch.equal(masks[k], seeded[1][k]) and torch.equal(projected[k], w[k] * masks[k]) for k in w)

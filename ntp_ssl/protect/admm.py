@@ -125,6 +125,7 @@ class ADMMPruner:
         balance_mu: float = 10.0,
         balance_tau: float = 2.0,
         soft_delta: float | None = None,
+        random_seed: int | None = None,
         coupled: Mapping[str, list[str]] | None = None,
         all_params: Mapping[str, nn.Parameter] | None = None,
     ) -> None:
@@ -155,6 +156,9 @@ class ADMMPruner:
         self.rho_min = float(rho)
         self.rho_schedule, self.balance_mu, self.balance_tau = rho_schedule, float(balance_mu), float(balance_tau)
         self.soft_delta = None if soft_delta is None else float(soft_delta)
+        if random_seed is not None and projection != "random":
+            raise ConfigError(f"random_seed={random_seed!r} applies to projection 'random' only, got {projection!r}")
+        self.random_seed = random_seed
         self.coupled, self.all_params = self._check_coupled(coupled, all_params)
         self.iterations = 0
         with torch.no_grad():
@@ -276,7 +280,8 @@ class ADMMPruner:
     # ------------------------------------------------------------------- internals
 
     def _project(self, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return project_with_masks(weights, self.projection, sparsity=self.sparsity, delta=self.soft_delta)
+        return project_with_masks(weights, self.projection, sparsity=self.sparsity, delta=self.soft_delta,
+                                  random_seed=self.random_seed)
 
     def _with_coupled(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.projection != "channel":

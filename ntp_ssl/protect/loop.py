@@ -102,6 +102,7 @@ def build_pruner(cfg: Any, encoder: nn.Module) -> ADMMPruner:
                       rho_growth=cfg.admm.rho_growth, rho_max=cfg.admm.rho_max,
                       rho_schedule=cfg.admm.rho_schedule, balance_mu=cfg.admm.rho_balance_mu,
                       balance_tau=cfg.admm.rho_balance_tau, soft_delta=soft_delta,
+                      random_seed=getattr(prune, "random_seed", None),
                       coupled=find_conv_bn_pairs(encoder) if prune.projection == "channel" else None,
                       all_params=dict(encoder.named_parameters()))
 

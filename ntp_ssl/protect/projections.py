@@ -58,22 +58,24 @@ def topk_masks_per_layer(weights: Weights, sparsity: float) -> dict[str, Tensor]
     return masks
 
 
-def random_masks_per_layer(weights: Weights, sparsity: float) -> dict[str, Tensor]:
+def random_masks_per_layer(weights: Weights, sparsity: float, seed: int | None = None) -> dict[str, Tensor]:
     """Per tensor: keep ``n - n_pruned(n, s)`` entries chosen at random, whatever their values
     (the "random mask" control: sparsity without any choice of weights). The draw is fixed by
-    the tensor's name, so the same encoder always gets the same mask."""
+    the tensor's name (``seed=None``: the same encoder always gets the same mask, whatever the
+    run's seed) or by the name and ``seed`` together (independent masks for different seeds)."""
     check_sparsity(sparsity)
     masks = {}
     for name, w in weights.items():
-        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        key = name if seed is None else f"{int(seed)}/{name}"
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
         scores = torch.rand(w.numel(), generator=generator)
         masks[name] = _keep_largest(scores, n_pruned(w.numel(), sparsity)).reshape(w.shape).to(w.device)
     return masks
 
 
-def project_random(weights: Weights, sparsity: float) -> dict[str, Tensor]:
+def project_random(weights: Weights, sparsity: float, seed: int | None = None) -> dict[str, Tensor]:
     """``W * M`` with the random keep masks of :func:`random_masks_per_layer`."""
-    return apply_keep_masks(weights, random_masks_per_layer(weights, sparsity))
+    return apply_keep_masks(weights, random_masks_per_layer(weights, sparsity, seed))
 
 
 def topk_masks_global(weights: Weights, sparsity: float) -> dict[str, Tensor]:
@@ -195,14 +197,18 @@ def project(weights: Weights, kind: str, *, sparsity: float, delta: float | None
 
 
 def project_with_masks(
-    weights: Weights, kind: str, *, sparsity: float, delta: float | None = None
+    weights: Weights, kind: str, *, sparsity: float, delta: float | None = None, random_seed: int | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(Proj(weights), keep masks)``; for ``soft`` the masks are ``|v| > delta``."""
+    """``(Proj(weights), keep masks)``; for ``soft`` the masks are ``|v| > delta``; ``random_seed``
+    is used by ``random`` only (see :func:`random_masks_per_layer`)."""
     check_kind(kind)
     check_sparsity(sparsity)
     if kind == "soft":
         projected = _soft_project(weights, sparsity, delta)
         return projected, soft_threshold_masks(weights, delta)  # type: ignore[arg-type]
+    if kind == "random":
+        masks = random_masks_per_layer(weights, sparsity, random_seed)
+        return apply_keep_masks(weights, masks), masks
     masks = MASKS[kind](weights, sparsity)
     return apply_keep_masks(weights, masks), masks
 
