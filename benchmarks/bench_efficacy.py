@@ -98,6 +98,11 @@ SETUPS: dict[str, list[str]] = {
     # say nothing about the mask's draw
     "random_mask_seeded": ["experiment=protect_random_mask", "prune.random_seed=${seed}"],
     "label_free_random_mask_seeded": [*RANDOM_MASK_NTP, "prune.random_seed=${seed}"],
+    # its pseudo-labels (tuning seed): the random mask leaves the pruned encoder at chance, so
+    # the clusters it is retrained to blur are near random; cluster the encoder before the
+    # prune (the target's classes) or again every 60 steps as the source comes back
+    "label_free_random_mask_unpruned_pl": [*RANDOM_MASK_NTP, "admm.retrain_pseudo_from=unpruned"],
+    "label_free_random_mask_refresh": [*RANDOM_MASK_NTP, "admm.retrain_refresh_every=60"],
     # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",

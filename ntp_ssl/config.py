@@ -178,6 +178,13 @@ class AdmmConfig:
     # Measured (seed 0, validation split, 300 steps): the source comes back and the targets with
     # it, to magnitude-pruning level (docs/RESULTS.md); left off.
     retrain_loss: Optional[str] = None
+    # The k-means pseudo-labels masked retraining's target Fisher term separates: clustered
+    # from the encoder right after the hard prune ("pruned"), or right before it ("unpruned":
+    # with admm.iterations=0 the unprotected encoder, whose clusters are the target's classes,
+    # while a random mask leaves the pruned encoder at chance and its clusters near random);
+    # and clustered again every `retrain_refresh_every` steps from the retrained encoder (0: once).
+    retrain_pseudo_from: str = "pruned"
+    retrain_refresh_every: int = 0
 
 
 @dataclass
@@ -554,6 +561,8 @@ def validate_admm(admm: Any) -> None:
     _check(math.isfinite(admm.rho_max) and admm.rho_max >= admm.rho,
            f"admm.rho_max={admm.rho_max!r} must be >= admm.rho={admm.rho!r}")
     _check_choice("admm.rho_schedule", admm.rho_schedule, RHO_SCHEDULES)
+    _check_choice("admm.retrain_pseudo_from", getattr(admm, "retrain_pseudo_from", "pruned"), ("pruned", "unpruned"))
+    _check_positive("admm.retrain_refresh_every", getattr(admm, "retrain_refresh_every", 0), allow_zero=True)
     if getattr(admm, "retrain_loss", None) is not None:
         _check(admm.retrain_loss == "source",
                f"admm.retrain_loss={admm.retrain_loss!r} is not one of: null (the protection loss), source")

@@ -104,6 +104,8 @@ def test_wrong_type_is_rejected():
         ("protect", "prune.projection=magic", "prune.projection='magic'"),
         ("protect", "prune.random_seed=3", "prune.random_seed=3 applies to prune.projection=random only"),
         ("protect", "prune.random_seed=-1", "prune.random_seed=-1"),
+        ("protect", "admm.retrain_pseudo_from=teacher", "admm.retrain_pseudo_from='teacher'"),
+        ("protect", "admm.retrain_refresh_every=-1", "admm.retrain_refresh_every=-1"),
         ("protect", "loss.kind=magic", "loss.kind='magic'"),
         ("protect", "data.targets=[mnist]", "data.targets entry 'mnist' is data.source='mnist'"),
         ("protect", "data.targets=[MNIST]", "data.targets entry 'MNIST' is data.source='mnist'"),

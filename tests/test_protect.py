@@ -285,3 +285,31 @@ def test_a_crafted_protect_state_is_one_line(tmp_path, cache_dir, encoder_checkp
     save_training_state(tmp_path / "run" / "protect_state", {**state, "iteration": 10**6}, {"stage": "protect"})
     with pytest.raises(CheckpointError, match="cannot resume protection from .*its state does not fit this run"):
         run_main_job(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], [("pruned", 0)]),
+    (["admm.retrain_refresh_every=2"], [("pruned", 0), ("pruned", 2), ("pruned", 4)]),
+    (["admm.retrain_pseudo_from=unpruned"], [("unpruned", 0)]),
+    (["admm.retrain_pseudo_from=unpruned", "admm.retrain_refresh_every=3"], [("unpruned", 0), ("pruned", 3)]),
+])
+def test_retraining_pseudo_labels_come_from_the_encoder_asked_for(tmp_path, cache_dir, encoder_checkpoint,
+                                                                   monkeypatch, overrides, expected):
+    """The random-mask variant's pseudo-labels: clustered after the hard prune (default) or before
+    it, once or again every k retraining steps from the retrained encoder, each with its own seed."""
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.protect.objective import NonTransferableObjective
+
+    calls = []
+    real_refresh = NonTransferableObjective.refresh_pseudo_labels
+
+    def spy(self, source, targets, *, seed):
+        conv = [p for n, p in self.method.encoder.named_parameters() if p.dim() == 4]
+        zeros = sum(int((p == 0).sum()) for p in conv) / sum(p.numel() for p in conv)
+        calls.append(("pruned" if zeros > 0.5 else "unpruned", seed))  # 80% sparsity, or dense
+        return real_refresh(self, source, targets, seed=seed)
+
+    monkeypatch.setattr(NonTransferableObjective, "refresh_pseudo_labels", spy)
+    run_main_job(_compose_protect(cache_dir, encoder_checkpoint, "admm.iterations=0", "prune.projection=random",
+                                  "admm.retrain_steps=5", "seed=0", *overrides), tmp_path / "run")
+    assert calls == expected

@@ -242,8 +242,13 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
 def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
     """Hard prune to the support of Z (unless a resumed run already did), then masked retraining."""
     cfg = run.cfg
+    source_only = getattr(cfg.admm, "retrain_loss", None) == "source"
+    pseudo_ready = False  # pseudo-labels for retraining already clustered
     if run.phase == "admm":
         knn_before = run.knn()
+        if not source_only and getattr(cfg.admm, "retrain_pseudo_from", "pruned") == "unpruned":
+            run.objective.refresh_pseudo_labels(run.source, run.targets, seed=cfg.seed + cfg.admm.iterations)
+            pseudo_ready = True
         masks = run.pruner.hard_prune()
         run.metrics["hard_prune"] = {"knn_before": knn_before, "knn_after": run.knn(),
                                      "magnitude_overlap": mask_overlap(run.magnitude_masks, masks)}
@@ -256,17 +261,26 @@ def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
     if cfg.admm.retrain_steps > 0 and run.phase == "retrain":
         log.info("[2/3 protect] masked retraining for %d steps", cfg.admm.retrain_steps)
         source_iter, target_iters = run.batches(cfg.seed * 1000 + 999)
-        source_only = getattr(cfg.admm, "retrain_loss", None) == "source"
-        if not source_only:
-            run.objective.refresh_pseudo_labels(run.source, run.targets, seed=cfg.seed + cfg.admm.iterations)
+        steps = cfg.admm.retrain_steps
+        every = getattr(cfg.admm, "retrain_refresh_every", 0) or steps  # steps between pseudo-label refreshes
         run.objective.source_only = source_only
+        chunks = []
         try:
-            run.metrics["retrain"] = train_steps(run.objective, masked_opt, source_iter, target_iters,
-                                                 cfg.admm.retrain_steps, start_step=0, desc="masked retraining",
-                                                 progress=cfg.trainer.progress, params=run.params,
-                                                 masks=lambda: masks)
+            for start in range(0, steps, every):
+                if not source_only and not (start == 0 and pseudo_ready):
+                    run.objective.refresh_pseudo_labels(run.source, run.targets,
+                                                        seed=cfg.seed + cfg.admm.iterations + start)
+                n = min(every, steps - start)
+                chunks.append((n, train_steps(run.objective, masked_opt, source_iter, target_iters, n,
+                                              start_step=start, desc="masked retraining",
+                                              progress=cfg.trainer.progress, params=run.params,
+                                              masks=lambda: masks)))
         finally:
             run.objective.source_only = False
+        # each term's mean over the chunks that had it, weighted by their steps
+        run.metrics["retrain"] = chunks[0][1] if len(chunks) == 1 else {key: sum(n * terms[key] for n, terms in chunks if key in terms)
+                                  / sum(n for n, terms in chunks if key in terms)
+                                  for key in dict.fromkeys(k for _, terms in chunks for k in terms)}
     run.metrics["knn_after"] = run.knn()
     for name, acc in run.metrics["knn_after"].items():
         run.writer.add_scalar(f"protect/knn_top1/{name}", acc, cfg.admm.iterations + 1)
