@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from conftest import REPO
 from ntp_ssl.cli import STAGES, config_dir
 from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
 from ntp_ssl.errors import ConfigError
@@ -173,3 +174,33 @@ def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(ben
     assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=main_job", "sweep.seeds=[0]"]) is None
     assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=converged", "data.split=validation",
                                                                           "sweep.seeds=[0]"]) is None
+
+
+def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
+    """benchmarks/paired_gaps.py: own minus control per protection seed over the seeds both hold,
+    mean and interval; tables of another attacker are refused."""
+    import json
+    import subprocess
+    import sys
+
+    def record(setup, seed, dense):  # two targets, one sweep seed; mask-kept -1 everywhere
+        slc = {"1": {t: {"finetune_masked": -1.0, "finetune_dense": dense + d, "best": dense + d}
+                     for t, d in (("optdigits", 0.1), ("mnistm", -0.1))}}
+        return {"setup": setup, "seed": seed, "model": setup, "slc": slc, "source_linear": 0.9, "source_knn": 0.8}
+
+    own = {"sweep": ["sweep=main_job"], "records": [record("new", s, d) for s, d in ((1, -0.2), (2, -0.4), (3, 0.0))]}
+    other = {"sweep": ["sweep=main_job"], "records": [record("old", s, 0.0) for s in (1, 2)]}
+    paths = {name: tmp_path / f"{name}.json" for name in ("own", "other")}
+    for name, table in (("own", own), ("other", other)):
+        paths[name].write_text(json.dumps(table))
+    script = REPO / "benchmarks" / "paired_gaps.py"
+    args = [sys.executable, str(script), "--own-json", str(paths["own"]), "--own", "new",
+            "--against-json", str(paths["other"]), "--against", "old"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| old |"))
+    # seeds 1 and 2 only: dense gaps -0.2 and -0.4, mean -0.3, t interval with 1 degree of freedom
+    assert row.startswith("| old | +0.000 [+0.000, +0.000] | -0.300 [-1.571, +0.971] |") and row.endswith("| 1 2 |")
+    other["sweep"] = ["sweep=converged"]
+    paths["other"].write_text(json.dumps(other))
+    failed = subprocess.run(args, capture_output=True, text=True)
+    assert failed.returncode != 0 and "other attackers" in failed.stderr
