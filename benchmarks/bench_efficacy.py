@@ -103,6 +103,8 @@ SETUPS: dict[str, list[str]] = {
     # prune (the target's classes) or again every 60 steps as the source comes back
     "label_free_random_mask_unpruned_pl": [*RANDOM_MASK_NTP, "admm.retrain_pseudo_from=unpruned"],
     "label_free_random_mask_refresh": [*RANDOM_MASK_NTP, "admm.retrain_refresh_every=60"],
+    "label_free_random_mask_refresh_seeded": [*RANDOM_MASK_NTP, "admm.retrain_refresh_every=60",
+                                              "prune.random_seed=${seed}"],
     # a stronger simulated attacker than label_free_admm_sim's: dense only (the attack that
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",
