@@ -313,3 +313,12 @@ def test_retraining_pseudo_labels_come_from_the_encoder_asked_for(tmp_path, cach
     run_main_job(_compose_protect(cache_dir, encoder_checkpoint, "admm.iterations=0", "prune.projection=random",
                                   "admm.retrain_steps=5", "seed=0", *overrides), tmp_path / "run")
     assert calls == expected
+
+
+def test_retraining_terms_are_averaged_over_the_steps_of_the_chunks_that_had_them():
+    from ntp_ssl.protect.loop import _weighted_means
+
+    chunks = [(60, {"total": 1.0, "sim_masked": 0.5}), (60, {"total": 2.0}), (30, {"total": 4.0, "sim_masked": 1.5})]
+    means = _weighted_means(chunks)
+    assert means["total"] == pytest.approx((60 * 1.0 + 60 * 2.0 + 30 * 4.0) / 150)  # 2.0
+    assert means["sim_masked"] == pytest.approx((60 * 0.5 + 30 * 1.5) / 90)

@@ -272,21 +272,25 @@ def prune_and_retrain(run: ProtectionRun) -> dict[str, torch.Tensor]:
                                                         seed=cfg.seed + cfg.admm.iterations + start)
                 n = min(every, steps - start)
                 chunks.append((n, train_steps(run.objective, masked_opt, source_iter, target_iters, n,
-                                              start_step=start, desc="masked retraining",
+                                              start_step=start, desc=f"masked retraining {start + n}/{steps}",
                                               progress=cfg.trainer.progress, params=run.params,
                                               masks=lambda: masks)))
         finally:
             run.objective.source_only = False
-        # each term's mean over the chunks that had it, weighted by their steps
-        run.metrics["retrain"] = chunks[0][1] if len(chunks) == 1 else {key: sum(n * terms[key] for n, terms in chunks if key in terms)
-                                  / sum(n for n, terms in chunks if key in terms)
-                                  for key in dict.fromkeys(k for _, terms in chunks for k in terms)}
+        run.metrics["retrain"] = chunks[0][1] if len(chunks) == 1 else _weighted_means(chunks)
     run.metrics["knn_after"] = run.knn()
     for name, acc in run.metrics["knn_after"].items():
         run.writer.add_scalar(f"protect/knn_top1/{name}", acc, cfg.admm.iterations + 1)
     run.iteration, run.phase = cfg.admm.iterations, "done"
     run.save()
     return masks
+
+
+def _weighted_means(chunks: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Each term's mean over the chunks (steps, means) that had it, weighted by their steps."""
+    keys = dict.fromkeys(key for _, terms in chunks for key in terms)
+    return {key: sum(n * terms[key] for n, terms in chunks if key in terms)
+            / sum(n for n, terms in chunks if key in terms) for key in keys}
 
 
 def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[Domain], *, run_dir: Path,
