@@ -289,15 +289,11 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
     if not setups:
         return []
     primary = setups[0]
-
-    def by_seed(setup: str, sparse: bool = False) -> dict:
-        return {r["seed"]: r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch") == sparse}
-
-    own = by_seed(primary)
+    own = records_by_seed(records, primary)
     reference = [r for r in records if r["setup"] == REFERENCE]
     controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}),
-                *((name, by_seed(name)) for name in dict.fromkeys(setups) if name != primary),
-                (f"{primary} sparse scratch", by_seed(primary, sparse=True))]
+                *((name, records_by_seed(records, name)) for name in dict.fromkeys(setups) if name != primary),
+                (f"{primary} sparse scratch", records_by_seed(records, primary, sparse=True))]
     lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
              "", "| control | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " | source kNN |",
              "|---|" + "---|" * (len(compared) + 1)]
@@ -306,14 +302,25 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
         if not seeds:
             continue
         sparse = name.endswith("sparse scratch")  # attacked mask-kept only; its source is a random init
-        cells = [_cell([_target_mean(own[s], attack) - _target_mean(other[s], attack) for s in seeds])
-                 if not (sparse and attack != "finetune_masked") else "-"
-                 for attack in compared]
-        knn = [own[s]["source_knn"] - other[s]["source_knn"] for s in seeds
-               if own[s]["source_knn"] is not None and other[s]["source_knn"] is not None]
-        cells.append(_cell(knn) if knn and not sparse else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(paired_cells(own, other, seeds, compared, sparse=sparse)) + " |")
     return lines
+
+
+def records_by_seed(records: list[dict], setup: str, sparse: bool = False) -> dict[int, dict]:
+    """{protection seed: record} of ``setup``'s protected models (or of its sparse scratch)."""
+    return {r["seed"]: r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch") == sparse}
+
+
+def paired_cells(own: dict, other: dict, seeds: list[int], compared: list[str], *, sparse: bool = False) -> list[str]:
+    """Own minus other over ``seeds``, paired by protection seed: one cell per attack of
+    ``compared`` (a sparse scratch only mask-kept), then the source kNN."""
+    cells = [_cell([_target_mean(own[s], attack) - _target_mean(other[s], attack) for s in seeds])
+             if not (sparse and attack != "finetune_masked") else "-"
+             for attack in compared]
+    knn = [own[s]["source_knn"] - other[s]["source_knn"] for s in seeds
+           if own[s]["source_knn"] is not None and other[s]["source_knn"] is not None]
+    cells.append(_cell(knn) if knn and not sparse else "-")
+    return cells
 
 
 def _spread(setup: str, own: list[dict]) -> list[dict]:

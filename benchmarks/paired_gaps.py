@@ -18,13 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_efficacy import _cell, _target_mean  # noqa: E402
+from bench_efficacy import paired_cells, records_by_seed  # noqa: E402
 
 ATTACKS = {"finetune_masked": "mask-kept", "finetune_dense": "dense", "best": "best attack"}
-
-
-def by_seed(records: list[dict], setup: str) -> dict[int, dict]:
-    return {r["seed"]: r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")}
 
 
 def main() -> None:
@@ -37,21 +33,20 @@ def main() -> None:
     own_table, other_table = (json.loads(p.read_text()) for p in (args.own_json, args.against_json))
     if own_table["sweep"] != other_table["sweep"]:
         raise SystemExit(f"the two tables used other attackers: {own_table['sweep']} and {other_table['sweep']}")
-    own = by_seed(own_table["records"], args.own)
+    own = records_by_seed(own_table["records"], args.own)
     if not own:
         raise SystemExit(f"no records of {args.own!r} in {args.own_json}")
     print(f"| {args.own} minus | " + " | ".join(ATTACKS.values()) + " | source kNN | seeds |")
     print("|---|" + "---|" * (len(ATTACKS) + 2))
     for name in args.against:
-        other = by_seed(other_table["records"], name)
+        other = records_by_seed(other_table["records"], name)
         seeds = sorted(s for s in own if s in other)
         if not seeds:
             raise SystemExit(f"no protection seed of {args.own!r} has a record of {name!r} in {args.against_json}")
         if any(sorted(own[s]["slc"]) != sorted(other[s]["slc"]) for s in seeds):
             raise SystemExit(f"{name!r} was measured on other sweep seeds than {args.own!r}")
-        cells = [_cell([_target_mean(own[s], a) - _target_mean(other[s], a) for s in seeds]) for a in ATTACKS]
-        knn = _cell([own[s]["source_knn"] - other[s]["source_knn"] for s in seeds])
-        print(f"| {name} | " + " | ".join(cells) + f" | {knn} | {' '.join(map(str, seeds))} |")
+        cells = paired_cells(own, other, seeds, list(ATTACKS))  # the attacks, then the source kNN
+        print(f"| {name} | " + " | ".join(cells) + f" | {' '.join(map(str, seeds))} |")
 
 
 if __name__ == "__main__":
