@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_DATA
 
@@ -58,3 +59,24 @@ def test_protected_weights_match_the_recorded_digest(cli, tmp_path, loss):
     assert result.returncode == 0, result.stderr[-4000:]
     found = tensor_digest(tmp_path / "runs" / "protect" / f"digest-{loss}" / "protected.safetensors")
     assert found == expected, f"loss={loss}: protected weights changed ({found})"
+
+
+def test_deterministic_cuda_settings_are_asked_for(monkeypatch):
+    """What a CUDA stage switches on (checked here without a GPU: the flags are global torch
+    state; tests/test_cuda.py checks their effect on a GPU). Restored afterwards."""
+    import os
+
+    from ntp_ssl.shared.train import use_deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        use_deterministic_cuda()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])

@@ -18,7 +18,7 @@ from ntp_ssl.shared.checkpoint import (
     sha256_file,
 )
 from ntp_ssl.shared.runs import claim_run_dir
-from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything
+from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything, use_deterministic_cuda
 
 
 @dataclass
@@ -78,5 +78,7 @@ def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True,
     configure_threads(cfg.trainer.threads)
     seed_everything(cfg.seed + rank)
     device = resolve_device(cfg.trainer.device)
+    if device.type == "cuda":
+        use_deterministic_cuda()
     cache_dir = Path(cfg.paths.cache_dir or default_cache_dir()).expanduser()
     return StageContext(run_dir=run_dir, cache_dir=cache_dir, device=device)

@@ -58,6 +58,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_deterministic_cuda() -> None:
+    """Same seed, same config, same GPU: the same numbers. cuDNN's autotuner picks kernels by
+    timing them, and atomic-add kernels sum in whatever order threads arrive; ask for the
+    deterministic ones (a warning, not an error, for an op that has none). cuBLAS reads its
+    workspace setting when it starts, so it is set before any GPU work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def autocast_context(device: torch.device, precision: str):
     """Mixed precision on CUDA only; on CPU full float32 (the numbers stay reproducible)."""
     if device.type != "cuda" or precision == "32":
