@@ -1,6 +1,7 @@
 """The CUDA path's speed: the bare training step and the main job on a GPU.
 
     python benchmarks/bench_gpu.py [--domains-from DIR] [--main-job-timeout S] [--out PATH]
+    python benchmarks/bench_gpu.py --pretrain-workers 0,4,8 [--domains-from DIR]
 
 1. **Bare step.** The main job's default encoder recipe (SimCLR, small CNN; the
    `pretrain` node of the protect config), one pre-built augmented batch already on the
@@ -15,7 +16,12 @@
    the time of each stage (from the arrival times of the stages' log lines), the peak
    host memory and the verdict numbers, beside the CPU run in docs/BENCHMARKS.md.
 
-Needs a CUDA device; exits with a one-line error without one.
+3. **Pretraining workers** (`--pretrain-workers`, instead of 1 and 2): the default
+   encoder's pretraining alone, once per `data.num_workers` value: the full loop waits on
+   the CPU's per-sample augmentation unless workers share it.
+
+Needs a CUDA device (a one-line error without one); `--device cpu` with small `--steps`,
+`--batch-sizes` and `--extra` overrides smoke-tests the script on a CPU.
 """
 
 from __future__ import annotations
