@@ -270,3 +270,15 @@ def test_a_random_seed_draws_an_independent_random_mask_with_the_same_count():
         assert torch.equal(seeded[1][k], random_masks_per_layer(w, 0.7, 1)[k])
     projected, masks = project_with_masks(w, "random", sparsity=0.7, random_seed=1)
     assert all(torch.equal(masks[k], seeded[1][k]) and torch.equal(projected[k], w[k] * masks[k]) for k in w)
+
+
+def test_project_takes_the_random_seed_as_project_with_masks_does():
+    from ntp_ssl.protect.projections import project, project_with_masks
+
+    w = make_weights()
+    for seed in (None, 1):
+        projected = project(w, "random", sparsity=0.7, random_seed=seed)
+        expected, _ = project_with_masks(w, "random", sparsity=0.7, random_seed=seed)
+        assert all(torch.equal(projected[k], expected[k]) for k in w)
+    assert any(not torch.equal(project(w, "random", sparsity=0.7, random_seed=1)[k],
+                               project(w, "random", sparsity=0.7)[k]) for k in w)

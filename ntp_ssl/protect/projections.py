@@ -187,12 +187,16 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def project(weights: Weights, kind: str, *, sparsity: float, delta: float | None = None) -> dict[str, Tensor]:
-    """Dispatch to ``PROJECTIONS[kind]``; ``delta`` is used (and required) by ``soft`` only."""
+def project(weights: Weights, kind: str, *, sparsity: float, delta: float | None = None,
+            random_seed: int | None = None) -> dict[str, Tensor]:
+    """``Proj(weights)`` of ``PROJECTIONS[kind]``; ``delta`` is used (and required) by ``soft``
+    only, ``random_seed`` by ``random`` only (as in :func:`project_with_masks`)."""
     check_kind(kind)
     check_sparsity(sparsity)
     if kind == "soft":
         return _soft_project(weights, sparsity, delta)
+    if kind == "random":
+        return project_random(weights, sparsity, random_seed)
     return PROJECTIONS[kind](weights, sparsity)
 
 
