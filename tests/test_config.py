@@ -204,3 +204,37 @@ def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     paths["other"].write_text(json.dumps(other))
     failed = subprocess.run(args, capture_output=True, text=True)
     assert failed.returncode != 0 and "other attackers" in failed.stderr
+
+
+def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
+    """benchmarks/converged_table.py: per setup the mean SLC-AUC over protection seeds, a seed
+    in a folder without suffix read through DIR@k, first minus second paired by seed, and the
+    dense curve beside scratch."""
+    import json
+    import subprocess
+    import sys
+
+    def folder(name, models, dense_by_model):
+        path = tmp_path / name
+        path.mkdir()
+        summary = [{"model": m, "attack": "finetune_dense", "slc_auc": dense_by_model[m]} for m in models]
+        source = {m: {"linear": 0.9, "knn": 0.8} for m in models}
+        path.joinpath("summary.json").write_text(json.dumps({"summary": summary, "source_accuracy": source}))
+        lines = ["model,domain,attack,seed,fraction,n,accuracy", "scratch,d,scratch,1,1.0,100,0.5"]
+        lines += [f"{m},d,finetune_dense,1,1.0,100,{0.6 + dense_by_model[m] / 10}" for m in models]
+        path.joinpath("results.csv").write_text("\n".join(lines) + "\n")
+        return path
+
+    a = folder("a", ["x-seed1", "x-seed2"], {"x-seed1": -0.2, "x-seed2": -0.4})
+    a1 = folder("a3", ["x"], {"x": 0.0})  # protection seed 3, named without suffix
+    b = folder("b", ["y-seed1", "y-seed2", "y-seed3"], {"y-seed1": 0.0, "y-seed2": 0.0, "y-seed3": 0.3})
+    script = REPO / "benchmarks" / "converged_table.py"
+    out = subprocess.run([sys.executable, str(script), f"x={a},{a1}@3", f"y={b}", "--curve-n", "100"],
+                         capture_output=True, text=True, check=True).stdout
+    # x: seeds 1 2 3 = -0.2 -0.4 0.0, mean -0.2, t(2) interval +-4.303 * 0.2 / sqrt(3)
+    assert "| x | 1,2,3 | -0.200 [-0.697, +0.297] |" in out
+    # x - y paired: -0.2, -0.4, -0.3: mean -0.3, interval +-4.303 * 0.1 / sqrt(3)
+    assert "| x - y | 1,2,3 | -0.300 [-0.548, -0.052] |" in out
+    assert "| scratch | 0.500 |" in out and "| x | 0.580 |" in out
+    bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'missing'}"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "holds no summary.json" in bad.stderr

@@ -1,0 +1,138 @@
+"""Tables of `ntp-ssl evaluate` runs whose models are one setup's protection seeds.
+
+Each ``SETUP=FILES_DIR`` names a folder holding an evaluate run's ``summary.json`` and
+``results.csv`` (as copied under ``benchmarks/results/converged_syndigits/``), its models named
+``<setup>-seed<k>``; several folders may be given for one setup (``SETUP=DIR1,DIR2``: seeds
+measured in separate runs of the same protocol), and ``DIR@k`` reads a model named without a
+seed suffix as protection seed k. Printed: per setup, the mean SLC-AUC of each
+attack over the protection seeds with a 95% t-interval and the source linear / kNN accuracy;
+each setup minus each other, paired by protection seed; and the dense (or ``--curve-attack``)
+fine-tune's test accuracy at the largest sample counts beside scratch.
+
+    .venv/bin/python benchmarks/converged_table.py \\
+        label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
+        magnitude=benchmarks/results/converged_syndigits/files_magnitude
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ntp_ssl.evaluate.slc import mean_ci95  # noqa: E402
+
+ATTACKS = ("finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "linear", "knn")
+SEED = re.compile(r"-seed(\d+)$")
+
+
+def seed_of(model: str, default: int | None = None) -> int | None:
+    match = SEED.search(model)
+    return int(match.group(1)) if match else default
+
+
+def read_setup(folders: list[tuple[Path, int | None]]):
+    """(per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n -> accuracy),
+    (scratch: n -> accuracy). A seed measured in two folders keeps the first folder's numbers."""
+    metrics: dict[int, dict[str, float]] = defaultdict(dict)
+    curves: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    scratch: dict[int, float] = {}
+    for folder, default_seed in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        for row in summary["summary"]:
+            if (seed := seed_of(row["model"], default_seed)) is not None:
+                metrics[seed].setdefault(row["attack"], float(row["slc_auc"]))
+        for model, acc in summary["source_accuracy"].items():
+            seed = seed_of(model, default_seed)
+            if seed is not None:
+                metrics[seed]["source_linear"] = float(acc["linear"])
+                metrics[seed]["source_knn"] = float(acc["knn"])
+        with open(folder / "results.csv", newline="") as handle:
+            per_n: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+            for row in csv.DictReader(handle):
+                if row["attack"] == "scratch":
+                    scratch[int(row["n"])] = float(row["accuracy"])
+                elif (seed := seed_of(row["model"], default_seed)) is not None:
+                    per_n[(row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
+            for (attack, seed, n), values in per_n.items():
+                curves[attack][seed].setdefault(n, sum(values) / len(values))
+    return dict(metrics), curves, scratch
+
+
+def fmt_ci(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.3f} (1 seed)"
+    mean, low, high = mean_ci95(values)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...]")
+    parser.add_argument("--curve-attack", default="finetune_dense")
+    parser.add_argument("--curve-n", default="250,500,1000,2500,5000")
+    args = parser.parse_args()
+    setups = {}
+    for item in args.setups:
+        name, sep, folders = item.partition("=")
+        if not sep or not folders:
+            raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...]")
+        paths = []
+        for spec in folders.split(","):
+            path, _, seed = spec.partition("@")
+            if seed and not seed.isdigit():
+                raise SystemExit(f"error: {spec!r}: the seed after '@' must be a whole number")
+            paths.append((Path(path), int(seed) if seed else None))
+        for path, _ in paths:
+            if not (path / "summary.json").is_file() or not (path / "results.csv").is_file():
+                raise SystemExit(f"error: {path} holds no summary.json and results.csv of an evaluate run")
+        setups[name] = read_setup(paths)
+
+    attacks = [a for a in ATTACKS if any(a in m for metrics, _, _ in setups.values() for m in metrics.values())]
+    print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
+    print("|---|---|" + "---|" * (len(attacks) + 2))
+    for name, (metrics, _, _) in setups.items():
+        seeds = sorted(metrics)
+        cells = [fmt_ci([metrics[s][a] for s in seeds if a in metrics[s]]) if any(a in metrics[s] for s in seeds)
+                 else "" for a in attacks]
+        src = [f"{sum(metrics[s][k] for s in seeds) / len(seeds):.3f}" for k in ("source_linear", "source_knn")]
+        print(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(src) + " |")
+
+    names = list(setups)
+    print("\nPaired by protection seed (first minus second):\n")
+    print("| difference | seeds | " + " | ".join(attacks) + " | source kNN |")
+    print("|---|---|" + "---|" * (len(attacks) + 1))
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = setups[first][0], setups[second][0]
+            common = sorted(set(a) & set(b))
+            if len(common) < 2:
+                continue
+            cells = []
+            for key in (*attacks, "source_knn"):
+                diffs = [a[s][key] - b[s][key] for s in common if key in a[s] and key in b[s]]
+                cells.append(fmt_ci(diffs) if len(diffs) > 1 else "")
+            print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")
+
+    ns = [int(n) for n in args.curve_n.split(",")]
+    print(f"\n{args.curve_attack}: test accuracy by number of target samples (mean over protection seeds)\n")
+    print("| model | " + " | ".join(str(n) for n in ns) + " |")
+    print("|---|" + "---:|" * len(ns))
+    scratch = next(iter(setups.values()))[2]
+    print("| scratch | " + " | ".join(f"{scratch[n]:.3f}" if n in scratch else "" for n in ns) + " |")
+    for name, (_, curves, _) in setups.items():
+        by_seed = curves.get(args.curve_attack, {})
+        cells = []
+        for n in ns:
+            values = [c[n] for c in by_seed.values() if n in c]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
