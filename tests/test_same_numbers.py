@@ -68,7 +68,8 @@ def test_deterministic_cuda_settings_are_asked_for(monkeypatch):
 
     from ntp_ssl.shared.train import use_deterministic_cuda
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so the variable is put back as it was
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
               torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
