@@ -24,8 +24,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ntp_ssl.evaluate.slc import mean_ci95  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_efficacy import _cell  # noqa: E402
 
 ATTACKS = ("finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "linear", "knn")
 SEED = re.compile(r"-seed(\d+)$")
@@ -65,10 +65,8 @@ def read_setup(folders: list[tuple[Path, int | None]]):
 
 
 def fmt_ci(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.3f} (1 seed)"
-    mean, low, high = mean_ci95(values)
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    """bench_efficacy's cell (mean and 95% t-interval), a lone seed marked as such."""
+    return _cell(values) + (" (1 seed)" if len(values) == 1 else "")
 
 
 def main() -> None:
