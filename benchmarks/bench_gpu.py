@@ -27,6 +27,7 @@ Needs a CUDA device (a one-line error without one); `--device cpu` with small `-
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -47,7 +48,9 @@ STAGE_MARKS = {"[1/3 encoder]": "encoder", "[2/3 protect]": "protect", "[3/3 eva
                "protect finished": "end"}
 
 
+@functools.lru_cache(maxsize=None)
 def bench_pretrain_module():
+    """benchmarks/bench_pretrain.py as a module, loaded once (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -200,27 +203,24 @@ def main() -> None:
             print(f"default encoder pretraining, data.num_workers={workers}: {row['wall_s']:.1f} s, "
                   f"{row['metrics']}", flush=True)
             result["pretrain_workers"].append(row)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {args.out}")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp)
-        if args.domains_from is not None:
-            shutil.copytree(args.domains_from, cache / "domains")
-        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            for precision in ("32", "bf16-mixed"):
-                row = bare_step(batch_size, precision, cache, device=device, steps=args.steps)
-                print(f"bare step: batch {batch_size}, precision {precision}: {row['images_per_s']:,.0f} images/s, "
-                      f"{row['tflops_per_s']:.2f} TFLOP/s", flush=True)
-                result["bare_step"].append(row)
-    if not args.skip_main_job:
-        result["main_job"] = main_job(args.domains_from, args.main_job_timeout, args.device, args.extra)
-        job = result["main_job"]
-        print(f"main job on {args.device}: {job['wall_s'] / 60:.2f} min (exit {job['returncode']}), stages at "
-              f"{job['stage_start_s']}, peak host RSS {job['peak_rss_gib']:.2f} GiB", flush=True)
-        if job.get("verdicts") is not None:
-            print(json.dumps(job["verdicts"], indent=1)[:3000])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp)
+            if args.domains_from is not None:
+                shutil.copytree(args.domains_from, cache / "domains")
+            for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+                for precision in ("32", "bf16-mixed"):
+                    row = bare_step(batch_size, precision, cache, device=device, steps=args.steps)
+                    print(f"bare step: batch {batch_size}, precision {precision}: {row['images_per_s']:,.0f} "
+                          f"images/s, {row['tflops_per_s']:.2f} TFLOP/s", flush=True)
+                    result["bare_step"].append(row)
+        if not args.skip_main_job:
+            result["main_job"] = main_job(args.domains_from, args.main_job_timeout, args.device, args.extra)
+            job = result["main_job"]
+            print(f"main job on {args.device}: {job['wall_s'] / 60:.2f} min (exit {job['returncode']}), stages at "
+                  f"{job['stage_start_s']}, peak host RSS {job['peak_rss_gib']:.2f} GiB", flush=True)
+            if job.get("verdicts") is not None:
+                print(json.dumps(job["verdicts"], indent=1)[:3000])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.out}")
