@@ -114,9 +114,10 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
 REFERENCE = "unprotected"
 # table columns in this order, each shown when the records hold it ("best" always)
-ATTACK_LABELS = {"finetune_masked": "mask-kept", "finetune_dense": "dense", "lpft_masked": "LP-FT mask-kept",
-                 "lpft_dense": "LP-FT dense", "linear": "linear", "knn": "kNN", "best": "best attack"}
-FINE_TUNES = ("finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense")  # the attacks that move weights
+ATTACK_LABELS = {"finetune_masked": "mask-kept", "finetune_dense": "dense", "finetune_refill": "dense, refilled",
+                 "lpft_masked": "LP-FT mask-kept", "lpft_dense": "LP-FT dense", "linear": "linear", "knn": "kNN",
+                 "best": "best attack"}
+FINE_TUNES = ("finetune_masked", "finetune_dense", "finetune_refill", "lpft_masked", "lpft_dense")  # the attacks that move weights
 
 
 def _ntp_ssl(args: list[str], log_path: Path) -> float:
@@ -392,10 +393,13 @@ def main() -> None:
     parser.add_argument("--sparsity-sweep", choices=list(SETUPS), help="also sweep prune.sparsity for this setup")
     parser.add_argument("--sweep", nargs="*", default=["sweep=main_job"], help="the attacker's protocol overrides")
     parser.add_argument("--root", default="benchmarks/results/efficacy_v2")
+    parser.add_argument("--protect-root", help="where protect/<setup>-seed<p>/ runs are found or made (default: "
+                        "--root): another attacker of the same protected encoders gets its own --root")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every protect run")
     parser.add_argument("--table", default="efficacy", help="name of the table files written in --root")
     args = parser.parse_args()
     root = Path(args.root).resolve()
+    protect_root = Path(args.protect_root).resolve() if args.protect_root else root
     sweep = [*args.sweep, f"sweep.seeds=[{','.join(map(str, args.sweep_seeds))}]"]
     grid = [(name, SETUPS[name]) for name in args.setups]
     if args.sparsity_sweep:
@@ -404,7 +408,7 @@ def main() -> None:
     protect_runs = []
     for name, overrides in grid:
         for seed in args.seeds:
-            protect_runs.append(protect(name, overrides, seed, root, args.extra))
+            protect_runs.append(protect(name, overrides, seed, protect_root, args.extra))
             print(f"protected: {name} seed {seed} ({protect_runs[-1]['protect_wall_s'] / 60:.1f} min)", flush=True)
     first = json.loads((Path(protect_runs[0]["run_dir"]) / "protected.json").read_text())
     source, reference_checkpoint = first["source"], first["protected_from"]["path"]

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_efficacy import _cell  # noqa: E402
 
-ATTACKS = ("finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "linear", "knn")
+ATTACKS = ("finetune_masked", "finetune_dense", "finetune_refill", "lpft_masked", "lpft_dense", "linear", "knn")
 SEED = re.compile(r"-seed(\d+)$")
 
 

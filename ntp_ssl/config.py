@@ -22,7 +22,10 @@ from ntp_ssl.checks import check_channels, check_image_size, check_run_name, che
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
-ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "knn")
+ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_dense", "knn")  # the default set
+#: accepted by sweep.attacks; finetune_refill (a dense fine-tune after refilling the pruned
+#: weights with a fresh initialisation) is opt-in until it is measured as a stronger attacker
+ALL_ATTACKS = (*ATTACKS, "finetune_refill")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 RHO_SCHEDULES = ("geometric", "balanced")
@@ -519,9 +522,9 @@ def validate_sweep(sweep: Any) -> None:
         _check(_is_seed(seed), f"sweep.seeds contains {seed!r}; every seed must be an integer from 0 to {MAX_SEED}")
     _check(sweep.scratch is True, f"sweep.scratch={sweep.scratch!r}: every SLC-AUC is measured against the "
            "from-scratch baseline (cached after its first run); accepted: true")
-    _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ATTACKS)}")
+    _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ALL_ATTACKS)}")
     for attack in sweep.attacks:
-        _check_choice("sweep.attacks", attack, ATTACKS)
+        _check_choice("sweep.attacks", attack, ALL_ATTACKS)
     for key in ("epochs", "min_steps", "batch_size", "lr_finetune", "probe_l2", "knn_k"):
         _check_positive(f"sweep.{key}", sweep[key])
     for key in ("steps", "augment_shift", "weight_decay", "search_min_n", "patience"):

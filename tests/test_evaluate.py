@@ -212,3 +212,52 @@ def test_scratch_cache_is_keyed_on_content_and_never_trusts_a_bad_entry(tmp_path
         assert "is not trusted" in caplog.text
         assert json.loads(entry.read_text()) == json.loads(good)  # rebuilt, the same as before
         caplog.clear()
+
+
+def test_refilled_encoder_is_scratchs_init_with_the_kept_weights_pasted_in():
+    from ntp_ssl.evaluate.sweep import refilled_encoder
+
+    model = _pruned_model("pruned")
+    state = torch.random.get_rng_state()
+    refilled = refilled_encoder(model, in_channels=3, image_size=16, seed=10_007)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    torch.manual_seed(10_007)  # what train_scratch does before building scratch's encoder
+    fresh = dict(build_encoder("small_cnn", image_size=16).named_parameters())
+    named, original = dict(refilled.named_parameters()), dict(model.encoder.named_parameters())
+    for key, tensor in named.items():
+        mask = model.masks.get(key)
+        if mask is None:  # biases and batch norm: the model's own
+            assert torch.equal(tensor, original[key])
+            continue
+        assert torch.equal(tensor[mask], original[key][mask])  # kept: the model's
+        assert torch.equal(tensor[~mask], fresh[key][~mask])  # pruned: scratch's initial values
+        assert tensor[~mask].abs().sum() > 0
+    assert not original[next(iter(model.masks))][~model.masks[next(iter(model.masks))]].any()  # model untouched
+
+
+def test_refill_attack_is_the_dense_fine_tune_when_nothing_is_pruned():
+    settings = dataclasses.replace(SETTINGS, attacks=["finetune_dense", "finetune_refill"], scratch=False)
+    plain = ModelUnderTest("plain", build_encoder("small_cnn", image_size=16), "small_cnn")
+    pruned = _pruned_model("pruned")
+    all_kept = ModelUnderTest("all_kept", pruned.encoder, "small_cnn",
+                              masks={k: torch.ones_like(m) for k, m in pruned.masks.items()})
+    rows = run_sweep([plain, all_kept, pruned], [_domain()], settings, progress=False)
+    acc = {(r["model"], r["attack"], r["fraction"]): r["accuracy"] for r in rows}
+    for fraction in settings.fractions:
+        for name in ("plain", "all_kept"):  # no mask, or a mask that keeps everything: nothing to refill
+            assert acc[(name, "finetune_refill", fraction)] == acc[(name, "finetune_dense", fraction)]
+        assert ("pruned", "finetune_refill", fraction) in acc
+    only_refill = run_sweep([plain], [_domain()], dataclasses.replace(settings, attacks=["finetune_refill"]),
+                            progress=False)
+    assert [r["accuracy"] for r in only_refill] == [acc[("plain", "finetune_dense", f)] for f in settings.fractions]
+
+
+def test_refill_is_accepted_but_not_in_the_default_attacks():
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.config import validate_sweep
+
+    assert "finetune_refill" not in SweepConfig().attacks
+    validate_sweep(OmegaConf.structured(dataclasses.replace(SweepConfig(), attacks=["finetune_refill"])))
+    with pytest.raises(ConfigError, match="finetune_refill"):  # the error lists it among the accepted
+        validate_sweep(OmegaConf.structured(dataclasses.replace(SweepConfig(), attacks=["refill"])))

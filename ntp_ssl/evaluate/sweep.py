@@ -12,7 +12,12 @@ fresh copy of the model under test and a fresh linear head:
 - ``finetune_dense``: full fine-tune with no mask (pruned weights may regrow);
 - ``lpft_masked`` / ``lpft_dense``: LP-FT, the fine-tune started from the converged linear
   probe's head instead of a fresh one (a standard transfer recipe that often beats plain
-  fine-tuning), mask kept or not.
+  fine-tuning), mask kept or not;
+- ``finetune_refill`` (opt-in): a dense fine-tune from scratch's own initialisation with the
+  model's kept weights pasted in, i.e. its pruned (zero) weights refilled with fresh random
+  values. An attacker who sees the zeros can do this; it asks whether a dense protection
+  lives in the zeros themselves (a start with 90% of a layer at exactly 0 trains differently
+  from a random one). A model without a mask: the same as ``finetune_dense``.
 
 Fine-tunes follow the attacker's protocol of ntp_ssl/evaluate/attack.py (budget,
 augmentation, learning rate chosen on the attacker's own validation split). The
@@ -27,6 +32,7 @@ and backward passes per learning rate; linear probes and kNN run on cached featu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -94,6 +100,25 @@ def sparse_scratch_model(model: ModelUnderTest, *, in_channels: int, image_size:
         encoder = build_encoder(model.backbone, in_channels=in_channels, image_size=image_size)
     apply_masks_(dict(encoder.named_parameters()), model.masks)
     return ModelUnderTest(name, encoder, model.backbone, masks=model.masks, attacks=("finetune_masked",))
+
+
+def refilled_encoder(model: ModelUnderTest, *, in_channels: int, image_size: int, seed: int) -> nn.Module:
+    """A copy of ``model.encoder`` whose pruned entries (mask False) hold the values of a fresh
+    initialisation drawn from ``seed`` (the global RNG untouched); kept entries and every
+    unmasked tensor (biases, batch norm) are the model's. ``W' = M * W + (1 - M) * W_init``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = dict(build_encoder(model.backbone, in_channels=in_channels, image_size=image_size).named_parameters())
+    encoder = copy.deepcopy(model.encoder)
+    named = dict(encoder.named_parameters())
+    with torch.no_grad():
+        for name, mask in model.masks.items():
+            if name not in named or name not in fresh or fresh[name].shape != named[name].shape:
+                raise ConfigError(f"model {model.name!r}: mask {name!r} does not match a tensor of a fresh "
+                                  f"{model.backbone} encoder; accepted: masks saved with this backbone")
+            keep = mask.to(device=named[name].device, dtype=torch.bool)
+            named[name].copy_(torch.where(keep, named[name], fresh[name].to(named[name].device)))
+    return encoder
 
 
 @dataclass
@@ -299,6 +324,17 @@ def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torc
         work.fine_tunes += 1
         if not model.masks and twin in todo:
             results[twin] = results[attack]
+    if "finetune_refill" in todo:
+        if not model.masks and "finetune_dense" in results:  # nothing to refill: the dense fine-tune itself
+            results["finetune_refill"] = results["finetune_dense"]
+        else:
+            # scratch's initialisation for this seed (train_scratch), the model's kept weights pasted in
+            encoder = (refilled_encoder(model, in_channels=target.domain.channels, image_size=target.domain.image_size,
+                                        seed=10_000 + seed) if model.masks else model.encoder)
+            results["finetune_refill"] = fine_tune_attack(encoder, None, x_train[idx_t], y_train[idx_t], x_test,
+                                                          y_test, num_classes=num_classes, settings=settings,
+                                                          seed=seed, device=device)
+            work.fine_tunes += 1
     return {attack: result for attack, result in results.items() if attack in todo}
 
 
