@@ -70,6 +70,12 @@ class MethodConfig:
     temperature: float = 0.2
     memory_bank_size: int = 4096  # MoCo only
     momentum_base: float = 0.99  # MoCo only: key-encoder momentum at step 0, cosine to 1
+    # SSL views' augmentation (pretrain/methods.py: build_train_transform); null keeps the
+    # built-in value and the default encoder's cache key: the smallest random-resized-crop
+    # scale (null: 0.25), and the probability of inverting a view (null: 0; digits come as
+    # light-on-dark and dark-on-light, and an encoder blind to that transfers further)
+    min_scale: Optional[float] = None
+    invert_prob: Optional[float] = None
 
 
 @dataclass
@@ -503,6 +509,13 @@ def validate_optim_and_method(optim: Any, method: Any) -> None:
     for key in ("hidden_dim", "projection_dim", "temperature", "memory_bank_size"):
         _check_positive(f"method.{key}", method[key])
     _check(0 <= method.momentum_base <= 1, f"method.momentum_base={method.momentum_base!r} must be in [0, 1]")
+    min_scale, invert_prob = method.get("min_scale"), method.get("invert_prob")
+    _check(min_scale is None or 0 < min_scale <= 1, f"method.min_scale={min_scale!r} must be in (0, 1] or null")
+    _check(invert_prob is None or 0 <= invert_prob <= 1,
+           f"method.invert_prob={invert_prob!r} must be in [0, 1] or null")
+    _check(method.name != "supervised" or (min_scale is None and invert_prob is None),
+           f"method.min_scale={min_scale!r} / method.invert_prob={invert_prob!r} set with method.name=supervised; "
+           "accepted: null (they shape the SSL methods' views only)")
 
 
 def validate_pretrain(cfg: Any) -> None:

@@ -50,13 +50,21 @@ def default_encoder_config(cfg: Any) -> Any:
                                   "trainer": to_plain(cfg.trainer)})
 
 
+def default_encoder_key(pretrain_cfg: Any) -> str:
+    """The default encoder's cache key: a digest of its pretraining config. Options added after
+    caches existed are left out while null, so those caches keep their key."""
+    tree = fingerprint(pretrain_cfg)
+    del tree["data"]["split"]  # always null here
+    for key in ("min_scale", "invert_prob"):  # null: the built-in augmentation
+        if key in tree["method"] and tree["method"][key] is None:
+            del tree["method"][key]
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def default_encoder(cfg: Any, cache_dir: Path) -> Path:
     """Pretrain the default encoder for this source once; later runs reuse it from the cache."""
     pretrain_cfg = default_encoder_config(cfg)
-    tree = fingerprint(pretrain_cfg)
-    del tree["data"]["split"]  # always null here: left out, caches made before data.split existed keep their key
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
-    run_dir = cache_dir / "encoders" / f"{pretrain_cfg.run_name}-{digest}"
+    run_dir = cache_dir / "encoders" / f"{pretrain_cfg.run_name}-{default_encoder_key(pretrain_cfg)}"
     log.info("[1/3 encoder] no checkpoint given: using the default %s encoder from %s", pretrain_cfg.method.name,
              run_dir)
     lock_run_dir(run_dir, wait=True)  # a concurrent main job pretraining the same encoder: wait for it

@@ -100,6 +100,9 @@ def test_wrong_type_is_rejected():
         ("pretrain", "optim.name=lion", "optim.name='lion'"),
         ("pretrain", "optim.lr=-1", "optim.lr=-1"),
         ("pretrain", "trainer.precision=8", "trainer.precision='8'"),
+        ("pretrain", "method.invert_prob=1.5", "method.invert_prob=1.5"),
+        ("pretrain", "method.min_scale=0", "method.min_scale=0"),
+        ("pretrain", "method.invert_prob=-0.1", "method.invert_prob=-0.1"),
         ("pretrain", "trainer.device=tpu", "trainer.device='tpu'"),
         ("protect", "prune.sparsity=1.0", "prune.sparsity=1.0"),
         ("protect", "prune.projection=magic", "prune.projection='magic'"),
@@ -238,3 +241,30 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     assert "| scratch | 0.500 |" in out and "| x | 0.580 |" in out
     bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'missing'}"], capture_output=True, text=True)
     assert bad.returncode != 0 and "holds no summary.json" in bad.stderr
+
+
+def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
+    """Options added after caches existed must not move the default encoder's cache key while
+    they are null (the built-in augmentation); set, they must."""
+    import hashlib
+    import json
+
+    from ntp_ssl.pipeline import default_encoder_config, default_encoder_key
+    from ntp_ssl.shared.runs import fingerprint
+
+    pretrain_cfg = default_encoder_config(_compose("protect"))
+    tree = fingerprint(pretrain_cfg)
+    del tree["data"]["split"]
+    for key in ("min_scale", "invert_prob"):
+        assert tree["method"].pop(key) is None
+    before_the_options = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+    assert default_encoder_key(pretrain_cfg) == before_the_options
+    keys = {default_encoder_key(default_encoder_config(_compose("protect", [o]))) for o in
+            ("pretrain.method.invert_prob=0.5", "pretrain.method.min_scale=0.5", "pretrain.method.min_scale=0.25")}
+    assert len(keys) == 3 and before_the_options not in keys
+
+
+def test_augmentation_options_with_a_supervised_encoder_are_an_error():
+    with pytest.raises(ConfigError, match="method.name=supervised") as info:
+        validate_pretrain(_compose("pretrain", ["method.name=supervised", "method.invert_prob=0.5"]))
+    assert "\n" not in str(info.value)

@@ -244,3 +244,31 @@ def test_load_exported_state_is_strict():
         load_exported_state(method, {**state, "projection_head.layers.0.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError):
         load_exported_state(_method("supervised"), state)
+
+
+def test_ssl_augmentation_options_shape_the_views():
+    from ntp_ssl.pretrain.methods import build_train_transform as build
+
+    def crop_scales(transform):
+        return {t.scale for view in transform.views for t in _walk(view) if "ResizedCrop" in type(t).__name__}
+
+    assert crop_scales(build("simclr", image_size=32)) == {(0.25, 1.0)}  # the built-in value
+    assert crop_scales(build("simclr", image_size=32, min_scale=0.08)) == {(0.08, 1.0)}
+    black = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8), "RGB")
+    torch.manual_seed(0)
+    plain = build("simclr", image_size=32)(black)
+    inverted = build("simclr", image_size=32, invert_prob=1.0)(black)
+    assert all(v.max() <= -1.0 + 1e-6 for v in plain)  # black stays black through crops and jitter
+    assert all(v.mean() > 0 for v in inverted)  # every view inverted first: white, then jittered
+    for probability, inverts in ((None, 0), (0.0, 0), (0.3, 2)):
+        views = build("moco", image_size=32, invert_prob=probability).views
+        found = [t for view in views for t in _walk(view) if type(t).__name__ == "RandomInvert"]
+        assert len(found) == inverts and all(t.p == probability for t in found)
+
+
+def _walk(transform):
+    """Every transform inside ``transform`` (torchvision Compose and lightly view wrappers)."""
+    yield transform
+    for child in getattr(transform, "transforms", None) or getattr(getattr(transform, "transform", None),
+                                                                    "transforms", None) or []:
+        yield from _walk(child)

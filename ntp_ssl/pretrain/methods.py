@@ -318,14 +318,17 @@ _SSL_VIEW_OPTIONS: dict[str, Any] = dict(
 )
 
 
-def build_train_transform(method: str, *, image_size: int, channels: int = 3) -> Callable:
+def build_train_transform(method: str, *, image_size: int, channels: int = 3, min_scale: float | None = None,
+                          invert_prob: float | None = None) -> Callable:
     """PIL image -> tuple of normalised (channels, image_size, image_size) view tensors.
 
     SSL methods get two views (lightly ``SimCLRTransform`` / ``MoCoV2Transform``, without
     flips); ``supervised`` gets one lightly augmented view (random-resized crop with scale
     in [0.8, 1], rotation up to 10 degrees, shift up to 10%). Every view is normalised by
     x -> (x - 0.5) / 0.5 per channel. With ``channels == 1`` the image is converted to
-    mode "L" and saturation, hue and greyscale are switched off.
+    mode "L" and saturation, hue and greyscale are switched off. SSL views only:
+    ``min_scale`` replaces the smallest crop scale (None: 0.25) and ``invert_prob`` > 0
+    inverts each view with that probability before anything else (None or 0: never).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of: {', '.join(sorted(METHODS))}")
@@ -345,10 +348,14 @@ def build_train_transform(method: str, *, image_size: int, channels: int = 3) ->
         )
         return ViewsTransform(mode, [view])
     options = dict(_SSL_VIEW_OPTIONS, input_size=image_size, normalize=normalize)
+    if min_scale is not None:
+        options["min_scale"] = float(min_scale)
     if channels == 1:
         options.update(cj_sat=0.0, cj_hue=0.0, random_gray_scale=0.0)
-    two_views = (SimCLRTransform if method == "simclr" else MoCoV2Transform)(**options)
-    return ViewsTransform(mode, two_views.transforms)
+    views = (SimCLRTransform if method == "simclr" else MoCoV2Transform)(**options).transforms
+    if invert_prob:
+        views = [T.Compose([T.RandomInvert(p=float(invert_prob)), view]) for view in views]
+    return ViewsTransform(mode, views)
 
 
 # --------------------------------------------------------------------------- export

@@ -195,7 +195,8 @@ def _build_run(cfg: Any, ctx: StageContext, on_event) -> PretrainRun:
             f"{'+'.join(train_names)} over {world} process(es); use 2*processes <= batch_size <= {len(labels)}"
         )
     method = build_model(cfg, source.num_classes).to(ctx.device)
-    transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                      min_scale=cfg.method.get("min_scale"), invert_prob=cfg.method.get("invert_prob"))
     dataset = ImageArrayDataset(images, labels, transform=transform)
     sampler = None
     if world > 1:
