@@ -117,7 +117,8 @@ REFERENCE = "unprotected"
 ATTACK_LABELS = {"finetune_masked": "mask-kept", "finetune_dense": "dense", "finetune_refill": "dense, refilled",
                  "lpft_masked": "LP-FT mask-kept", "lpft_dense": "LP-FT dense", "linear": "linear", "knn": "kNN",
                  "best": "best attack"}
-FINE_TUNES = ("finetune_masked", "finetune_dense", "finetune_refill", "lpft_masked", "lpft_dense")  # the attacks that move weights
+# the attacks that move weights
+FINE_TUNES = ("finetune_masked", "finetune_dense", "finetune_refill", "lpft_masked", "lpft_dense")
 
 
 def _ntp_ssl(args: list[str], log_path: Path) -> float:
