@@ -86,6 +86,18 @@ class ModelUnderTest:
     attacks: tuple[str, ...] | None = None  # this model's attacks among the sweep's; None: all of them
 
 
+#: scratch's random initialisation for sweep seed s is drawn from seed SCRATCH_INIT_OFFSET + s
+#: (the same for every model and run; the refill attack starts from it too)
+SCRATCH_INIT_OFFSET = 10_000
+
+
+def _fresh_encoder(backbone: str, *, in_channels: int, image_size: int, seed: int) -> nn.Module:
+    """A randomly initialised encoder drawn from ``seed``, the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_encoder(backbone, in_channels=in_channels, image_size=image_size)
+
+
 def sparse_scratch_model(model: ModelUnderTest, *, in_channels: int, image_size: int, seed: int,
                          name: str = "sparse_scratch") -> ModelUnderTest:
     """The sparse-scratch control of a masked ``model``: its mask on a random initialisation
@@ -95,9 +107,7 @@ def sparse_scratch_model(model: ModelUnderTest, *, in_channels: int, image_size:
     if not model.masks:
         raise ConfigError(f"model {model.name!r} has no pruning mask; accepted for sparse scratch: a masked "
                           "(protected or pruned) checkpoint")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = build_encoder(model.backbone, in_channels=in_channels, image_size=image_size)
+    encoder = _fresh_encoder(model.backbone, in_channels=in_channels, image_size=image_size, seed=seed)
     apply_masks_(dict(encoder.named_parameters()), model.masks)
     return ModelUnderTest(name, encoder, model.backbone, masks=model.masks, attacks=("finetune_masked",))
 
@@ -106,9 +116,8 @@ def refilled_encoder(model: ModelUnderTest, *, in_channels: int, image_size: int
     """A copy of ``model.encoder`` whose pruned entries (mask False) hold the values of a fresh
     initialisation drawn from ``seed`` (the global RNG untouched); kept entries and every
     unmasked tensor (biases, batch norm) are the model's. ``W' = M * W + (1 - M) * W_init``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = dict(build_encoder(model.backbone, in_channels=in_channels, image_size=image_size).named_parameters())
+    fresh = dict(_fresh_encoder(model.backbone, in_channels=in_channels, image_size=image_size,
+                                seed=seed).named_parameters())
     encoder = copy.deepcopy(model.encoder)
     named = dict(encoder.named_parameters())
     with torch.no_grad():
@@ -171,7 +180,7 @@ def train_scratch(backbone: str, domain: Domain, tensors, idx: np.ndarray, *, se
                   device) -> AttackResult:
     """Accuracy of the architecture trained from random initialisation on the samples ``idx``."""
     x_train, y_train, x_test, y_test = tensors
-    torch.manual_seed(10_000 + seed)  # the same random initialisation for every model and run
+    torch.manual_seed(SCRATCH_INIT_OFFSET + seed)  # the same random initialisation for every model and run
     encoder = build_encoder(backbone, in_channels=domain.channels, image_size=domain.image_size)
     return fine_tune_attack(encoder, None, x_train[idx], y_train[idx], x_test, y_test,
                             num_classes=domain.num_classes, settings=settings, seed=seed, device=device)
@@ -330,7 +339,7 @@ def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torc
         else:
             # scratch's initialisation for this seed (train_scratch), the model's kept weights pasted in
             encoder = (refilled_encoder(model, in_channels=target.domain.channels, image_size=target.domain.image_size,
-                                        seed=10_000 + seed) if model.masks else model.encoder)
+                                        seed=SCRATCH_INIT_OFFSET + seed) if model.masks else model.encoder)
             results["finetune_refill"] = fine_tune_attack(encoder, None, x_train[idx_t], y_train[idx_t], x_test,
                                                           y_test, num_classes=num_classes, settings=settings,
                                                           seed=seed, device=device)
