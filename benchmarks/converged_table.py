@@ -25,9 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_efficacy import _cell  # noqa: E402
+from bench_efficacy import ATTACK_LABELS, _cell  # noqa: E402
 
-ATTACKS = ("finetune_masked", "finetune_dense", "finetune_refill", "lpft_masked", "lpft_dense", "linear", "knn")
+ATTACKS = tuple(a for a in ATTACK_LABELS if a != "best")  # bench_efficacy's column order
 SEED = re.compile(r"-seed(\d+)$")
 
 
