@@ -12,16 +12,16 @@ OUT=${1:-benchmarks/results/encoder_aug}
 R=$OUT/runs
 NTP=.venv/bin/ntp-ssl
 mkdir -p "$OUT"
+# the main job's default encoder, found in the cache or pretrained there (pipeline.default_encoder)
 DEFAULT=$(.venv/bin/python -c "
 from hydra import compose, initialize_config_dir
 from ntp_ssl.cli import config_dir
 from ntp_ssl.config import register_schemas
-from ntp_ssl.pipeline import default_encoder_config, default_encoder_key
 from ntp_ssl.data.cache import default_cache_dir
+from ntp_ssl.pipeline import default_encoder
 register_schemas()
 with initialize_config_dir(config_dir=str(config_dir()), version_base='1.3'):
-    cfg = default_encoder_config(compose('protect'))
-print(default_cache_dir() / 'encoders' / f'{cfg.run_name}-{default_encoder_key(cfg)}' / 'encoder.safetensors')")
+    print(default_encoder(compose('protect'), default_cache_dir()))" | tail -n 1)
 ATTACKER=(sweep=main_job "sweep.attacks=[finetune_dense,linear]" sweep.source_curve=false trainer.progress=false
           "paths.root=$R")
 
@@ -38,7 +38,6 @@ evaluate() {  # RUN CHECKPOINTS NAMES OVERRIDE...
   head -n 2 "$R/evaluate/$run/summary.md"
 }
 
-[ -f "$DEFAULT" ] || $NTP protect evaluate=false trainer.progress=false > "$OUT/default_encoder.log" 2>&1
 evaluate val_default "$DEFAULT" default data.split=validation "sweep.seeds=[0]"
 for spec in "invert05 method.invert_prob=0.5" "scale008 method.min_scale=0.08" "scale05 method.min_scale=0.5" \
             "epochs30 optim.epochs=30" "epochs30_invert05 optim.epochs=30 method.invert_prob=0.5"; do
