@@ -277,3 +277,8 @@ def test_verdicts_take_the_best_attack_on_the_source_and_against_the_targets():
     assert text.splitlines()[1].startswith("protected: source linear 0.900 (-0.050 vs unprotected)")
     assert text.splitlines()[1].endswith("selectivity (source minus targets) finetune_masked -0.100, linear +0.400, "
                                          "best +0.000")
+    # a run without the reference model: its verdicts carry no differences, not dashes "vs unprotected"
+    alone = verdicts([row for row in summary if row["model"] == "protected"], source_accuracy=kept, source="mnist")
+    assert alone[0]["source_minus_reference"] is None
+    assert verdict_text(alone).startswith("protected: source linear 0.900, kNN 0.800, best SLC-AUC -0.100; target")
+    assert "vs unprotected" not in verdict_text(alone)

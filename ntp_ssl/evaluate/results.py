@@ -327,7 +327,7 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
     the mean target SLC-AUC under that attack (``best``: the best against the best). Above 0
     the licensed domain is the better start; a protection that hits the targets alone raises
     it above the reference's, one that hits every domain alike (sparsity) does not.
-    Models in summary order, the reference first when present.
+    Models in summary order, the reference first when present; without it, no differences.
     """
     models = list(dict.fromkeys(line["model"] for line in summary))
     models.sort(key=lambda m: m != reference)
@@ -340,7 +340,9 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
         values = {attack: _source_accuracy(source_accuracy, model, attack) for attack in ("linear", "knn")}
         return {**values, "slc_auc": best_on(model, source) if source is not None else None}
 
-    base = kept(reference)
+    # with no reference model in the run there is nothing to subtract: no difference is
+    # reported (None), rather than a row of dashes against a model that is not there
+    base = kept(reference) if reference in models else None
     out = []
     for model in models:
         own = kept(model)
@@ -362,7 +364,8 @@ def verdicts(summary: Sequence[dict], *, source_accuracy: dict | None, source: s
             "model": model,
             "source": own,
             "source_minus_reference": {key: (None if value is None or base[key] is None else value - base[key])
-                                       for key, value in own.items()} if model != reference else None,
+                                       for key, value in own.items()} if base is not None and model != reference
+                                      else None,
             "target_slc_auc": targets,
             "selectivity": selectivity,
         })
