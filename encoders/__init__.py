@@ -12,7 +12,7 @@ from typing import Callable
 from torch import nn
 
 from ntp_ssl.encoders.resnet import ResNetEncoder, resnet18, resnet50
-from ntp_ssl.encoders.small_cnn import SmallCNN, small_cnn
+from ntp_ssl.encoders.small_cnn import SmallCNN, small_cnn, small_cnn_wide
 from ntp_ssl.encoders.vgg import VGGEncoder, vgg11_bn
 from ntp_ssl.checks import check_image_size
 from ntp_ssl.errors import ConfigError
@@ -22,6 +22,7 @@ DEFAULT_BACKBONE = "small_cnn"
 #: name -> factory(*, in_channels, image_size) -> encoder with an int ``feature_dim``.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
+    "small_cnn_wide": small_cnn_wide,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "vgg11_bn": vgg11_bn,
@@ -52,5 +53,6 @@ __all__ = [
     "resnet18",
     "resnet50",
     "small_cnn",
+    "small_cnn_wide",
     "vgg11_bn",
 ]

@@ -8,10 +8,10 @@ from ntp_ssl.encoders import BACKBONES, DEFAULT_BACKBONE, build_encoder
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.shared.features import extract_features
 
-FEATURE_DIMS = {"small_cnn": 256, "resnet18": 512, "resnet50": 2048, "vgg11_bn": 512}
+FEATURE_DIMS = {"small_cnn": 256, "small_cnn_wide": 512, "resnet18": 512, "resnet50": 2048, "vgg11_bn": 512}
 
 
-def test_registry_holds_the_four_backbones():
+def test_registry_holds_the_five_backbones():
     assert set(BACKBONES) == set(FEATURE_DIMS)
     assert DEFAULT_BACKBONE == "small_cnn"
 
@@ -53,6 +53,20 @@ def test_plain_modules_and_conv_bn_pairs(name):
             following = modules[index + 1]
             assert isinstance(following, nn.BatchNorm2d), (name, index, following)
             assert following.num_features == module.out_channels
+
+
+def test_wide_small_cnn_doubles_every_stage():
+    narrow = [m.out_channels for m in build_encoder("small_cnn").modules() if isinstance(m, nn.Conv2d)]
+    wide = [m.out_channels for m in build_encoder("small_cnn_wide").modules() if isinstance(m, nn.Conv2d)]
+    assert wide == [2 * c for c in narrow] == [64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("width", [0, 1.5, True])
+def test_small_cnn_refuses_a_bad_width(width):
+    from ntp_ssl.encoders import SmallCNN
+
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        SmallCNN(width=width)
 
 
 def test_resnet_has_no_stem_max_pool():
