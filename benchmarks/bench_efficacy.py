@@ -195,24 +195,81 @@ def attacker_words(command: str) -> list[str]:
     return [w for w in command.split()[2:] if not w.startswith(PER_RUN_WORDS)]
 
 
-def evaluated_before(root: Path, seed: int, seeds_tag: str, name: str, sparse: bool, sweep: list[str]) -> dict | None:
-    """A finished evaluate run of protection seed ``seed`` on these sweep seeds and this
-    attacker (``sweep``) that already attacked ``name`` (and its sparse scratch when asked), so
-    that adding a setup later does not redo the others; None when there is none."""
-    base = f"seed{seed}-sweep{seeds_tag}"  # then "_<setups>" for setups added later
-    for run_dir in sorted((root / "evaluate").glob(f"{base}*")):
-        if run_dir.name != base and not run_dir.name.startswith(f"{base}_") or not (run_dir / "summary.json").exists():
+def _sweep_seeds(words: list[str]) -> list[int] | None:
+    """The sweep seeds an attacker's words name (``sweep.seeds=[1,2]``), None when they name none."""
+    named = [w for w in words if w.startswith("sweep.seeds=")]
+    return [int(x) for x in named[-1].split("=", 1)[1].strip("[]").split(",") if x.strip()] if named else None
+
+
+def _without_seeds(words: list[str]) -> list[str]:
+    return [w for w in words if not w.startswith("sweep.seeds=")]
+
+
+def evaluated_before(root: Path, prefix: str, name: str, sparse: bool, sweep: list[str]) -> tuple[dict | None, list[int]]:
+    """Finished evaluate runs ``root/evaluate/<prefix>*`` under this attacker (``sweep``, its
+    seeds aside) that already attacked ``name`` (and its sparse scratch when asked), so that
+    adding a setup, or a sweep seed, later does not redo the others: their result rows merged,
+    each sweep seed from the first run (by name) that has it, and the sweep seeds of ``sweep``
+    that none has. (None, all seeds) when there is none."""
+    wanted = _sweep_seeds(sweep) or []
+    found: dict[int, tuple[Path, dict | None]] = {}
+    for run_dir in sorted((root / "evaluate").glob(f"{prefix}*")):
+        if not run_dir.is_dir() or not (run_dir / "summary.json").exists():
             continue
         recorded = _recorded(run_dir)
-        if recorded is not None and attacker_words(recorded["command"]) != sweep:
+        words = attacker_words(recorded["command"]) if recorded is not None else None
+        if words is not None and _without_seeds(words) != _without_seeds(sweep):
             continue  # another attacker (or another split)
+        # a run made outside the benchmark records no command: it counts for the seeds it holds
         rows = read_results(run_dir / "results.csv")
-        models = {r["model"] for r in rows}
-        if name in models and (not sparse or f"{name}-sparse_scratch" in models):
-            summary = json.loads((run_dir / "summary.json").read_text())
-            return {"rows": rows, "source_accuracy": summary["source_accuracy"],
-                    "wall_s": recorded["wall_s"] if recorded is not None else float("nan"), "command": None}
-    return None
+        if name not in {r["model"] for r in rows} or sparse and f"{name}-sparse_scratch" not in {r["model"] for r in rows}:
+            continue
+        held = set(_sweep_seeds(words) or []) if words is not None else {int(r["seed"]) for r in rows}
+        for seed in wanted:
+            if seed in held and seed not in found:
+                found[seed] = (run_dir, recorded)
+    if not found:
+        return None, wanted
+    runs = {run_dir: recorded for run_dir, recorded in found.values()}  # in the order of the seeds
+    rows = [r for run_dir in runs for r in read_results(run_dir / "results.csv")
+            if int(r["seed"]) in found and found[int(r["seed"])][0] == run_dir]
+    first = next(iter(runs))  # the source accuracy is measured with seed 0 whatever the sweep seeds
+    summary = json.loads((first / "summary.json").read_text())
+    wall = sum(recorded["wall_s"] if recorded is not None else float("nan") for recorded in runs.values())
+    return ({"rows": rows, "source_accuracy": summary["source_accuracy"], "wall_s": wall, "command": None},
+            [s for s in wanted if s not in found])
+
+
+def attacker(protocol: list[str], sweep_seeds: list[int]) -> list[str]:
+    """The attacker's words of an evaluate run: its protocol overrides, then its sweep seeds."""
+    return [*protocol, f"sweep.seeds=[{','.join(map(str, sweep_seeds))}]"]
+
+
+def attacked(root: Path, prefix: str, names: list[str], checkpoints: list[str], sparse: list[str], protocol: list[str],
+             sweep_seeds: list[int], *, name_run, label: str | None = None) -> dict[str, dict]:
+    """{name: its evaluate results on ``sweep_seeds``}: what earlier runs under ``prefix`` hold
+    (``evaluated_before``), and one new run for the (name, sweep seed) pairs none holds, the
+    names missing the same seeds together (the scratch baselines are cached). ``name_run(tag,
+    names)`` names a new run, ``tag`` being its sweep seeds joined by "-"."""
+    done: dict[str, dict] = {}
+    missing: dict[tuple[int, ...], list[int]] = {}  # missing sweep seeds -> indices of the names missing them
+    for index, name in enumerate(names):
+        found, todo_seeds = evaluated_before(root, prefix, name, name in sparse, attacker(protocol, sweep_seeds))
+        if found is not None:
+            done[name] = found
+        if todo_seeds:
+            missing.setdefault(tuple(todo_seeds), []).append(index)
+    for seeds, indices in missing.items():
+        todo = [names[i] for i in indices]
+        run = evaluate(name_run("-".join(map(str, seeds)), todo), [checkpoints[i] for i in indices], todo,
+                       [n for n in todo if n in sparse], root, attacker(protocol, list(seeds)))
+        print(f"evaluated: {label or ', '.join(todo)}: {', '.join(todo)} on sweep seeds {list(seeds)} "
+              f"({run['wall_s'] / 60:.1f} min)", flush=True)
+        for name in todo:
+            done[name] = run if name not in done else {
+                **done[name], "rows": done[name]["rows"] + run["rows"],
+                "wall_s": done[name]["wall_s"] + run["wall_s"]}
+    return done
 
 
 def scores(rows: list[dict], model: str, source: str, sweep_seed: int) -> dict[str, dict[str, float]]:
@@ -401,7 +458,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root).resolve()
     protect_root = Path(args.protect_root).resolve() if args.protect_root else root
-    sweep = [*args.sweep, f"sweep.seeds=[{','.join(map(str, args.sweep_seeds))}]"]
+    sweep = attacker(args.sweep, args.sweep_seeds)
     grid = [(name, SETUPS[name]) for name in args.setups]
     if args.sparsity_sweep:
         base = args.sparsity_sweep
@@ -418,23 +475,17 @@ def main() -> None:
         if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
-    seeds_tag = "-".join(map(str, args.sweep_seeds))
-    reference = evaluate(f"{REFERENCE}-sweep{seeds_tag}", [reference_checkpoint], [REFERENCE], [], root, sweep)
+    reference = attacked(root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep, args.sweep_seeds,
+                         name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}")[REFERENCE]
     print(f"evaluated: {REFERENCE} ({reference['wall_s'] / 60:.1f} min)", flush=True)
     records = [per_seed_record(REFERENCE, None, reference, REFERENCE, args.sweep_seeds, source)]
     for seed in args.seeds:
         runs = [p for p in protect_runs if p["seed"] == seed]
         names = [p["setup"] for p in runs]
         sparse = [n for n in names if n in args.sparse_scratch]
-        done = {name: found for name in names
-                if (found := evaluated_before(root, seed, seeds_tag, name, name in sparse, sweep)) is not None}
-        todo = [p for p in runs if p["setup"] not in done]
-        if todo:  # the setups not attacked before, together (the scratch baselines are cached)
-            todo_names = [p["setup"] for p in todo]
-            run = evaluate(f"seed{seed}-sweep{seeds_tag}_" + "+".join(todo_names), [p["run_dir"] for p in todo],
-                           todo_names, [n for n in todo_names if n in sparse], root, sweep)
-            print(f"evaluated: protection seed {seed}: {', '.join(todo_names)} ({run['wall_s'] / 60:.1f} min)", flush=True)
-            done.update({name: run for name in todo_names})
+        done = attacked(root, f"seed{seed}-sweep", names, [p["run_dir"] for p in runs], sparse, args.sweep,
+                        args.sweep_seeds, name_run=lambda tag, todo: f"seed{seed}-sweep{tag}_" + "+".join(todo),
+                        label=f"protection seed {seed}")
         for name in names:
             records.append(per_seed_record(name, seed, done[name], name, args.sweep_seeds, source))
         for name in sparse:

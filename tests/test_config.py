@@ -160,23 +160,58 @@ def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(ben
     test-split one, and a run made with data.split=validation must still be found again."""
     import json
 
-    def recorded_run(name: str, sweep: list[str]) -> None:
-        run_dir = tmp_path / "evaluate" / name
-        run_dir.mkdir(parents=True)
-        (run_dir / "summary.json").write_text(json.dumps({"source_accuracy": {}}))
-        (run_dir / "results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n"
-                                             "lf,optdigits,finetune_dense,0,1.0,10,0.5\n")
-        command = ["ntp-ssl", "evaluate", "checkpoints=[/x/lf-seed0]", "names=[lf]", "sparse_scratch=[]", *sweep,
-                   f"run_name={name}", f"paths.root={tmp_path}"]
-        (run_dir / "bench_wall.json").write_text(json.dumps({"wall_s": 1.0, "command": " ".join(command)}))
-        assert bench_efficacy.attacker_words(" ".join(command)) == sweep
-
     validation = ["sweep=main_job", "data.split=validation", "sweep.seeds=[0]"]
-    recorded_run("seed0-sweep0_lf", validation)
-    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, validation) is not None
-    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=main_job", "sweep.seeds=[0]"]) is None
-    assert bench_efficacy.evaluated_before(tmp_path, 0, "0", "lf", False, ["sweep=converged", "data.split=validation",
-                                                                          "sweep.seeds=[0]"]) is None
+    _recorded_evaluate_run(bench_efficacy, tmp_path, "seed0-sweep0_lf", validation, [0])
+    found = bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, validation)
+    assert found[0] is not None and found[1] == []
+    assert bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False,
+                                           ["sweep=main_job", "sweep.seeds=[0]"]) == (None, [0])
+    assert bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False,
+                                           ["sweep=converged", "data.split=validation", "sweep.seeds=[0]"]) == (None, [0])
+    assert bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", True, validation) == (None, [0])  # no sparse
+
+
+def _recorded_evaluate_run(bench_efficacy, root, name: str, sweep: list[str], seeds: list[int],
+                           accuracy: float = 0.5) -> None:
+    """An evaluate run as bench_efficacy leaves it: model "lf", one row per sweep seed."""
+    import json
+
+    run_dir = root / "evaluate" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"source_accuracy": {"lf": {"knn": 0.9}}}))
+    (run_dir / "results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n" + "".join(
+        f"lf,optdigits,finetune_dense,{seed},1.0,10,{accuracy + seed / 100}\n" for seed in seeds))
+    command = ["ntp-ssl", "evaluate", "checkpoints=[/x/lf-seed0]", "names=[lf]", "sparse_scratch=[]", *sweep,
+               f"run_name={name}", f"paths.root={root}"]
+    (run_dir / "bench_wall.json").write_text(json.dumps({"wall_s": 60.0, "command": " ".join(command)}))
+    assert bench_efficacy.attacker_words(" ".join(command)) == sweep
+
+
+def test_bench_adds_a_sweep_seed_without_redoing_the_first(bench_efficacy, tmp_path, monkeypatch):
+    """Sweep seeds 1 2 asked, seed 1 attacked before: the old rows are kept, one new run attacks
+    seed 2 alone, and the record holds each seed once, from the run that measured it."""
+    _recorded_evaluate_run(bench_efficacy, tmp_path, "seed3-sweep1_lf", ["sweep=main_job", "sweep.seeds=[1]"], [1])
+    found, missing = bench_efficacy.evaluated_before(tmp_path, "seed3-sweep", "lf", False,
+                                                     ["sweep=main_job", "sweep.seeds=[1,2]"])
+    assert missing == [2] and [(r["seed"], r["accuracy"]) for r in found["rows"]] == [(1, 0.51)]
+    assert found["source_accuracy"] == {"lf": {"knn": 0.9}}
+    made = []
+
+    def fake_evaluate(run_name, checkpoints, names, sparse, root, sweep):
+        made.append((run_name, sweep))
+        _recorded_evaluate_run(bench_efficacy, root, run_name, sweep, [2], accuracy=0.7)
+        return bench_efficacy.evaluated_before(root, run_name, "lf", False, sweep)[0]
+
+    monkeypatch.setattr(bench_efficacy, "evaluate", fake_evaluate)
+    done = bench_efficacy.attacked(tmp_path, "seed3-sweep", ["lf"], ["/x/lf-seed3"], [], ["sweep=main_job"], [1, 2],
+                                   name_run=lambda tag, names: f"seed3-sweep{tag}_" + "+".join(names))
+    assert made == [("seed3-sweep2_lf", ["sweep=main_job", "sweep.seeds=[2]"])]
+    assert sorted((r["seed"], r["accuracy"]) for r in done["lf"]["rows"]) == [(1, 0.51), (2, 0.72)]
+    assert done["lf"]["wall_s"] == 120.0
+    # asked again: both seeds are found, nothing is run, and no seed is counted twice
+    again = bench_efficacy.attacked(tmp_path, "seed3-sweep", ["lf"], ["/x/lf-seed3"], [], ["sweep=main_job"], [1, 2],
+                                    name_run=lambda tag, names: "never")
+    assert len(made) == 1 and sorted(r["seed"] for r in again["lf"]["rows"]) == [1, 2]
 
 
 def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
