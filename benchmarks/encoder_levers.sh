@@ -2,9 +2,10 @@
 # Issue 12, item 10: does a stronger default encoder make transfer worth more? Unprotected
 # encoders only, the main job's attacker (dense fine-tune and converged linear probe).
 #   1. choose on the validation split (data.split=validation), sweep seed 0, pretraining seed 0:
-#      the built-in augmentation against three augmentation levers and longer pretraining;
+#      the built-in augmentation against three augmentation levers, longer pretraining and a CNN
+#      twice as wide (its scratch baseline is the wide CNN too, trained once);
 #   2. report the choice on the test split, sweep seeds 1 2, pretraining seeds 0 and 1.
-# About 50 min on 2 cores. Results: docs/RESULTS.md, "Stronger default encoders: the levers".
+# About 60 min on 2 cores. Results: docs/RESULTS.md, "Stronger default encoders: the levers".
 #   bash benchmarks/encoder_levers.sh [OUT]     (OUT default: benchmarks/results/encoder_aug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,8 @@ evaluate() {  # RUN CHECKPOINTS NAMES OVERRIDE...
 
 evaluate val_default "$DEFAULT" default data.split=validation "sweep.seeds=[0]"
 for spec in "invert05 method.invert_prob=0.5" "scale008 method.min_scale=0.08" "scale05 method.min_scale=0.5" \
-            "epochs30 optim.epochs=30" "epochs30_invert05 optim.epochs=30 method.invert_prob=0.5"; do
+            "epochs30 optim.epochs=30" "epochs30_invert05 optim.epochs=30 method.invert_prob=0.5" \
+            "wide encoder.backbone=small_cnn_wide"; do
   read -r name overrides <<< "$spec"
   # shellcheck disable=SC2086
   pretrain "$name" $overrides
