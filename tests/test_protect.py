@@ -322,3 +322,28 @@ def test_retraining_terms_are_averaged_over_the_steps_of_the_chunks_that_had_the
     means = _weighted_means(chunks)
     assert means["total"] == pytest.approx((60 * 1.0 + 60 * 2.0 + 30 * 4.0) / 150)  # 2.0
     assert means["sim_masked"] == pytest.approx((60 * 0.5 + 30 * 1.5) / 90)
+
+
+def test_protection_views_are_the_encoders_pretraining_views(tmp_path, cache_dir, monkeypatch):
+    """The SSL terms of protection see the views the encoder was pretrained on (its checkpoint's
+    method_config), not the built-in ones, when it was pretrained with other crops or inversion."""
+    import ntp_ssl.protect.loop as loop
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.pretrain.stage import run_pretrain
+
+    checkpoint = run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1", "method.min_scale=0.5",
+                                               "method.invert_prob=0.3"), tmp_path / "pretrained")["checkpoint"]
+    asked: list[dict] = []
+    original = loop.build_train_transform
+
+    def recording(method, **kwargs):
+        asked.append(kwargs)
+        return original(method, **kwargs)
+
+    monkeypatch.setattr(loop, "build_train_transform", recording)
+    run_main_job(_compose_protect(cache_dir, checkpoint), tmp_path / "protect")
+    assert asked and all(kw["min_scale"] == 0.5 and kw["invert_prob"] == 0.3 for kw in asked)
+    # a checkpoint that recorded no view options (pretrained before they existed): the built-in views
+    asked.clear()
+    loop.protection_view_transform(_compose_protect(cache_dir, checkpoint), {"temperature": 0.2})
+    assert [(kw["min_scale"], kw["invert_prob"]) for kw in asked] == [(None, None)]

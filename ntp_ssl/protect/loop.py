@@ -12,6 +12,7 @@ rerun resumes where the last one stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,23 @@ class ProtectionRun:
         log.info("resuming protection from %s at ADMM iteration %d (%s)", self.state_path, self.iteration, self.phase)
 
 
+#: the pretraining options of a checkpoint's ``method_config`` that shape its SSL views
+VIEW_OPTIONS = ("min_scale", "invert_prob")
+
+
+def protection_view_transform(cfg: Any, method_config: Mapping[str, Any] | None = None) -> Any:
+    """The two-view transform of the SSL terms during protection: the views the encoder was
+    pretrained on (its checkpoint's ``method_config``: smallest crop scale, inversion), so that
+    the source term keeps the encoder on the task it learned; the built-in views when the
+    checkpoint recorded none (every encoder pretrained before those options existed)."""
+    options = {key: (method_config or {}).get(key) for key in VIEW_OPTIONS}
+    return build_train_transform("simclr", image_size=cfg.data.image_size, channels=cfg.data.channels, **options)
+
+
 def start_protection(cfg: Any, method: nn.Module, source: Domain, targets: list[Domain], *, run_dir: Path,
-                     device, writer) -> ProtectionRun:
+                     device, writer, method_config: Mapping[str, Any] | None = None) -> ProtectionRun:
     """Heads, pruner and optimiser for ``method``; resumed from the run directory's state when there is one."""
-    transform = build_train_transform("simclr", image_size=cfg.data.image_size, channels=cfg.data.channels)
+    transform = protection_view_transform(cfg, method_config)
 
     def views(domain: Domain) -> IndexedViews:
         return IndexedViews(ImageArrayDataset(domain.train_images, domain.train_labels, transform=transform))
@@ -294,9 +308,12 @@ def _weighted_means(chunks: list[tuple[int, dict[str, float]]]) -> dict[str, flo
 
 
 def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[Domain], *, run_dir: Path,
-                    device, writer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """ADMM + hard prune + masked retraining on ``method`` in place; returns (masks, metrics)."""
-    run = start_protection(cfg, method, source, targets, run_dir=run_dir, device=device, writer=writer)
+                    device, writer, method_config: Mapping[str, Any] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """ADMM + hard prune + masked retraining on ``method`` in place; returns (masks, metrics).
+    ``method_config``: the checkpoint's pretraining options (its SSL views)."""
+    run = start_protection(cfg, method, source, targets, run_dir=run_dir, device=device, writer=writer,
+                           method_config=method_config)
     iterations = cfg.admm.iterations
     todo = range(run.iteration, iterations) if run.phase == "admm" else range(0)
     bar = progress_bar(todo, desc="[2/3 protect] ADMM", initial=run.iteration, total=iterations,

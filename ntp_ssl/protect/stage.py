@@ -65,7 +65,7 @@ def run_protect(cfg: Any, checkpoint: Path, ctx: StageContext) -> Protected:
         log.info("[2/3 protect] loss=%s, %s projection to sparsity %.3f, against %s", cfg.loss.kind,
                  cfg.prune.projection, cfg.prune.sparsity, ", ".join(t.name for t in targets))
         masks, metrics = protect_encoder(cfg, method, source, targets, run_dir=ctx.run_dir, device=ctx.device,
-                                         writer=ctx.writer)
+                                         writer=ctx.writer, method_config=meta.get("method_config"))
         report = export_protected(path, method, masks, cfg=cfg, checkpoint=checkpoint, meta=meta, metrics=metrics)
         encoder = method.encoder
         write_sparsity_files(ctx.run_dir, report, writer=ctx.writer, encoder=encoder, masks=masks)
