@@ -263,7 +263,7 @@ def attacked(root: Path, prefix: str, names: list[str], checkpoints: list[str], 
         todo = [names[i] for i in indices]
         run = evaluate(name_run("-".join(map(str, seeds)), todo), [checkpoints[i] for i in indices], todo,
                        [n for n in todo if n in sparse], root, attacker(protocol, list(seeds)))
-        print(f"evaluated: {label or ', '.join(todo)}: {', '.join(todo)} on sweep seeds {list(seeds)} "
+        print(f"evaluated: {label + ': ' if label else ''}{', '.join(todo)} on sweep seeds {list(seeds)} "
               f"({run['wall_s'] / 60:.1f} min)", flush=True)
         for name in todo:
             done[name] = run if name not in done else {
@@ -477,7 +477,6 @@ def main() -> None:
                              "benchmark it with --setups on its own")
     reference = attacked(root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep, args.sweep_seeds,
                          name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}")[REFERENCE]
-    print(f"evaluated: {REFERENCE} ({reference['wall_s'] / 60:.1f} min)", flush=True)
     records = [per_seed_record(REFERENCE, None, reference, REFERENCE, args.sweep_seeds, source)]
     for seed in args.seeds:
         runs = [p for p in protect_runs if p["seed"] == seed]
