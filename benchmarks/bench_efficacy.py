@@ -205,7 +205,8 @@ def _without_seeds(words: list[str]) -> list[str]:
     return [w for w in words if not w.startswith("sweep.seeds=")]
 
 
-def evaluated_before(root: Path, prefix: str, name: str, sparse: bool, sweep: list[str]) -> tuple[dict | None, list[int]]:
+def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
+                     sweep: list[str]) -> tuple[dict | None, list[int]]:
     """Finished evaluate runs ``root/evaluate/<prefix>*`` under this attacker (``sweep``, its
     seeds aside) that already attacked ``name`` (and its sparse scratch when asked), so that
     adding a setup, or a sweep seed, later does not redo the others: their result rows merged,
@@ -222,7 +223,8 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool, sweep: li
             continue  # another attacker (or another split)
         # a run made outside the benchmark records no command: it counts for the seeds it holds
         rows = read_results(run_dir / "results.csv")
-        if name not in {r["model"] for r in rows} or sparse and f"{name}-sparse_scratch" not in {r["model"] for r in rows}:
+        models = {r["model"] for r in rows}
+        if name not in models or sparse and f"{name}-sparse_scratch" not in models:
             continue
         held = set(_sweep_seeds(words) or []) if words is not None else {int(r["seed"]) for r in rows}
         for seed in wanted:
@@ -245,8 +247,8 @@ def attacker(protocol: list[str], sweep_seeds: list[int]) -> list[str]:
     return [*protocol, f"sweep.seeds=[{','.join(map(str, sweep_seeds))}]"]
 
 
-def attacked(root: Path, prefix: str, names: list[str], checkpoints: list[str], sparse: list[str], protocol: list[str],
-             sweep_seeds: list[int], *, name_run, label: str | None = None) -> dict[str, dict]:
+def attacked(root: Path, prefix: str, names: list[str], checkpoints: list[str], sparse: list[str],
+             protocol: list[str], sweep_seeds: list[int], *, name_run, label: str | None = None) -> dict[str, dict]:
     """{name: its evaluate results on ``sweep_seeds``}: what earlier runs under ``prefix`` hold
     (``evaluated_before``), and one new run for the (name, sweep seed) pairs none holds, the
     names missing the same seeds together (the scratch baselines are cached). ``name_run(tag,
@@ -475,8 +477,8 @@ def main() -> None:
         if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
-    reference = attacked(root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep, args.sweep_seeds,
-                         name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}")[REFERENCE]
+    reference = attacked(root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep,
+                         args.sweep_seeds, name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}")[REFERENCE]
     records = [per_seed_record(REFERENCE, None, reference, REFERENCE, args.sweep_seeds, source)]
     for seed in args.seeds:
         runs = [p for p in protect_runs if p["seed"] == seed]
