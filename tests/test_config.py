@@ -158,8 +158,6 @@ def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(ben
     """A recorded evaluate run counts as "attacked before" only when its attacker words (split
     included) are exactly this benchmark's: a validation-split run must not stand in for a
     test-split one, and a run made with data.split=validation must still be found again."""
-    import json
-
     validation = ["sweep=main_job", "data.split=validation", "sweep.seeds=[0]"]
     _recorded_evaluate_run(bench_efficacy, tmp_path, "seed0-sweep0_lf", validation, [0])
     found = bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, validation)
