@@ -318,6 +318,16 @@ _SSL_VIEW_OPTIONS: dict[str, Any] = dict(
 )
 
 
+#: the ``method`` options that shape the SSL views (``build_train_transform``'s keywords)
+VIEW_OPTIONS = ("min_scale", "invert_prob")
+
+
+def view_options(method_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The view options of a ``method`` config node, or of the ``method_config`` a checkpoint
+    recorded; None for each one it does not set (the built-in views)."""
+    return {key: (method_config or {}).get(key) for key in VIEW_OPTIONS}
+
+
 def build_train_transform(method: str, *, image_size: int, channels: int = 3, min_scale: float | None = None,
                           invert_prob: float | None = None) -> Callable:
     """PIL image -> tuple of normalised (channels, image_size, image_size) view tensors.

@@ -26,7 +26,7 @@ from ntp_ssl.config import to_plain, validate_pretrain
 from ntp_ssl.data import Domain, ImageArrayDataset, load_domains_for, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
-from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state, method_from_config
+from ntp_ssl.pretrain.methods import MoCoV2, build_train_transform, export_state, method_from_config, view_options
 from ntp_ssl.shared.checkpoint import (
     load_training_state,
     resuming,
@@ -196,7 +196,7 @@ def _build_run(cfg: Any, ctx: StageContext, on_event) -> PretrainRun:
         )
     method = build_model(cfg, source.num_classes).to(ctx.device)
     transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                                      min_scale=cfg.method.get("min_scale"), invert_prob=cfg.method.get("invert_prob"))
+                                      **view_options(cfg.method))
     dataset = ImageArrayDataset(images, labels, transform=transform)
     sampler = None
     if world > 1:

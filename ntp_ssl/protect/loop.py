@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ntp_ssl.data import Domain, ImageArrayDataset
-from ntp_ssl.pretrain.methods import build_train_transform
+from ntp_ssl.pretrain.methods import build_train_transform, view_options
 from ntp_ssl.protect.admm import ADMMPruner, find_conv_bn_pairs, select_prunable
 from ntp_ssl.protect.objective import IndexedViews, NonTransferableObjective
 from ntp_ssl.protect.projections import MASKS
@@ -170,17 +170,13 @@ class ProtectionRun:
         log.info("resuming protection from %s at ADMM iteration %d (%s)", self.state_path, self.iteration, self.phase)
 
 
-#: the pretraining options of a checkpoint's ``method_config`` that shape its SSL views
-VIEW_OPTIONS = ("min_scale", "invert_prob")
-
-
 def protection_view_transform(cfg: Any, method_config: Mapping[str, Any] | None = None) -> Any:
     """The two-view transform of the SSL terms during protection: the views the encoder was
     pretrained on (its checkpoint's ``method_config``: smallest crop scale, inversion), so that
     the source term keeps the encoder on the task it learned; the built-in views when the
     checkpoint recorded none (every encoder pretrained before those options existed)."""
-    options = {key: (method_config or {}).get(key) for key in VIEW_OPTIONS}
-    return build_train_transform("simclr", image_size=cfg.data.image_size, channels=cfg.data.channels, **options)
+    return build_train_transform("simclr", image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                 **view_options(method_config))
 
 
 def start_protection(cfg: Any, method: nn.Module, source: Domain, targets: list[Domain], *, run_dir: Path,
