@@ -214,6 +214,7 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
     that none has. (None, all seeds) when there is none."""
     wanted = _sweep_seeds(sweep) or []
     found: dict[int, tuple[Path, dict | None]] = {}
+    rows_of: dict[Path, list[dict]] = {}  # each run's result rows, read once
     for run_dir in sorted((root / "evaluate").glob(f"{prefix}*")):
         if not run_dir.is_dir() or not (run_dir / "summary.json").exists():
             continue
@@ -222,7 +223,7 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
         if words is not None and _without_seeds(words) != _without_seeds(sweep):
             continue  # another attacker (or another split)
         # a run made outside the benchmark records no command: it counts for the seeds it holds
-        rows = read_results(run_dir / "results.csv")
+        rows = rows_of[run_dir] = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
         if name not in models or sparse and f"{name}-sparse_scratch" not in models:
             continue
@@ -233,7 +234,7 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
     if not found:
         return None, wanted
     runs = {run_dir: recorded for run_dir, recorded in found.values()}  # in the order of the seeds
-    rows = [r for run_dir in runs for r in read_results(run_dir / "results.csv")
+    rows = [r for run_dir in runs for r in rows_of[run_dir]
             if int(r["seed"]) in found and found[int(r["seed"])][0] == run_dir]
     first = next(iter(runs))  # the source accuracy is measured with seed 0 whatever the sweep seeds
     summary = json.loads((first / "summary.json").read_text())
