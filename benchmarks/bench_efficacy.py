@@ -98,6 +98,9 @@ SETUPS: dict[str, list[str]] = {
     # say nothing about the mask's draw
     "random_mask_seeded": ["experiment=protect_random_mask", "prune.random_seed=${seed}"],
     "label_free_random_mask_seeded": [*RANDOM_MASK_NTP, "prune.random_seed=${seed}"],
+    "random_mask_seeded_moco": ["experiment=protect_random_mask", "prune.random_seed=${seed}",
+                                "pretrain.method.name=moco"],
+    "label_free_random_mask_seeded_moco": [*RANDOM_MASK_NTP, "prune.random_seed=${seed}", "pretrain.method.name=moco"],
     # its pseudo-labels (tuning seed): the random mask leaves the pruned encoder at chance, so
     # the clusters it is retrained to blur are near random; cluster the encoder before the
     # prune (the target's classes) or again every 60 steps as the source comes back
@@ -450,7 +453,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="protection seeds")
     parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[1, 2], help="the attacker's seeds")
     parser.add_argument("--sparse-scratch", nargs="*", default=["label_free", "supervised", "magnitude"],
-                        help="setups whose mask is also attacked on a random initialisation (the sparsity control)")
+                        help="setups whose mask is also attacked on a random initialisation (the sparsity control); "
+                        "the flag alone, with no names, attacks none; left out, the default names")
     parser.add_argument("--sparsity-sweep", choices=list(SETUPS), help="also sweep prune.sparsity for this setup")
     parser.add_argument("--sweep", nargs="*", default=["sweep=main_job"], help="the attacker's protocol overrides")
     parser.add_argument("--root", default="benchmarks/results/efficacy_v2")
