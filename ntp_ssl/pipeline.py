@@ -29,6 +29,7 @@ from ntp_ssl.config import PretrainConfig, to_plain, validate_protect
 from ntp_ssl.data import domain_spec, load_domains_for
 from ntp_ssl.evaluate.stage import evaluate_models
 from ntp_ssl.evaluate.sweep import ModelUnderTest, sparse_scratch_model
+from ntp_ssl.pretrain.methods import VIEW_OPTIONS
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
 from ntp_ssl.shared.runs import fingerprint, lock_run_dir, release_run_dir
@@ -55,7 +56,7 @@ def default_encoder_key(pretrain_cfg: Any) -> str:
     caches existed are left out while null, so those caches keep their key."""
     tree = fingerprint(pretrain_cfg)
     del tree["data"]["split"]  # always null here
-    for key in ("min_scale", "invert_prob"):  # null: the built-in augmentation
+    for key in VIEW_OPTIONS:  # the view options came after those caches; null: the built-in views
         if key in tree["method"] and tree["method"][key] is None:
             del tree["method"][key]
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
