@@ -112,6 +112,16 @@ SETUPS: dict[str, list[str]] = {
     # undoes the protection), 20 inner SGD steps at 0.05, weight 3000
     "label_free_admm_sim_dense": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=3000",
                                   "loss.sim_inner_steps=20", "loss.sim_inner_lr=0.05", "loss.sim_modes=[dense]"],
+    # issue 13's other named forms of two terms: relational distillation of the source (its
+    # pairwise geometry, not its features, held to the teacher's), and the simulated attacker
+    # penalised by the Fisher ratio of its adapted features instead of its head's predictions
+    "label_free_admm_reldistill3000": ["experiment=protect_label_free", *ADMM_CONVERGED,
+                                       "loss.w_source_relational=3000"],
+    "label_free_admm_reldistill30000": ["experiment=protect_label_free", *ADMM_CONVERGED,
+                                        "loss.w_source_relational=30000"],
+    "label_free_admm_sim_fisher": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=1000",
+                                   "loss.sim_penalty=fisher", "loss.sim_inner_steps=20", "loss.sim_inner_lr=0.05",
+                                   "loss.sim_modes=[dense]"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already

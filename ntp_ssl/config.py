@@ -206,6 +206,9 @@ class ProtectionTerms:
     # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
     # encoder put them
     w_source_distill: float = 0.0
+    # + w_sr mean_{i != j} (cos(f_i, f_j) - cos(t_i, t_j))^2 on source batches: only the source's
+    # pairwise geometry (who is near whom) held to the teacher's, not the features themselves
+    w_source_relational: float = 0.0
     # A simulated attacker: every sim_every steps, sim_inner_steps of SGD on a fresh linear head
     # plus the encoder on half a target batch (k-means pseudo-labels, or labels for
     # loss=supervised), under the current mask and/or dense (sim_modes); its first-order
@@ -216,6 +219,10 @@ class ProtectionTerms:
     sim_inner_steps: int = 5
     sim_inner_lr: float = 0.01
     sim_modes: List[str] = field(default_factory=lambda: ["masked", "dense"])
+    # what the adapted model is penalised by: "uniform", its cross-entropy to the uniform
+    # distribution minus ln C (its head should predict nothing), or "fisher", the Fisher ratio of
+    # its features under the inner labels (its features should not separate them, whatever head)
+    sim_penalty: str = "uniform"
 
 
 @dataclass
@@ -605,6 +612,8 @@ def validate_loss(loss: Any) -> None:
         elif f.name == "sim_modes":
             _check(len(loss.sim_modes) > 0 and all(m in ("masked", "dense") for m in loss.sim_modes),
                    f"loss.sim_modes={list(loss.sim_modes)!r}; accepted: a non-empty list of masked, dense")
+        elif f.name == "sim_penalty":
+            _check_choice("loss.sim_penalty", loss.sim_penalty, ("uniform", "fisher"))
         elif f.name in ("sim_every", "sim_inner_steps"):
             _check(is_int(loss[f.name]) and loss[f.name] >= 1, f"loss.{f.name}={loss[f.name]!r} must be an integer >= 1")
         elif f.name != "kind":

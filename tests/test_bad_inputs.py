@@ -87,6 +87,8 @@ def pretrained(tmp_path_factory, cache_dir) -> Path:
         ("protect", "loss.w_source_distill=-1", "loss.w_source_distill=-1.0 must be >= 0"),
         ("protect", "loss.sim_modes=[both]", "loss.sim_modes=['both']; accepted: a non-empty list of masked, dense"),
         ("protect", "loss.sim_every=0", "loss.sim_every=0 must be an integer >= 1"),
+        ("protect", "loss.sim_penalty=kl", "loss.sim_penalty='kl' is not one of: uniform, fisher"),
+        ("protect", "loss.w_source_relational=-2", "loss.w_source_relational=-2.0 must be >= 0"),
         ("protect", "admm.batch_size=1", "admm.batch_size=1 must be >= 2 (batch norm needs two samples)"),
         ("evaluate", "sweep.scratch=false", "sweep.scratch=False: every SLC-AUC is measured against the from-scratch"),
         ("evaluate", "sweep.seeds=[2147483648]", "sweep.seeds contains 2147483648; every seed must be an integer"),

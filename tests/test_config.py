@@ -48,8 +48,8 @@ def test_the_default_encoder_is_pretrained_on_the_main_jobs_data_paths_and_train
 
 def test_each_loss_option_has_only_its_own_keys():
     assert set(_compose("protect", ["loss=supervised"]).loss) == {
-        "kind", "alpha", "ce_clamp", "w_fisher_labels", "head_steps", "w_source_distill", "w_sim_attack", "sim_every",
-        "sim_inner_steps", "sim_inner_lr", "sim_modes"}
+        "kind", "alpha", "ce_clamp", "w_fisher_labels", "head_steps", "w_source_distill", "w_source_relational",
+        "w_sim_attack", "sim_every", "sim_inner_steps", "sim_inner_lr", "sim_modes", "sim_penalty"}
     assert set(_compose("protect", ["loss=none"]).loss) == {"kind"}
     assert _compose("protect", []).loss.kind == "ssl"
     with pytest.raises(Exception, match="w_mmd"):

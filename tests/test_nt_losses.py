@@ -14,6 +14,7 @@ from ntp_ssl.protect.losses import (
     kmeans_pseudo_labels,
     mmd_multi_kernel,
     ntl_loss,
+    relational_distillation,
     representation_ntp_loss,
     supervised_ntp_loss,
 )
@@ -361,7 +362,31 @@ def test_feature_distillation_matches_a_plain_loop():
         feature_distillation(student[:3], teacher)
 
 
-def _simulator(w_sim=2.0, lr=0.0, modes=("dense",), inner_steps=2):
+def test_relational_distillation_matches_a_plain_loop():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 4, dtype=F64, requires_grad=True), torch.randn(5, 4, dtype=F64)
+
+    def cos(u, v):
+        return float(u @ v) / (float(u.norm()) * float(v.norm()))
+
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    s = student.detach()
+    reference = sum((cos(s[i], s[j]) - cos(teacher[i], teacher[j])) ** 2 for i, j in pairs) / len(pairs)
+    value = relational_distillation(student, teacher)
+    assert value.item() == pytest.approx(reference, rel=1e-9)
+    value.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    # the geometry only: a rotation and a rescaling of the teacher's features cost nothing,
+    # while feature distillation charges the rotation
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64))
+    moved = 2.5 * teacher @ rotation
+    assert relational_distillation(moved, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    assert feature_distillation(moved, teacher).item() > 0.1
+    with pytest.raises(ValueError, match="batch >= 2"):
+        relational_distillation(student[:1], teacher[:1])
+
+
+def _simulator(w_sim=2.0, lr=0.0, modes=("dense",), inner_steps=2, penalty="uniform"):
     from types import SimpleNamespace
 
     from ntp_ssl.encoders import build_encoder
@@ -370,7 +395,8 @@ def _simulator(w_sim=2.0, lr=0.0, modes=("dense",), inner_steps=2):
     torch.manual_seed(0)
     objective = object.__new__(NonTransferableObjective)  # only what the simulator reads
     objective.method = SimpleNamespace(encoder=build_encoder("small_cnn", image_size=16))
-    objective.cfg = SimpleNamespace(sim_every=1, sim_inner_steps=inner_steps, sim_inner_lr=lr, sim_modes=list(modes))
+    objective.cfg = SimpleNamespace(sim_every=1, sim_inner_steps=inner_steps, sim_inner_lr=lr, sim_modes=list(modes),
+                                    sim_penalty=penalty)
     objective.device, objective.w_sim = torch.device("cpu"), w_sim
     x, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
     objective._last_target = (x, labels, 4)
@@ -396,6 +422,24 @@ def test_simulated_attack_gradient_matches_a_direct_computation():
     penalty = -log_probs.mean(dim=1).mean() - math.log(4)
     penalty.backward()
     assert penalties["sim_dense"] == pytest.approx(penalty.item(), rel=1e-5) and penalties["sim_dense"] >= 0
+    for (name, p), (_, q) in zip(encoder.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(p.grad, 2.0 * q.grad, atol=1e-6), name
+
+
+def test_simulated_attack_fisher_penalty_matches_a_direct_computation():
+    """sim_penalty=fisher: with a zero inner learning rate the added gradient is
+    w * d/dW FDR(f(x_out), labels_out), the Fisher ratio of the step's held-out half."""
+    import copy
+
+    objective, x = _simulator(penalty="fisher")
+    encoder = objective.method.encoder
+    reference = copy.deepcopy(encoder)
+    penalties = objective.simulated_attack_({}, step=3)
+    labels = objective._last_target[1]
+    penalty = fisher_ratio(reference(x[4:]), labels[4:])
+    penalty.backward()
+    assert penalties["sim_dense"] == pytest.approx(ref_fisher(reference(x[4:]).detach(), labels[4:]), rel=1e-4)
+    assert penalties["sim_dense"] == pytest.approx(penalty.item(), rel=1e-5) and penalties["sim_dense"] > 0
     for (name, p), (_, q) in zip(encoder.named_parameters(), reference.named_parameters()):
         assert torch.allclose(p.grad, 2.0 * q.grad, atol=1e-6), name
 

@@ -242,6 +242,19 @@ def test_source_distillation_is_a_term_of_both_losses(tmp_path, cache_dir, encod
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain if k.startswith("encoder."))
 
 
+def test_source_relational_distillation_is_a_term_of_protection(tmp_path, cache_dir, encoder_checkpoint):
+    """loss.w_source_relational > 0 adds the source batch's pairwise-cosine distance to the frozen
+    teacher's, reported per iteration and in the retraining; the feature distillation stays off."""
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.checkpoint import load_checkpoint
+
+    run_main_job(_compose_protect(cache_dir, encoder_checkpoint, "loss.w_source_relational=5.0"), tmp_path / "rel")
+    _, meta = load_checkpoint(tmp_path / "rel" / "protected.safetensors")
+    for record in (*meta["metrics"]["iterations"], meta["metrics"]["retrain"]):
+        assert 0.0 <= record["relational_source"] <= 4.0 and "distill_source" not in record
+    assert any(it["relational_source"] > 0 for it in meta["metrics"]["iterations"])  # the encoder did move
+
+
 @pytest.mark.parametrize("loss, source_terms", [("ssl", {"ssl_source"}), ("supervised", {"ce_source"})])
 def test_masked_retraining_on_the_source_terms_alone(tmp_path, cache_dir, encoder_checkpoint, loss, source_terms):
     """admm.retrain_loss=source: ADMM unchanged, then the retraining minimises the source term

@@ -224,3 +224,17 @@ def feature_distillation(student: Tensor, teacher: Tensor) -> Tensor:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features must be "
                          "the same (batch, dim) shape")
     return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=1, eps=1e-8)).mean()
+
+
+def relational_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean_{i != j} (cos(s_i, s_j) - cos(t_i, t_j))^2``: how far the batch's pairwise geometry
+    moved from the frozen teacher's. Weaker than :func:`feature_distillation` on purpose: the
+    features may rotate or drift as a whole, only who is near whom (what kNN and a linear probe
+    read) is held. Needs at least two samples."""
+    if student.shape != teacher.shape or student.dim() != 2 or student.shape[0] < 2:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features must be "
+                         "the same (batch >= 2, dim) shape")
+    s, t = F.normalize(student, dim=1, eps=1e-8), F.normalize(teacher.detach(), dim=1, eps=1e-8)
+    n = s.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    return (s @ s.T - t @ t.T)[off_diagonal].pow(2).mean()

@@ -27,8 +27,10 @@ from ntp_ssl.data import Domain, ImageArrayDataset, to_float_tensor
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.protect.losses import (
     feature_distillation,
+    fisher_ratio,
     kmeans_pseudo_labels,
     ntl_loss,
+    relational_distillation,
     representation_ntp_loss,
     supervised_ntp_loss,
 )
@@ -80,11 +82,12 @@ class NonTransferableObjective:
         # The teacher: a frozen copy of the encoder as it is now, before any protection step
         # (the objective is built before a resume loads the protected state).
         self.w_distill = float(getattr(loss, "w_source_distill", 0.0))
+        self.w_relational = float(getattr(loss, "w_source_relational", 0.0))
         self.teacher = None
         self._source_features: torch.Tensor | None = None  # this step's source features, for the distillation
         self.w_sim = float(getattr(loss, "w_sim_attack", 0.0))
         self._last_target: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (x, labels, classes) of this step
-        if self.w_distill > 0:
+        if self.w_distill > 0 or self.w_relational > 0:
             self.teacher = copy.deepcopy(method.encoder).to(device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
@@ -133,9 +136,11 @@ class NonTransferableObjective:
 
         Per mode (``masked``: the current ``masks`` kept; ``dense``: none), a copy of the
         encoder and a fresh linear head take ``sim_inner_steps`` SGD steps on the first half of
-        this step's target batch; the penalty is the adapted model's cross-entropy to the
-        uniform distribution on the other half, minus its minimum ``ln C`` (>= 0, 0 when the
-        adapted model still predicts nothing). Its gradient with respect to the adapted
+        this step's target batch; the penalty, on the other half, is (``sim_penalty``)
+        ``uniform``: the adapted model's cross-entropy to the uniform distribution minus its
+        minimum ``ln C`` (>= 0, 0 when the adapted model still predicts nothing), or
+        ``fisher``: the Fisher ratio of the adapted encoder's features under the inner labels
+        (>= 0, 0 when no head could separate them linearly). Its gradient with respect to the adapted
         weights is applied to the current ones (first order, as in FOMAML: no second
         derivatives), so the encoder moves towards weights from which fine-tuning learns little.
         """
@@ -164,8 +169,11 @@ class NonTransferableObjective:
                 mask_gradients_(named, keep)
                 inner.step()
             inner.zero_grad(set_to_none=True)
-            log_probs = nn.functional.log_softmax(head(adapted(x[half:])), dim=1)
-            penalty = -log_probs.mean(dim=1).mean() - math.log(classes)  # CE to uniform - ln C
+            if c.sim_penalty == "fisher":
+                penalty = fisher_ratio(adapted(x[half:]), labels[half:])
+            else:
+                log_probs = nn.functional.log_softmax(head(adapted(x[half:])), dim=1)
+                penalty = -log_probs.mean(dim=1).mean() - math.log(classes)  # CE to uniform - ln C
             penalty.backward()
             for name, param in encoder.named_parameters():
                 grad = named[name].grad
@@ -197,12 +205,19 @@ class NonTransferableObjective:
         else:
             total, terms = self._with_heads(sa, ta, s_idx, t_idx, target_index)
         if self.teacher is not None and self._source_features is not None:
-            # + w_sd mean(1 - cos(f_S, teacher(x_S))): the source features stay where they were
             with torch.no_grad():
                 taught = self.teacher(sa)
-            distill = feature_distillation(self._source_features, taught)
-            total = total + self.w_distill * distill
-            terms = {**terms, "distill_source": distill.item(), "total": total.item()}
+            if self.w_distill > 0:
+                # + w_sd mean(1 - cos(f_S, teacher(x_S))): the source features stay where they were
+                distill = feature_distillation(self._source_features, taught)
+                total = total + self.w_distill * distill
+                terms = {**terms, "distill_source": distill.item()}
+            if self.w_relational > 0:
+                # + w_sr mean_{i != j} (cos(f_i, f_j) - cos(t_i, t_j))^2: the source's geometry stays
+                relational = relational_distillation(self._source_features, taught)
+                total = total + self.w_relational * relational
+                terms = {**terms, "relational_source": relational.item()}
+            terms = {**terms, "total": total.item()}
         return total, terms
 
     def _label_free(self, sa, sb, ta, tb, s_idx, t_idx, target_index: int):
