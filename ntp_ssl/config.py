@@ -199,9 +199,10 @@ class AdmmConfig:
 @dataclass
 class ProtectionTerms:
     """Issue 13's terms, shared by ``loss=ssl`` and ``loss=supervised``; 0 is off, the default:
-    at weight 300 neither made label-free NTP a worse start on the validation split, and
-    distillation at 3000 gave the source back only as fast as it gave up protection (seed 0,
-    docs/RESULTS.md); other weights are not measured yet."""
+    on the validation split (seed 0, docs/RESULTS.md) no form or weight measured made label-free
+    NTP a worse start (feature distillation at 300 and 3000, relational at 3000 and 30000, the
+    simulated attacker at two strengths with either penalty), and those that kept more of the
+    source gave up protection as fast."""
 
     # + w_sd mean(1 - cos(f_S, teacher(x_S))): source features stay where the frozen unprotected
     # encoder put them
