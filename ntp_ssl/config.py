@@ -182,7 +182,7 @@ class AdmmConfig:
     batch_size: int = 64
     retrain_steps: int = 60  # masked retraining after the hard prune
     # What masked retraining minimises: None, L_NT itself; "source", the source terms alone
-    # (source SSL or cross-entropy, plus the distillation when loss.w_source_distill > 0), so the
+    # (source SSL or cross-entropy, plus either distillation whose weight is > 0), so the
     # kept weights serve the source again without any push on the targets (issue 13, item 2).
     # Measured (seed 0, validation split, 300 steps): the source comes back and the targets with
     # it, to magnitude-pruning level (docs/RESULTS.md); left off.

@@ -7,7 +7,7 @@
 - ``none``: the source term alone (plain pruning, the magnitude-pruning baseline)
 
 With ``source_only`` set (masked retraining under ``admm.retrain_loss=source``) every loss
-keeps its source term (and the distillation) alone.
+keeps its source term (and the distillations, feature and relational) alone.
 
 The math lives in :mod:`ntp_ssl.protect.losses`; this module feeds it batches, heads and
 pseudo-labels.
