@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import TINY_DATA, TINY_PRETRAIN, assert_same_tensors
-from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint
+from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint, sha256_file
 from ntp_ssl.errors import CheckpointError, NumericalError
 from test_pretrain import compose_pretrain
 
@@ -200,7 +200,13 @@ def test_pretrain_killed_at_any_moment_finishes_like_an_uninterrupted_run(tmp_pa
     # debris: a truncated encoder without its .json, a stale pending file, .tmp-* leftovers
     reference_bytes = (ref_dir / "encoder.safetensors").read_bytes()
     (run_dir / "encoder.safetensors").write_bytes(reference_bytes[: len(reference_bytes) // 3])
-    pending_path(last).write_bytes(b"stale pending tensors")
+    pending = pending_path(last)
+    if pending.exists():
+        # the kill landed between the .json commit and the rename: this file holds the committed
+        # tensors (not debris), and the rerun must roll it forward rather than find it damaged
+        assert sha256_file(pending) == json.loads(last.with_suffix(".json").read_text())["sha256"]
+    else:
+        pending.write_bytes(b"stale pending tensors")
     _plant_debris(run_dir, "encoder.safetensors")
 
     final = _run(PRETRAIN_ARGS, work, cache_dir)
