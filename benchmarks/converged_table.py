@@ -4,7 +4,9 @@ Each ``SETUP=FILES_DIR`` names a folder holding an evaluate run's ``summary.json
 ``results.csv`` (as copied under ``benchmarks/results/converged_syndigits/``), its models named
 ``<setup>-seed<k>``; several folders may be given for one setup (``SETUP=DIR1,DIR2``: seeds
 measured in separate runs of the same protocol), and ``DIR@k`` reads a model named without a
-seed suffix as protection seed k. Printed: per setup, the mean SLC-AUC of each
+seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol with different sweep seeds (each
+group a comma list as above): a protection seed's numbers are then the mean over the groups
+that hold it, so the interval is still over protection seeds. Printed: per setup, the mean SLC-AUC of each
 attack over the protection seeds with a 95% t-interval and the source linear / kNN accuracy;
 each setup minus each other, paired by protection seed; and the dense (or ``--curve-attack``)
 fine-tune's test accuracy at the largest sample counts beside scratch.
@@ -64,6 +66,25 @@ def read_setup(folders: list[tuple[Path, int | None]]):
     return dict(metrics), curves, scratch
 
 
+def merge_sweep_seeds(groups: list[tuple]):
+    """read_setup's triple averaged over sweep-seed groups, key by key (a key a group lacks is
+    averaged over the groups that have it)."""
+    if len(groups) == 1:
+        return groups[0]
+
+    def mean_of(dicts: list[dict]) -> dict:
+        keys = {k for d in dicts for k in d}
+        return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
+
+    seeds = {s for metrics, _, _ in groups for s in metrics}
+    metrics = {s: mean_of([m[s] for m, _, _ in groups if s in m]) for s in seeds}
+    curves: dict = defaultdict(dict)
+    for attack in {a for _, c, _ in groups for a in c}:
+        for seed in {s for _, c, _ in groups for s in c.get(attack, {})}:
+            curves[attack][seed] = mean_of([c[attack][seed] for _, c, _ in groups if seed in c.get(attack, {})])
+    return metrics, curves, mean_of([sc for _, _, sc in groups])
+
+
 def fmt_ci(values: list[float]) -> str:
     """bench_efficacy's cell (mean and 95% t-interval), a lone seed marked as such."""
     return _cell(values) + (" (1 seed)" if len(values) == 1 else "")
@@ -71,7 +92,7 @@ def fmt_ci(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...]")
+    parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed)")
     parser.add_argument("--curve-attack", default="finetune_dense")
     parser.add_argument("--curve-n", default="250,500,1000,2500,5000")
     args = parser.parse_args()
@@ -79,17 +100,20 @@ def main() -> None:
     for item in args.setups:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
-            raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...]")
-        paths = []
-        for spec in folders.split(","):
-            path, _, seed = spec.partition("@")
-            if seed and not seed.isdigit():
-                raise SystemExit(f"error: {spec!r}: the seed after '@' must be a whole number")
-            paths.append((Path(path), int(seed) if seed else None))
-        for path, _ in paths:
-            if not (path / "summary.json").is_file() or not (path / "results.csv").is_file():
-                raise SystemExit(f"error: {path} holds no summary.json and results.csv of an evaluate run")
-        setups[name] = read_setup(paths)
+            raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
+        groups = []
+        for group in folders.split("+"):
+            paths = []
+            for spec in group.split(","):
+                path, _, seed = spec.partition("@")
+                if seed and not seed.isdigit():
+                    raise SystemExit(f"error: {spec!r}: the seed after '@' must be a whole number")
+                paths.append((Path(path), int(seed) if seed else None))
+            for path, _ in paths:
+                if not (path / "summary.json").is_file() or not (path / "results.csv").is_file():
+                    raise SystemExit(f"error: {path} holds no summary.json and results.csv of an evaluate run")
+            groups.append(read_setup(paths))
+        setups[name] = merge_sweep_seeds(groups)
 
     attacks = [a for a in ATTACKS if any(a in m for metrics, _, _ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")

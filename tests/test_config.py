@@ -274,6 +274,13 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     assert "| scratch | 0.500 |" in out and "| x | 0.580 |" in out
     bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'missing'}"], capture_output=True, text=True)
     assert bad.returncode != 0 and "holds no summary.json" in bad.stderr
+    # a second sweep seed (+): each protection seed's number is its mean over the sweep seeds
+    c = folder("c", ["y-seed1", "y-seed2", "y-seed3"], {"y-seed1": 0.2, "y-seed2": -0.2, "y-seed3": 0.1})
+    out = subprocess.run([sys.executable, str(script), f"y={b}+{c}", "--curve-n", "100"],
+                         capture_output=True, text=True, check=True).stdout
+    # y: seeds 1 2 3 = (0+0.2)/2, (0-0.2)/2, (0.3+0.1)/2 = 0.1, -0.1, 0.2: mean 0.0667, sd 0.1528
+    assert "| y | 1,2,3 | +0.067 [-0.313, +0.446] |" in out
+    assert "| y | 0.607 |" in out  # curve: 0.6 + mean(0, 0, 0.03, 0.02, -0.02, 0.01) = 0.6067
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
