@@ -7,9 +7,10 @@ measured in separate runs of the same protocol), and ``DIR@k`` reads a model nam
 seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol
 with different sweep seeds (each group a comma list as above): a protection seed's numbers
 are then the mean over the groups that hold it, so the interval is still over protection
-seeds. Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95% t-interval and the source linear / kNN accuracy;
-each setup minus each other, paired by protection seed; and the dense (or ``--curve-attack``)
-fine-tune's test accuracy at the largest sample counts beside scratch.
+seeds. Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a
+95% t-interval and the source linear / kNN accuracy; each setup minus each other, paired by
+protection seed; and the dense (or ``--curve-attack``) fine-tune's test accuracy at the
+largest sample counts beside scratch.
 
     .venv/bin/python benchmarks/converged_table.py \\
         label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
