@@ -70,9 +70,6 @@ def read_setup(folders: list[tuple[Path, int | None]]):
 def merge_sweep_seeds(groups: list[tuple]):
     """read_setup's triple averaged over sweep-seed groups, key by key (a key a group lacks is
     averaged over the groups that have it)."""
-    if len(groups) == 1:
-        return groups[0]
-
     def mean_of(dicts: list[dict]) -> dict:
         keys = {k for d in dicts for k in d}
         return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
@@ -91,6 +88,19 @@ def fmt_ci(values: list[float]) -> str:
     return _cell(values) + (" (1 seed)" if len(values) == 1 else "")
 
 
+def parse_group(group: str) -> list[tuple[Path, int | None]]:
+    """``DIR[@k],DIR[@k]...``: the folders of one sweep seed, each checked to hold an evaluate run."""
+    paths = []
+    for spec in group.split(","):
+        path, _, seed = spec.partition("@")
+        if seed and not seed.isdigit():
+            raise SystemExit(f"error: {spec!r}: the seed after '@' must be a whole number")
+        if not (Path(path) / "summary.json").is_file() or not (Path(path) / "results.csv").is_file():
+            raise SystemExit(f"error: {path} holds no summary.json and results.csv of an evaluate run")
+        paths.append((Path(path), int(seed) if seed else None))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed)")
@@ -102,19 +112,7 @@ def main() -> None:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
-        groups = []
-        for group in folders.split("+"):
-            paths = []
-            for spec in group.split(","):
-                path, _, seed = spec.partition("@")
-                if seed and not seed.isdigit():
-                    raise SystemExit(f"error: {spec!r}: the seed after '@' must be a whole number")
-                paths.append((Path(path), int(seed) if seed else None))
-            for path, _ in paths:
-                if not (path / "summary.json").is_file() or not (path / "results.csv").is_file():
-                    raise SystemExit(f"error: {path} holds no summary.json and results.csv of an evaluate run")
-            groups.append(read_setup(paths))
-        setups[name] = merge_sweep_seeds(groups)
+        setups[name] = merge_sweep_seeds([read_setup(parse_group(group)) for group in folders.split("+")])
 
     attacks = [a for a in ATTACKS if any(a in m for metrics, _, _ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
