@@ -7,14 +7,14 @@ measured in separate runs of the same protocol), and ``DIR@k`` reads a model nam
 seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol
 with different sweep seeds (each group a comma list as above): a protection seed's numbers
 are then the mean over the groups that hold it, so the interval is still over protection
-seeds. Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a
-95% t-interval and the source linear / kNN accuracy; each setup minus each other, paired by
-protection seed; and the dense (or ``--curve-attack``) fine-tune's test accuracy at the
-largest sample counts beside scratch.
-
-    .venv/bin/python benchmarks/converged_table.py \\
-        label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
-        magnitude=benchmarks/results/converged_syndigits/files_magnitude
+seeds. The same join averages over targets (RESULTS' "syndigits and mnistm together"); the
+accuracy-by-n table then mixes the targets. Printed: per setup, the mean SLC-AUC of each attack
+over the protection seeds with a 95% t-interval and the source linear / kNN accuracy; each setup
+minus each other, paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's
+test accuracy at the largest sample counts beside scratch.      .venv/bin/python
+benchmarks/converged_table.py \\
+label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
+magnitude=benchmarks/results/converged_syndigits/files_magnitude
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def parse_group(group: str) -> list[tuple[Path, int | None]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed)")
+    parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed or target)")
     parser.add_argument("--curve-attack", default="finetune_dense")
     parser.add_argument("--curve-n", default="250,500,1000,2500,5000")
     args = parser.parse_args()
