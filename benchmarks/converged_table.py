@@ -11,10 +11,11 @@ seeds. The same join averages over targets (RESULTS' "syndigits and mnistm toget
 accuracy-by-n table then mixes the targets. Printed: per setup, the mean SLC-AUC of each attack
 over the protection seeds with a 95% t-interval and the source linear / kNN accuracy; each setup
 minus each other, paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's
-test accuracy at the largest sample counts beside scratch.      .venv/bin/python
-benchmarks/converged_table.py \\
-label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
-magnitude=benchmarks/results/converged_syndigits/files_magnitude
+test accuracy at the largest sample counts beside scratch.
+
+    .venv/bin/python benchmarks/converged_table.py \\
+        label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
+        magnitude=benchmarks/results/converged_syndigits/files_magnitude
 """
 
 from __future__ import annotations
