@@ -6,9 +6,9 @@ Each ``SETUP=FILES_DIR`` names a folder holding an evaluate run's ``summary.json
 measured in separate runs of the same protocol), and ``DIR@k`` reads a model named without a
 seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol
 with different sweep seeds (each group a comma list as above): a protection seed's numbers
-are then the mean over the groups that hold it, so the interval is still over protection
-seeds. The same join averages over targets (RESULTS' "syndigits and mnistm together"); the
-accuracy-by-n table then mixes the targets. Printed: per setup, the mean SLC-AUC of each attack
+are then the mean over the groups that hold it (a warning names a seed that some group
+lacks), so the interval is still over protection seeds. The same join averages over targets
+(RESULTS' "syndigits and mnistm together"); the accuracy-by-n table then mixes the targets. Printed: per setup, the mean SLC-AUC of each attack
 over the protection seeds with a 95% t-interval and the source linear / kNN accuracy; each setup
 minus each other, paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's
 test accuracy at the largest sample counts beside scratch.
@@ -76,6 +76,11 @@ def merge_sweep_seeds(groups: list[tuple]):
         return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
     seeds = {s for metrics, _, _ in groups for s in metrics}
+    for seed in sorted(seeds):
+        held = sum(seed in m for m, _, _ in groups)
+        if held < len(groups):  # its mean then weighs the groups (targets, sweep seeds) unlike the others'
+            print(f"warning: protection seed {seed} is in {held} of {len(groups)} '+' groups; "
+                  "its numbers average those only", file=sys.stderr)
     metrics = {s: mean_of([m[s] for m, _, _ in groups if s in m]) for s in seeds}
     curves: dict = defaultdict(dict)
     for attack in {a for _, c, _ in groups for a in c}:

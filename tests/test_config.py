@@ -281,6 +281,13 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     # y: seeds 1 2 3 = (0+0.2)/2, (0-0.2)/2, (0.3+0.1)/2 = 0.1, -0.1, 0.2: mean 0.0667, sd 0.1528
     assert "| y | 1,2,3 | +0.067 [-0.313, +0.446] |" in out
     assert "| y | 0.607 |" in out  # curve: 0.6 + mean(0, 0, 0.03, 0.02, -0.02, 0.01) = 0.6067
+    # a seed missing from one group is averaged over the others, and the script says so
+    d = folder("d", ["y-seed1", "y-seed2"], {"y-seed1": 0.2, "y-seed2": -0.2})
+    uneven = subprocess.run([sys.executable, str(script), f"y={b}+{d}"], capture_output=True, text=True, check=True)
+    assert "protection seed 3 is in 1 of 2 '+' groups" in uneven.stderr
+    assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] |" in uneven.stdout  # 0.1, -0.1, 0.3
+    assert "warning" not in subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True,
+                                           text=True, check=True).stderr
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
