@@ -8,10 +8,12 @@ seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same
 with different sweep seeds (each group a comma list as above): a protection seed's numbers
 are then the mean over the groups that hold it (a warning names a seed that some group
 lacks), so the interval is still over protection seeds. The same join averages over targets
-(RESULTS' "syndigits and mnistm together"); the accuracy-by-n table then mixes the targets. Printed: per setup, the mean SLC-AUC of each attack
-over the protection seeds with a 95% t-interval and the source linear / kNN accuracy; each setup
-minus each other, paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's
-test accuracy at the largest sample counts beside scratch.
+(RESULTS' "syndigits and mnistm together"); the accuracy-by-n table then mixes the targets.
+Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
+t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
+row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
+paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's test accuracy at
+the largest sample counts beside scratch.
 
     .venv/bin/python benchmarks/converged_table.py \\
         label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
@@ -33,26 +35,32 @@ from bench_efficacy import ATTACK_LABELS, _cell  # noqa: E402
 
 ATTACKS = tuple(a for a in ATTACK_LABELS if a != "best")  # bench_efficacy's column order
 SEED = re.compile(r"-seed(\d+)$")
+SPARSE_SCRATCH = "-sparse_scratch"  # evaluate's name for a model's mask on a random initialisation
 
 
-def seed_of(model: str, default: int | None = None) -> int | None:
-    match = SEED.search(model)
+def seed_of(model: str, default: int | None = None, suffix: str = "") -> int | None:
+    """The protection seed of ``<setup>-seed<k><suffix>``; None for a model of the other kind
+    (a sparse scratch when no suffix is asked for, and the reverse)."""
+    if not model.endswith(suffix) or (not suffix and model.endswith(SPARSE_SCRATCH)):
+        return None
+    match = SEED.search(model[: len(model) - len(suffix)])
     return int(match.group(1)) if match else default
 
 
-def read_setup(folders: list[tuple[Path, int | None]]):
+def read_setup(folders: list[tuple[Path, int | None]], suffix: str = ""):
     """(per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n -> accuracy),
-    (scratch: n -> accuracy). A seed measured in two folders keeps the first folder's numbers."""
+    (scratch: n -> accuracy), for the models named ``<setup>-seed<k><suffix>``. A seed
+    measured in two folders keeps the first folder's numbers."""
     metrics: dict[int, dict[str, float]] = defaultdict(dict)
     curves: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     scratch: dict[int, float] = {}
     for folder, default_seed in folders:
         summary = json.loads((folder / "summary.json").read_text())
         for row in summary["summary"]:
-            if (seed := seed_of(row["model"], default_seed)) is not None:
+            if (seed := seed_of(row["model"], default_seed, suffix)) is not None:
                 metrics[seed].setdefault(row["attack"], float(row["slc_auc"]))
         for model, acc in summary["source_accuracy"].items():
-            seed = seed_of(model, default_seed)
+            seed = seed_of(model, default_seed, suffix)
             if seed is not None:
                 metrics[seed]["source_linear"] = float(acc["linear"])
                 metrics[seed]["source_knn"] = float(acc["knn"])
@@ -61,7 +69,7 @@ def read_setup(folders: list[tuple[Path, int | None]]):
             for row in csv.DictReader(handle):
                 if row["attack"] == "scratch":
                     scratch[int(row["n"])] = float(row["accuracy"])
-                elif (seed := seed_of(row["model"], default_seed)) is not None:
+                elif (seed := seed_of(row["model"], default_seed, suffix)) is not None:
                     per_n[(row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
             for (attack, seed, n), values in per_n.items():
                 curves[attack][seed].setdefault(n, sum(values) / len(values))
@@ -118,7 +126,13 @@ def main() -> None:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
-        setups[name] = merge_sweep_seeds([read_setup(parse_group(group)) for group in folders.split("+")])
+        groups = [parse_group(group) for group in folders.split("+")]
+        setups[name] = merge_sweep_seeds([read_setup(group) for group in groups])
+        # a run with sparse_scratch=[...] also holds each model's mask on a random
+        # initialisation: its own row, paired with the setup's by protection seed below
+        sparse = merge_sweep_seeds([read_setup(group, SPARSE_SCRATCH) for group in groups])
+        if sparse[0]:
+            setups[f"{name} sparse scratch"] = sparse
 
     attacks = [a for a in ATTACKS if any(a in m for metrics, _, _ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
@@ -127,7 +141,10 @@ def main() -> None:
         seeds = sorted(metrics)
         cells = [fmt_ci([metrics[s][a] for s in seeds if a in metrics[s]]) if any(a in metrics[s] for s in seeds)
                  else "" for a in attacks]
-        src = [f"{sum(metrics[s][k] for s in seeds) / len(seeds):.3f}" for k in ("source_linear", "source_knn")]
+        src = []
+        for key in ("source_linear", "source_knn"):  # a sparse scratch has no source numbers
+            values = [metrics[s][key] for s in seeds if key in metrics[s]]
+            src.append(f"{sum(values) / len(values):.3f}" if values else "")
         print(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(src) + " |")
 
     names = list(setups)

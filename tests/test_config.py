@@ -288,6 +288,12 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] |" in uneven.stdout  # 0.1, -0.1, 0.3
     assert "warning" not in subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True,
                                            text=True, check=True).stderr
+    # a run with sparse_scratch=[...]: its '-sparse_scratch' models are their own row, paired by seed
+    e = folder("e", ["z-seed1", "z-seed2", "z-seed1-sparse_scratch", "z-seed2-sparse_scratch"],
+               {"z-seed1": -0.2, "z-seed2": -0.4, "z-seed1-sparse_scratch": -0.3, "z-seed2-sparse_scratch": -0.6})
+    out = subprocess.run([sys.executable, str(script), f"z={e}"], capture_output=True, text=True, check=True).stdout
+    assert "| z | 1,2 | -0.300 [" in out and "| z sparse scratch | 1,2 | -0.450 [" in out
+    assert "| z - z sparse scratch | 1,2 | +0.150 [" in out  # +0.1 and +0.2
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
