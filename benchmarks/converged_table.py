@@ -38,42 +38,45 @@ SEED = re.compile(r"-seed(\d+)$")
 SPARSE_SCRATCH = "-sparse_scratch"  # evaluate's name for a model's mask on a random initialisation
 
 
-def seed_of(model: str, default: int | None = None, suffix: str = "") -> int | None:
-    """The protection seed of ``<setup>-seed<k><suffix>``; None for a model of the other kind
-    (a sparse scratch when no suffix is asked for, and the reverse)."""
-    if not model.endswith(suffix) or (not suffix and model.endswith(SPARSE_SCRATCH)):
-        return None
-    match = SEED.search(model[: len(model) - len(suffix)])
-    return int(match.group(1)) if match else default
+def kind_and_seed(model: str, default: int | None = None) -> tuple[str, int | None]:
+    """("" or SPARSE_SCRATCH, the protection seed) of ``<setup>-seed<k>[-sparse_scratch]``."""
+    kind = SPARSE_SCRATCH if model.endswith(SPARSE_SCRATCH) else ""
+    match = SEED.search(model[: len(model) - len(kind)])
+    return kind, int(match.group(1)) if match else default
 
 
-def read_setup(folders: list[tuple[Path, int | None]], suffix: str = ""):
-    """(per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n -> accuracy),
-    (scratch: n -> accuracy), for the models named ``<setup>-seed<k><suffix>``. A seed
+def read_setup(folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
+    """Per model kind ("" for the setup's own models, SPARSE_SCRATCH for their sparse
+    scratch): (per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n ->
+    accuracy), (scratch: n -> accuracy); a kind the folders lack has empty dicts. A seed
     measured in two folders keeps the first folder's numbers."""
-    metrics: dict[int, dict[str, float]] = defaultdict(dict)
-    curves: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    kinds = ("", SPARSE_SCRATCH)
+    metrics: dict[str, dict] = {kind: defaultdict(dict) for kind in kinds}
+    curves: dict[str, dict] = {kind: defaultdict(lambda: defaultdict(dict)) for kind in kinds}
     scratch: dict[int, float] = {}
     for folder, default_seed in folders:
         summary = json.loads((folder / "summary.json").read_text())
         for row in summary["summary"]:
-            if (seed := seed_of(row["model"], default_seed, suffix)) is not None:
-                metrics[seed].setdefault(row["attack"], float(row["slc_auc"]))
-        for model, acc in summary["source_accuracy"].items():
-            seed = seed_of(model, default_seed, suffix)
+            kind, seed = kind_and_seed(row["model"], default_seed)
             if seed is not None:
-                metrics[seed]["source_linear"] = float(acc["linear"])
-                metrics[seed]["source_knn"] = float(acc["knn"])
+                metrics[kind][seed].setdefault(row["attack"], float(row["slc_auc"]))
+        for model, acc in summary["source_accuracy"].items():
+            kind, seed = kind_and_seed(model, default_seed)
+            if seed is not None:
+                metrics[kind][seed]["source_linear"] = float(acc["linear"])
+                metrics[kind][seed]["source_knn"] = float(acc["knn"])
         with open(folder / "results.csv", newline="") as handle:
-            per_n: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+            per_n: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
             for row in csv.DictReader(handle):
                 if row["attack"] == "scratch":
                     scratch[int(row["n"])] = float(row["accuracy"])
-                elif (seed := seed_of(row["model"], default_seed, suffix)) is not None:
-                    per_n[(row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
-            for (attack, seed, n), values in per_n.items():
-                curves[attack][seed].setdefault(n, sum(values) / len(values))
-    return dict(metrics), curves, scratch
+                    continue
+                kind, seed = kind_and_seed(row["model"], default_seed)
+                if seed is not None:
+                    per_n[(kind, row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
+            for (kind, attack, seed, n), values in per_n.items():
+                curves[kind][attack][seed].setdefault(n, sum(values) / len(values))
+    return {kind: (dict(metrics[kind]), curves[kind], scratch) for kind in kinds}
 
 
 def merge_sweep_seeds(groups: list[tuple]):
@@ -126,11 +129,11 @@ def main() -> None:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
-        groups = [parse_group(group) for group in folders.split("+")]
-        setups[name] = merge_sweep_seeds([read_setup(group) for group in groups])
+        read = [read_setup(parse_group(group)) for group in folders.split("+")]
+        setups[name] = merge_sweep_seeds([by_kind[""] for by_kind in read])
         # a run with sparse_scratch=[...] also holds each model's mask on a random
         # initialisation: its own row, paired with the setup's by protection seed below
-        sparse = merge_sweep_seeds([read_setup(group, SPARSE_SCRATCH) for group in groups])
+        sparse = merge_sweep_seeds([by_kind[SPARSE_SCRATCH] for by_kind in read])
         if sparse[0]:
             setups[f"{name} sparse scratch"] = sparse
 
@@ -142,7 +145,7 @@ def main() -> None:
         cells = [fmt_ci([metrics[s][a] for s in seeds if a in metrics[s]]) if any(a in metrics[s] for s in seeds)
                  else "" for a in attacks]
         src = []
-        for key in ("source_linear", "source_knn"):  # a sparse scratch has no source numbers
+        for key in ("source_linear", "source_knn"):  # blank where no run measured the source
             values = [metrics[s][key] for s in seeds if key in metrics[s]]
             src.append(f"{sum(values) / len(values):.3f}" if values else "")
         print(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(src) + " |")
