@@ -2,13 +2,15 @@
 
 Each ``SETUP=FILES_DIR`` names a folder holding an evaluate run's ``summary.json`` and
 ``results.csv`` (as copied under ``benchmarks/results/converged_syndigits/``), its models named
-``<setup>-seed<k>``; several folders may be given for one setup (``SETUP=DIR1,DIR2``: seeds
-measured in separate runs of the same protocol), and ``DIR@k`` reads a model named without a
-seed suffix as protection seed k. ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol
-with different sweep seeds (each group a comma list as above): a protection seed's numbers
-are then the mean over the groups that hold it (a warning names a seed that some group
-lacks), so the interval is still over protection seeds. The same join averages over targets
-(RESULTS' "syndigits and mnistm together"); the accuracy-by-n table then mixes the targets.
+``<setup>-seed<k>`` (a folder's other models are left out, so one run holding two setups can
+be read as either); several folders may be given for one setup (``SETUP=DIR1,DIR2``: seeds
+measured in separate runs of the same protocol), and ``DIR@k`` reads the model named just
+``<setup>`` as protection seed k (``unprotected=DIR@1`` for the unprotected encoder).
+``SETUP=GROUP1+GROUP2`` joins runs of the same protocol with different sweep seeds (each group
+a comma list as above): a protection seed's numbers are then the mean over the groups that
+hold it (a warning names a seed, or a seed's attack, that some group lacks), so the interval
+is still over protection seeds. The same join averages over targets (RESULTS' "syndigits and
+mnistm together"); the accuracy-by-n table then mixes the targets.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
@@ -38,30 +40,44 @@ SEED = re.compile(r"-seed(\d+)$")
 SPARSE_SCRATCH = "-sparse_scratch"  # evaluate's name for a model's mask on a random initialisation
 
 
-def kind_and_seed(model: str, default: int | None = None) -> tuple[str, int | None]:
-    """("" or SPARSE_SCRATCH, the protection seed) of ``<setup>-seed<k>[-sparse_scratch]``."""
+def parse_model(model: str, default: int | None = None) -> tuple[str, str, int | None]:
+    """(setup, "" or SPARSE_SCRATCH, protection seed) of ``<setup>[-seed<k>][-sparse_scratch]``;
+    without a seed suffix the seed is ``default``."""
     kind = SPARSE_SCRATCH if model.endswith(SPARSE_SCRATCH) else ""
-    match = SEED.search(model[: len(model) - len(kind)])
-    return kind, int(match.group(1)) if match else default
+    name = model[: len(model) - len(kind)]
+    match = SEED.search(name)
+    if match is None:
+        return name, kind, default
+    return name[: match.start()], kind, int(match.group(1))
 
 
-def read_setup(folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
+def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
     """Per model kind ("" for the setup's own models, SPARSE_SCRATCH for their sparse
     scratch): (per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n ->
     accuracy), (scratch: n -> accuracy); a kind the folders lack has empty dicts. A seed
-    measured in two folders keeps the first folder's numbers."""
+    measured in two folders keeps the first folder's numbers. Only the models of ``setup``
+    are read; a folder without one is an error."""
     kinds = ("", SPARSE_SCRATCH)
     metrics: dict[str, dict] = {kind: defaultdict(dict) for kind in kinds}
     curves: dict[str, dict] = {kind: defaultdict(lambda: defaultdict(dict)) for kind in kinds}
     scratch: dict[int, float] = {}
+
+    def ours(model: str, default_seed: int | None) -> tuple[str, int | None]:
+        name, kind, seed = parse_model(model, default_seed)
+        return kind, seed if name == setup else None
+
     for folder, default_seed in folders:
         summary = json.loads((folder / "summary.json").read_text())
+        if not any(ours(row["model"], default_seed)[1] is not None for row in summary["summary"]):
+            held = sorted({row["model"] for row in summary["summary"]})
+            hint = "" if default_seed is not None else f" (a model named just {setup!r} needs DIR@k)"
+            raise SystemExit(f"error: {folder} holds no model of setup {setup!r}{hint}; it holds {held}")
         for row in summary["summary"]:
-            kind, seed = kind_and_seed(row["model"], default_seed)
+            kind, seed = ours(row["model"], default_seed)
             if seed is not None:
                 metrics[kind][seed].setdefault(row["attack"], float(row["slc_auc"]))
         for model, acc in summary["source_accuracy"].items():
-            kind, seed = kind_and_seed(model, default_seed)
+            kind, seed = ours(model, default_seed)
             if seed is not None:
                 metrics[kind][seed]["source_linear"] = float(acc["linear"])
                 metrics[kind][seed]["source_knn"] = float(acc["knn"])
@@ -71,7 +87,7 @@ def read_setup(folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
                 if row["attack"] == "scratch":
                     scratch[int(row["n"])] = float(row["accuracy"])
                     continue
-                kind, seed = kind_and_seed(row["model"], default_seed)
+                kind, seed = ours(row["model"], default_seed)
                 if seed is not None:
                     per_n[(kind, row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
             for (kind, attack, seed, n), values in per_n.items():
@@ -79,19 +95,25 @@ def read_setup(folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
     return {kind: (dict(metrics[kind]), curves[kind], scratch) for kind in kinds}
 
 
-def merge_sweep_seeds(groups: list[tuple]):
+def merge_sweep_seeds(name: str, groups: list[tuple]):
     """read_setup's triple averaged over sweep-seed groups, key by key (a key a group lacks is
-    averaged over the groups that have it)."""
+    averaged over the groups that have it, with a warning: that mean weighs the groups, targets
+    or sweep seeds, unlike the others')."""
     def mean_of(dicts: list[dict]) -> dict:
         keys = {k for d in dicts for k in d}
         return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
     seeds = {s for metrics, _, _ in groups for s in metrics}
     for seed in sorted(seeds):
-        held = sum(seed in m for m, _, _ in groups)
-        if held < len(groups):  # its mean then weighs the groups (targets, sweep seeds) unlike the others'
-            print(f"warning: protection seed {seed} is in {held} of {len(groups)} '+' groups; "
+        held = [m[seed] for m, _, _ in groups if seed in m]
+        if len(held) < len(groups):
+            print(f"warning: {name}: protection seed {seed} is in {len(held)} of {len(groups)} '+' groups; "
                   "its numbers average those only", file=sys.stderr)
+        for key in sorted({k for m in held for k in m}):
+            count = sum(key in m for m in held)
+            if count < len(held):
+                print(f"warning: {name}: {key} of protection seed {seed} is in {count} of its {len(held)} "
+                      "'+' groups; its number averages those only", file=sys.stderr)
     metrics = {s: mean_of([m[s] for m, _, _ in groups if s in m]) for s in seeds}
     curves: dict = defaultdict(dict)
     for attack in {a for _, c, _ in groups for a in c}:
@@ -129,11 +151,11 @@ def main() -> None:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
-        read = [read_setup(parse_group(group)) for group in folders.split("+")]
-        setups[name] = merge_sweep_seeds([by_kind[""] for by_kind in read])
+        read = [read_setup(name, parse_group(group)) for group in folders.split("+")]
+        setups[name] = merge_sweep_seeds(name, [by_kind[""] for by_kind in read])
         # a run with sparse_scratch=[...] also holds each model's mask on a random
         # initialisation: its own row, paired with the setup's by protection seed below
-        sparse = merge_sweep_seeds([by_kind[SPARSE_SCRATCH] for by_kind in read])
+        sparse = merge_sweep_seeds(f"{name} sparse scratch", [by_kind[SPARSE_SCRATCH] for by_kind in read])
         if sparse[0]:
             setups[f"{name} sparse scratch"] = sparse
 

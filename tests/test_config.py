@@ -294,6 +294,27 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     out = subprocess.run([sys.executable, str(script), f"z={e}"], capture_output=True, text=True, check=True).stdout
     assert "| z | 1,2 | -0.300 [" in out and "| z sparse scratch | 1,2 | -0.450 [" in out
     assert "| z - z sparse scratch | 1,2 | +0.150 [" in out  # +0.1 and +0.2
+    # one run holding two setups (a protected encoder's seeds and the unprotected one): each
+    # setup reads its own models only; 'unprotected' has no seed suffix, so it needs DIR@k
+    f = folder("f", ["w-seed1", "w-seed2", "unprotected"], {"w-seed1": -0.2, "w-seed2": -0.4, "unprotected": 0.5})
+    out = subprocess.run([sys.executable, str(script), f"w={f}", f"unprotected={f}@1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| w | 1,2 | -0.300 [" in out and "| unprotected | 1 | +0.500 (1 seed) |" in out
+    unseeded = subprocess.run([sys.executable, str(script), f"unprotected={f}"], capture_output=True, text=True)
+    assert unseeded.returncode != 0 and "holds no model of setup 'unprotected'" in unseeded.stderr
+    assert "DIR@k" in unseeded.stderr
+    # an attack some '+' groups lack is averaged over those that have it, and the script says so
+    g = tmp_path / "g"
+    g.mkdir()
+    g.joinpath("summary.json").write_text(json.dumps({"summary": [
+        {"model": "unprotected", "attack": "finetune_dense", "slc_auc": 0.1},
+        {"model": "unprotected", "attack": "finetune_masked", "slc_auc": 0.1}],
+        "source_accuracy": {"unprotected": {"linear": 0.9, "knn": 0.8}}}))
+    g.joinpath("results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n")
+    partial = subprocess.run([sys.executable, str(script), f"unprotected={f}@1+{g}@1"],
+                             capture_output=True, text=True, check=True)
+    assert "finetune_masked of protection seed 1 is in 1 of its 2 '+' groups" in partial.stderr
+    assert "| unprotected | 1 | +0.100 (1 seed) | +0.300 (1 seed) |" in partial.stdout  # 0.1; (0.5 + 0.1) / 2
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
