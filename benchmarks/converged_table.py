@@ -68,12 +68,12 @@ def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, 
 
     for folder, default_seed in folders:
         summary = json.loads((folder / "summary.json").read_text())
-        if not any(ours(row["model"], default_seed)[1] is not None for row in summary["summary"]):
+        rows = [(*ours(row["model"], default_seed), row) for row in summary["summary"]]
+        if all(seed is None for _, seed, _ in rows):
             held = sorted({row["model"] for row in summary["summary"]})
             hint = "" if default_seed is not None else f" (a model named just {setup!r} needs DIR@k)"
             raise SystemExit(f"error: {folder} holds no model of setup {setup!r}{hint}; it holds {held}")
-        for row in summary["summary"]:
-            kind, seed = ours(row["model"], default_seed)
+        for kind, seed, row in rows:
             if seed is not None:
                 metrics[kind][seed].setdefault(row["attack"], float(row["slc_auc"]))
         for model, acc in summary["source_accuracy"].items():
