@@ -36,6 +36,7 @@ import numpy as np
 from ntp_ssl.config import PruneConfig
 from ntp_ssl.evaluate.results import read_results, summarize
 from ntp_ssl.evaluate.slc import mean_ci95
+from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX
 
 # The ADMM schedules measured, pinned so that a setup keeps meaning what was measured when the
 # defaults move: converged (the defaults since issue 13) and the 5-iteration one before it
@@ -238,7 +239,7 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
         # a run made outside the benchmark records no command: it counts for the seeds it holds
         rows = rows_of[run_dir] = read_results(run_dir / "results.csv")
         models = {r["model"] for r in rows}
-        if name not in models or sparse and f"{name}-sparse_scratch" not in models:
+        if name not in models or sparse and name + SPARSE_SCRATCH_SUFFIX not in models:
             continue
         held = set(_sweep_seeds(words) or []) if words is not None else {int(r["seed"]) for r in rows}
         for seed in wanted:
@@ -383,7 +384,8 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
 
 def records_by_seed(records: list[dict], setup: str, sparse: bool = False) -> dict[int, dict]:
     """{protection seed: record} of ``setup``'s protected models (or of its sparse scratch)."""
-    return {r["seed"]: r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch") == sparse}
+    return {r["seed"]: r for r in records
+            if r["setup"] == setup and r["model"].endswith(SPARSE_SCRATCH_SUFFIX) == sparse}
 
 
 def paired_cells(own: dict, other: dict, seeds: list[int], compared: list[str], *, sparse: bool = False) -> list[str]:
@@ -415,8 +417,8 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
              + " | sparse scratch, mask-kept | source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
              "|---|---|" + "---|" * (len(attacks) + 1) + "---:|---:|---|---:|---:|"]
     for setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
-        controls = [r for r in records if r["setup"] == setup and r["model"].endswith("-sparse_scratch")]
+        own = [r for r in records if r["setup"] == setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
+        controls = [r for r in records if r["setup"] == setup and r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
         split = _spread(setup, own)
         n_sweep = len(own[0]["slc"])
         cells = [_cell([_target_mean(r, a) for r in split]) for a in attacks]
@@ -435,7 +437,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "the unprotected encoder has it):", "",
               "| setup | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " |", "|---|" + "---|" * len(compared)]
     for setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == setup and not r["model"].endswith("-sparse_scratch")]
+        own = [r for r in records if r["setup"] == setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
         split = _spread(setup, own)
         lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
                                                   for a in compared) + " |")
@@ -443,7 +445,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "| setup | target | " + " | ".join(ATTACK_LABELS[a] if a != "best" else "best" for a in attacks) + " |",
               "|---|---|" + "---:|" * len(attacks)]
     for record_setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == record_setup and not r["model"].endswith("-sparse_scratch")]
+        own = [r for r in records if r["setup"] == record_setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
         domains = sorted({d for r in own for per_seed in r["slc"].values() for d in per_seed})
         for domain in domains:
             cells = []
@@ -505,7 +507,8 @@ def main() -> None:
         for name in names:
             records.append(per_seed_record(name, seed, done[name], name, args.sweep_seeds, source))
         for name in sparse:
-            records.append(per_seed_record(name, seed, done[name], f"{name}-sparse_scratch", args.sweep_seeds, source))
+            records.append(per_seed_record(name, seed, done[name], name + SPARSE_SCRATCH_SUFFIX, args.sweep_seeds,
+                                           source))
     text = table(records, protect_runs)
     (root / f"{args.table}.md").write_text(text + "\n")
     (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records,

@@ -35,9 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_efficacy import ATTACK_LABELS, _cell  # noqa: E402
 
+from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX as SPARSE_SCRATCH  # noqa: E402
+
 ATTACKS = tuple(a for a in ATTACK_LABELS if a != "best")  # bench_efficacy's column order
 SEED = re.compile(r"-seed(\d+)$")
-SPARSE_SCRATCH = "-sparse_scratch"  # evaluate's name for a model's mask on a random initialisation
+
 
 
 def parse_model(model: str, default: int | None = None) -> tuple[str, str, int | None]:

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from ntp_ssl.config import PretrainConfig, to_plain, validate_protect
 from ntp_ssl.data import domain_spec, load_domains_for
 from ntp_ssl.evaluate.stage import evaluate_models
-from ntp_ssl.evaluate.sweep import ModelUnderTest, sparse_scratch_model
+from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_INIT_OFFSET, ModelUnderTest, sparse_scratch_model
 from ntp_ssl.pretrain.methods import VIEW_OPTIONS
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
@@ -85,7 +85,7 @@ def evaluate_protected(cfg: Any, protected: Protected, ctx: StageContext) -> dic
               ModelUnderTest("unprotected", protected.unprotected, backbone)]
     if cfg.sparse_scratch:
         models.append(sparse_scratch_model(models[0], in_channels=cfg.data.channels, image_size=cfg.data.image_size,
-                                           seed=20_000 + cfg.seed))
+                                           seed=SPARSE_SCRATCH_INIT_OFFSET + cfg.seed))
     return evaluate_models(models, protected.source, targets, cfg.sweep, run_dir=ctx.run_dir,
                            cache_dir=ctx.cache_dir, device=ctx.device, progress=cfg.trainer.progress,
                            spec=domain_spec(cfg.data), writer=ctx.writer)

@@ -25,7 +25,8 @@ from ntp_ssl.evaluate.results import (
     verdicts,
     write_results,
 )
-from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, source_accuracy, sparse_scratch_model
+from ntp_ssl.evaluate.sweep import (SPARSE_SCRATCH_INIT_OFFSET, SPARSE_SCRATCH_SUFFIX, ModelUnderTest, run_sweep,
+                                   source_accuracy, sparse_scratch_model)
 from ntp_ssl.io import atomic_write_json, atomic_write_text
 from ntp_ssl.shared.checkpoint import check_compatible, load_encoder
 from ntp_ssl.shared.runs import claim_run_dir, release_run_dir
@@ -97,14 +98,15 @@ def load_models(checkpoints: Sequence[str], names: Sequence[str] | None) -> list
 
 def sparse_scratch_controls(models: Sequence[ModelUnderTest], names: Sequence[str], cfg: Any) -> list[ModelUnderTest]:
     """``<name>-sparse_scratch`` for each name in ``sparse_scratch``: that model's mask on a random
-    initialisation (seed 20000 + seed, as the main job's control)."""
+    initialisation (seed SPARSE_SCRATCH_INIT_OFFSET + seed, as the main job's control)."""
     by_name = {m.name: m for m in models}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ConfigError(f"sparse_scratch={list(names)}: {unknown[0]!r} is not a model name; accepted: "
                           f"{', '.join(by_name)}")
     return [sparse_scratch_model(by_name[n], in_channels=cfg.data.channels, image_size=cfg.data.image_size,
-                                 seed=20_000 + cfg.seed, name=f"{n}-sparse_scratch") for n in dict.fromkeys(names)]
+                                 seed=SPARSE_SCRATCH_INIT_OFFSET + cfg.seed, name=n + SPARSE_SCRATCH_SUFFIX)
+            for n in dict.fromkeys(names)]
 
 
 def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:

@@ -89,6 +89,10 @@ class ModelUnderTest:
 #: scratch's random initialisation for sweep seed s is drawn from seed SCRATCH_INIT_OFFSET + s
 #: (the same for every model and run; the refill attack starts from it too)
 SCRATCH_INIT_OFFSET = 10_000
+#: a model's sparse-scratch control (its mask on a random initialisation) is drawn from seed
+#: SPARSE_SCRATCH_INIT_OFFSET + the run's seed and named "<model>" + SPARSE_SCRATCH_SUFFIX
+SPARSE_SCRATCH_INIT_OFFSET = 20_000
+SPARSE_SCRATCH_SUFFIX = "-sparse_scratch"
 
 
 def _fresh_encoder(backbone: str, *, in_channels: int, image_size: int, seed: int) -> nn.Module:
