@@ -41,7 +41,6 @@ ATTACKS = tuple(a for a in ATTACK_LABELS if a != "best")  # bench_efficacy's col
 SEED = re.compile(r"-seed(\d+)$")
 
 
-
 def parse_model(model: str, default: int | None = None) -> tuple[str, str, int | None]:
     """(setup, "" or SPARSE_SCRATCH, protection seed) of ``<setup>[-seed<k>][-sparse_scratch]``;
     without a seed suffix the seed is ``default``."""
