@@ -32,7 +32,7 @@ def test_stage_help_shows_the_config(cli):
     result = cli("pretrain", "--help")
     assert result.returncode == 0, result.stderr
     assert "ntp-ssl pretrain" in result.stdout
-    assert "batch_size: 256" in result.stdout
+    assert "batch_size: 32\n" in result.stdout
 
 
 def test_unknown_stage_is_one_line_error(cli):

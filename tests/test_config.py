@@ -30,7 +30,7 @@ def test_pretrain_defaults_are_the_cpu_defaults():
     cfg = _compose("pretrain")
     validate_pretrain(cfg)
     assert (cfg.data.source, cfg.encoder.backbone, cfg.method.name, cfg.optim.batch_size) == (
-        "mnist", "small_cnn", "simclr", 256)
+        "mnist", "small_cnn", "simclr", 32)
     assert cfg.run_name == "mnist-simclr-small_cnn-seed0"
 
 
