@@ -7,7 +7,8 @@
    `pretrain` node of the protect config), one pre-built augmented batch already on the
    GPU, forward + backward + optimizer step, timed between CUDA synchronisations: images
    per second and achieved TFLOP/s (FLOPs counted by ``torch.utils.flop_counter``), for
-   batch 256 (the default) and 1024, in float32 and bf16 autocast (`trainer.precision`).
+   batch 32 (the default since issue 12's encoder search), 256 (the default before) and
+   1024, in float32 and bf16 autocast (`trainer.precision`).
    It measures the network, not the loop: augmentation on the CPU is left out.
 2. **The main job.** `ntp-ssl protect trainer.device=cuda` (every other setting the
    default), cold: a fresh cache, so it pretrains the default encoder. With
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--skip-main-job", action="store_true")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run of this script)")
     parser.add_argument("--steps", type=int, default=30, help="timed bare steps per row (default 30)")
-    parser.add_argument("--batch-sizes", default="256,1024")
+    parser.add_argument("--batch-sizes", default="32,256,1024")
     parser.add_argument("--pretrain-workers", default="",
                         help="comma-separated data.num_workers values: time the default encoder's pretraining "
                              "alone with each, instead of the bare step and the main job")
