@@ -84,9 +84,9 @@ class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # 32, not 256: the same 12 epochs (same wall time) in 8x the optimiser steps gave the
-    # encoder a better start on every target (validation split, issue 12; docs/RESULTS.md,
-    # "Stronger default encoders within the main job's budget")
+    # 32, not 256: the same 12 epochs (5-15% more wall time on 2 cores) in 8x the optimiser
+    # steps made the SimCLR encoder a better start on every target of the validation split
+    # (issue 12; docs/RESULTS.md, "Stronger default encoders within the main job's budget")
     batch_size: int = 32
     epochs: int = 12
     warmup_epochs: int = 1
