@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12, item 10, within the main job's budget: the same number of epochs (12, so the same
+# Issue 12, item 10, within the main job's budget: the same number of epochs (12, so about the same
 # pretraining wall time), but more optimiser steps (smaller batches), a larger learning rate or
 # a softer contrastive temperature. Unprotected encoders only, the attacker of encoder_levers.sh
 # (sweep=main_job, dense fine-tune and converged linear probe; scratch shared through the cache).
