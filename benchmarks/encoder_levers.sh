@@ -11,33 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/encoder_aug}
 R=$OUT/runs
-NTP=.venv/bin/ntp-ssl
 mkdir -p "$OUT"
-# the main job's default encoder, found in the cache or pretrained there (pipeline.default_encoder)
-DEFAULT=$(.venv/bin/python -c "
-from hydra import compose, initialize_config_dir
-from ntp_ssl.cli import config_dir
-from ntp_ssl.config import register_schemas
-from ntp_ssl.data.cache import default_cache_dir
-from ntp_ssl.pipeline import default_encoder
-register_schemas()
-with initialize_config_dir(config_dir=str(config_dir()), version_base='1.3'):
-    print(default_encoder(compose('protect'), default_cache_dir()))" | tail -n 1)
-ATTACKER=(sweep=main_job "sweep.attacks=[finetune_dense,linear]" sweep.source_curve=false trainer.progress=false
-          "paths.root=$R")
-
-pretrain() {  # NAME OVERRIDE...
-  local name=$1; shift
-  [ -f "$R/pretrain/$name/encoder.safetensors" ] || \
-    $NTP pretrain "$@" "run_name=$name" "paths.root=$R" trainer.progress=false > "$OUT/pretrain_$name.log" 2>&1
-}
-evaluate() {  # RUN CHECKPOINTS NAMES OVERRIDE...
-  local run=$1 checkpoints=$2 names=$3; shift 3
-  [ -f "$R/evaluate/$run/summary.json" ] || \
-    $NTP evaluate "checkpoints=[$checkpoints]" "names=[$names]" "${ATTACKER[@]}" "run_name=$run" "$@" \
-      > "$OUT/evaluate_$run.log" 2>&1
-  head -n 2 "$R/evaluate/$run/summary.md"
-}
+# shellcheck source=benchmarks/encoder_sweep_lib.sh
+. benchmarks/encoder_sweep_lib.sh
+# Measured when the default batch was 256: every encoder here pins it, so the script still
+# measures what docs/RESULTS.md reports ("default" is the old default encoder, the same weights
+# the cache held then: same seed, same config).
+B=$OLD_DEFAULT_BATCH
+pretrain default $B
+DEFAULT=$R/pretrain/default/encoder.safetensors
 
 evaluate val_default "$DEFAULT" default data.split=validation "sweep.seeds=[0]"
 for spec in "invert05 method.invert_prob=0.5" "scale008 method.min_scale=0.08" "scale05 method.min_scale=0.5" \
@@ -45,11 +27,11 @@ for spec in "invert05 method.invert_prob=0.5" "scale008 method.min_scale=0.08" "
             "wide encoder.backbone=small_cnn_wide"; do
   read -r name overrides <<< "$spec"
   # shellcheck disable=SC2086
-  pretrain "$name" $overrides
+  pretrain "$name" $B $overrides
   evaluate "val_$name" "$R/pretrain/$name/encoder.safetensors" "$name" data.split=validation "sweep.seeds=[0]"
 done
 evaluate test_pseed0 "$DEFAULT,$R/pretrain/epochs30/encoder.safetensors" default,epochs30 "sweep.seeds=[1,2]"
-pretrain default_pseed1 seed=1
-pretrain epochs30_pseed1 seed=1 optim.epochs=30
+pretrain default_pseed1 seed=1 $B
+pretrain epochs30_pseed1 seed=1 $B optim.epochs=30
 evaluate test_pseed1 "$R/pretrain/default_pseed1/encoder.safetensors,$R/pretrain/epochs30_pseed1/encoder.safetensors" \
   default_pseed1,epochs30_pseed1 "sweep.seeds=[1,2]"

@@ -18,27 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/encoder_schedule}
 R=$OUT/runs
-NTP=.venv/bin/ntp-ssl
 mkdir -p "$OUT"
-BASELINE=optim.batch_size=256  # the default before this search
-ATTACKER=(sweep=main_job "sweep.attacks=[finetune_dense,linear]" sweep.source_curve=false trainer.progress=false
-          "paths.root=$R")
+# shellcheck source=benchmarks/encoder_sweep_lib.sh
+. benchmarks/encoder_sweep_lib.sh
+BASELINE=$OLD_DEFAULT_BATCH
 LEVERS=("b128 optim.batch_size=128" "b64 optim.batch_size=64" "lr03 optim.lr=0.3" "temp05 method.temperature=0.5"
         "b32 optim.batch_size=32" "b64_lr005 optim.batch_size=64 optim.lr=0.05")
-
-pretrain() {  # NAME OVERRIDE...
-  local name=$1; shift
-  [ -f "$R/pretrain/$name/encoder.safetensors" ] || \
-    /usr/bin/time -f "%e s %M KiB" -o "$OUT/pretrain_$name.time" \
-      $NTP pretrain "$@" "run_name=$name" "paths.root=$R" trainer.progress=false > "$OUT/pretrain_$name.log" 2>&1
-}
-evaluate() {  # RUN CHECKPOINTS NAMES OVERRIDE...
-  local run=$1 checkpoints=$2 names=$3; shift 3
-  [ -f "$R/evaluate/$run/summary.json" ] || \
-    $NTP evaluate "checkpoints=[$checkpoints]" "names=[$names]" "${ATTACKER[@]}" "run_name=$run" "$@" \
-      > "$OUT/evaluate_$run.log" 2>&1
-  head -n 2 "$R/evaluate/$run/summary.md"
-}
 
 if [ "${STEP1:-1}" != 0 ]; then
   pretrain default $BASELINE
