@@ -8,8 +8,8 @@ measured in separate runs of the same protocol), and ``DIR@k`` reads the model n
 ``<setup>`` as protection seed k (``unprotected=DIR@1`` for the unprotected encoder).
 ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol with different sweep seeds (each group
 a comma list as above): a protection seed's numbers are then the mean over the groups that
-hold it (a warning names a seed, or a seed's attack, that some group lacks), so the interval
-is still over protection seeds. The same join averages over targets (RESULTS' "syndigits and
+hold it (a warning names a seed, or a seed's attack, that some group lacks, and the table marks
+such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The same join averages over targets (RESULTS' "syndigits and
 mnistm together"); the accuracy-by-n table then mixes the targets.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
@@ -97,14 +97,15 @@ def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, 
 
 
 def merge_sweep_seeds(name: str, groups: list[tuple]):
-    """read_setup's triple averaged over sweep-seed groups, key by key (a key a group lacks is
-    averaged over the groups that have it, with a warning: that mean weighs the groups, targets
-    or sweep seeds, unlike the others')."""
+    """read_setup's triple averaged over sweep-seed groups, key by key, and the (seed, key) pairs
+    averaged over only some groups (a key a group lacks is averaged over the groups that have it,
+    with a warning: that mean weighs the groups, targets or sweep seeds, unlike the others')."""
     def mean_of(dicts: list[dict]) -> dict:
         keys = {k for d in dicts for k in d}
         return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
     seeds = {s for metrics, _, _ in groups for s in metrics}
+    partial = set()
     for seed in sorted(seeds):
         held = [m[seed] for m, _, _ in groups if seed in m]
         if len(held) < len(groups):
@@ -115,12 +116,14 @@ def merge_sweep_seeds(name: str, groups: list[tuple]):
             if count < len(held):
                 print(f"warning: {name}: {key} of protection seed {seed} is in {count} of its {len(held)} "
                       "'+' groups; its number averages those only", file=sys.stderr)
+            if count < len(groups):
+                partial.add((seed, key))
     metrics = {s: mean_of([m[s] for m, _, _ in groups if s in m]) for s in seeds}
     curves: dict = defaultdict(dict)
     for attack in {a for _, c, _ in groups for a in c}:
         for seed in {s for _, c, _ in groups for s in c.get(attack, {})}:
             curves[attack][seed] = mean_of([c[attack][seed] for _, c, _ in groups if seed in c.get(attack, {})])
-    return metrics, curves, mean_of([sc for _, _, sc in groups])
+    return metrics, curves, mean_of([sc for _, _, sc in groups]), partial
 
 
 def fmt_ci(values: list[float]) -> str:
@@ -160,18 +163,27 @@ def main() -> None:
         if sparse[0]:
             setups[f"{name} sparse scratch"] = sparse
 
-    attacks = [a for a in ATTACKS if any(a in m for metrics, _, _ in setups.values() for m in metrics.values())]
+    attacks = [a for a in ATTACKS if any(a in m for metrics, *_ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
     print("|---|---|" + "---|" * (len(attacks) + 2))
-    for name, (metrics, _, _) in setups.items():
+    mixed = False
+    for name, (metrics, _, _, partial) in setups.items():
         seeds = sorted(metrics)
-        cells = [fmt_ci([metrics[s][a] for s in seeds if a in metrics[s]]) if any(a in metrics[s] for s in seeds)
-                 else "" for a in attacks]
+        cells = []
+        for a in attacks:
+            values = [metrics[s][a] for s in seeds if a in metrics[s]]
+            # '*': some seed's number averages only some '+' groups (see the warnings)
+            star = " *" if any((s, a) in partial for s in seeds) else ""
+            mixed = mixed or bool(star and values)
+            cells.append(fmt_ci(values) + star if values else "")
         src = []
         for key in ("source_linear", "source_knn"):  # blank where no run measured the source
             values = [metrics[s][key] for s in seeds if key in metrics[s]]
             src.append(f"{sum(values) / len(values):.3f}" if values else "")
         print(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(src) + " |")
+    if mixed:
+        print("\n\\* mixes '+' groups: some protection seed's number is the mean over only the groups that "
+              "hold it (the warnings say which)")
 
     names = list(setups)
     print("\nPaired by protection seed (first minus second):\n")
@@ -179,14 +191,16 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(attacks) + 1))
     for i, first in enumerate(names):
         for second in names[i + 1:]:
-            a, b = setups[first][0], setups[second][0]
+            (a, _, _, partial_a), (b, _, _, partial_b) = setups[first], setups[second]
             common = sorted(set(a) & set(b))
             if len(common) < 2:
                 continue
             cells = []
             for key in (*attacks, "source_knn"):
-                diffs = [a[s][key] - b[s][key] for s in common if key in a[s] and key in b[s]]
-                cells.append(fmt_ci(diffs) if len(diffs) > 1 else "")
+                held = [s for s in common if key in a[s] and key in b[s]]
+                star = " *" if any((s, key) in partial_a | partial_b for s in held) else ""
+                diffs = [a[s][key] - b[s][key] for s in held]
+                cells.append(fmt_ci(diffs) + star if len(diffs) > 1 else "")
             print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")
 
     ns = [int(n) for n in args.curve_n.split(",")]
@@ -195,7 +209,7 @@ def main() -> None:
     print("|---|" + "---:|" * len(ns))
     scratch = next(iter(setups.values()))[2]
     print("| scratch | " + " | ".join(f"{scratch[n]:.3f}" if n in scratch else "" for n in ns) + " |")
-    for name, (_, curves, _) in setups.items():
+    for name, (_, curves, *_) in setups.items():
         by_seed = curves.get(args.curve_attack, {})
         cells = []
         for n in ns:

@@ -285,9 +285,10 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     d = folder("d", ["y-seed1", "y-seed2"], {"y-seed1": 0.2, "y-seed2": -0.2})
     uneven = subprocess.run([sys.executable, str(script), f"y={b}+{d}"], capture_output=True, text=True, check=True)
     assert "protection seed 3 is in 1 of 2 '+' groups" in uneven.stderr
-    assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] |" in uneven.stdout  # 0.1, -0.1, 0.3
-    assert "warning" not in subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True,
-                                           text=True, check=True).stderr
+    assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] * |" in uneven.stdout  # 0.1, -0.1, 0.3; marked mixed
+    assert "* mixes '+' groups" in uneven.stdout
+    even = subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True, text=True, check=True)
+    assert "warning" not in even.stderr and " *" not in even.stdout
     # a run with sparse_scratch=[...]: its '-sparse_scratch' models are their own row, paired by seed
     e = folder("e", ["z-seed1", "z-seed2", "z-seed1-sparse_scratch", "z-seed2-sparse_scratch"],
                {"z-seed1": -0.2, "z-seed2": -0.4, "z-seed1-sparse_scratch": -0.3, "z-seed2-sparse_scratch": -0.6})
@@ -314,7 +315,8 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     partial = subprocess.run([sys.executable, str(script), f"unprotected={f}@1+{g}@1"],
                              capture_output=True, text=True, check=True)
     assert "finetune_masked of protection seed 1 is in 1 of its 2 '+' groups" in partial.stderr
-    assert "| unprotected | 1 | +0.100 (1 seed) | +0.300 (1 seed) |" in partial.stdout  # 0.1; (0.5 + 0.1) / 2
+    # 0.1 from one group, marked; (0.5 + 0.1) / 2 from both, unmarked
+    assert "| unprotected | 1 | +0.100 (1 seed) * | +0.300 (1 seed) |" in partial.stdout
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
