@@ -1,7 +1,7 @@
 # Shared by encoder_levers.sh and encoder_schedule.sh (sourced, not run): the main job's
 # attacker on unprotected encoders, and pretrain / evaluate steps that skip finished runs.
 # Expects OUT (logs) and R (run root) to be set.
-NTP=.venv/bin/ntp-ssl
+NTP=${NTP_SSL_BIN:-.venv/bin/ntp-ssl}  # overridable so tests can run the scripts on a stub
 ATTACKER=(sweep=main_job "sweep.attacks=[finetune_dense,linear]" sweep.source_curve=false trainer.progress=false
           "paths.root=$R")
 OLD_DEFAULT_BATCH=optim.batch_size=256  # the default pretraining batch before issue 12's encoder search
