@@ -8,9 +8,10 @@ measured in separate runs of the same protocol), and ``DIR@k`` reads the model n
 ``<setup>`` as protection seed k (``unprotected=DIR@1`` for the unprotected encoder).
 ``SETUP=GROUP1+GROUP2`` joins runs of the same protocol with different sweep seeds (each group
 a comma list as above): a protection seed's numbers are then the mean over the groups that
-hold it (a warning names a seed, or a seed's attack, that some group lacks, and the table marks
-such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The same join averages over targets (RESULTS' "syndigits and
-mnistm together"); the accuracy-by-n table then mixes the targets.
+hold it (a warning names a seed, or a seed's attack, that some group lacks, and the tables mark
+such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The
+same join averages over targets (RESULTS' "syndigits and mnistm together"); the accuracy-by-n
+table then mixes the targets.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
@@ -166,7 +167,6 @@ def main() -> None:
     attacks = [a for a in ATTACKS if any(a in m for metrics, *_ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
     print("|---|---|" + "---|" * (len(attacks) + 2))
-    mixed = False
     for name, (metrics, _, _, partial) in setups.items():
         seeds = sorted(metrics)
         cells = []
@@ -174,14 +174,13 @@ def main() -> None:
             values = [metrics[s][a] for s in seeds if a in metrics[s]]
             # '*': some seed's number averages only some '+' groups (see the warnings)
             star = " *" if any((s, a) in partial for s in seeds) else ""
-            mixed = mixed or bool(star and values)
             cells.append(fmt_ci(values) + star if values else "")
         src = []
         for key in ("source_linear", "source_knn"):  # blank where no run measured the source
             values = [metrics[s][key] for s in seeds if key in metrics[s]]
             src.append(f"{sum(values) / len(values):.3f}" if values else "")
         print(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(src) + " |")
-    if mixed:
+    if any(partial for *_, partial in setups.values()):
         print("\n\\* mixes '+' groups: some protection seed's number is the mean over only the groups that "
               "hold it (the warnings say which)")
 
