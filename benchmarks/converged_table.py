@@ -197,7 +197,7 @@ def main() -> None:
             cells = []
             for key in (*attacks, "source_knn"):
                 held = [s for s in common if key in a[s] and key in b[s]]
-                star = " *" if any((s, key) in partial_a | partial_b for s in held) else ""
+                star = " *" if any((s, key) in partial_a or (s, key) in partial_b for s in held) else ""
                 diffs = [a[s][key] - b[s][key] for s in held]
                 cells.append(fmt_ci(diffs) + star if len(diffs) > 1 else "")
             print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")

@@ -287,6 +287,10 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     assert "protection seed 3 is in 1 of 2 '+' groups" in uneven.stderr
     assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] * |" in uneven.stdout  # 0.1, -0.1, 0.3; marked mixed
     assert "* mixes '+' groups" in uneven.stdout
+    # a paired difference with a mixed side is marked too: y (seed 3 from one group) minus x
+    paired = subprocess.run([sys.executable, str(script), f"y={b}+{d}", f"x={a},{a1}@3"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "| y - x | 1,2,3 | +0.300 [+0.300, +0.300] * |" in paired  # 0.1, -0.1, 0.3 minus -0.2, -0.4, 0.0
     even = subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True, text=True, check=True)
     assert "warning" not in even.stderr and " *" not in even.stdout
     # a run with sparse_scratch=[...]: its '-sparse_scratch' models are their own row, paired by seed
