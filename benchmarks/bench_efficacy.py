@@ -123,6 +123,15 @@ SETUPS: dict[str, list[str]] = {
     "label_free_admm_sim_fisher": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_sim_attack=1000",
                                    "loss.sim_penalty=fisher", "loss.sim_inner_steps=20", "loss.sim_inner_lr=0.05",
                                    "loss.sim_modes=[dense]"],
+    # stronger source terms, tuned again on the batch-32 default encoder (which loses 17 source
+    # kNN points to the search, against 12 on the old one): the source Fisher term only pushes
+    # while FDR(f_S, k-means_S) < its clamp (1 by default, and the runs sit at 1.0-1.7), the
+    # source SSL term weighs 1 against the Fisher terms' 1000, and distillation between the
+    # 300 and 3000 measured on the old encoder
+    "label_free_admm_fsclamp2": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.fisher_source_clamp=2"],
+    "label_free_admm_fsclamp4": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.fisher_source_clamp=4"],
+    "label_free_admm_srcssl100": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_ssl=100"],
+    "label_free_admm_distill1000": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=1000"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
@@ -382,10 +391,14 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
     return lines
 
 
+def setup_records(records: list[dict], setup: str, sparse: bool = False) -> list[dict]:
+    """``setup``'s records of its protected models, or (``sparse``) of its sparse scratch."""
+    return [r for r in records if r["setup"] == setup and r["model"].endswith(SPARSE_SCRATCH_SUFFIX) == sparse]
+
+
 def records_by_seed(records: list[dict], setup: str, sparse: bool = False) -> dict[int, dict]:
     """{protection seed: record} of ``setup``'s protected models (or of its sparse scratch)."""
-    return {r["seed"]: r for r in records
-            if r["setup"] == setup and r["model"].endswith(SPARSE_SCRATCH_SUFFIX) == sparse}
+    return {r["seed"]: r for r in setup_records(records, setup, sparse)}
 
 
 def paired_cells(own: dict, other: dict, seeds: list[int], compared: list[str], *, sparse: bool = False) -> list[str]:
@@ -417,8 +430,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
              + " | sparse scratch, mask-kept | source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
              "|---|---|" + "---|" * (len(attacks) + 1) + "---:|---:|---|---:|---:|"]
     for setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
-        controls = [r for r in records if r["setup"] == setup and r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
+        own, controls = setup_records(records, setup), setup_records(records, setup, sparse=True)
         split = _spread(setup, own)
         n_sweep = len(own[0]["slc"])
         cells = [_cell([_target_mean(r, a) for r in split]) for a in attacks]
@@ -437,7 +449,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "the unprotected encoder has it):", "",
               "| setup | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " |", "|---|" + "---|" * len(compared)]
     for setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
+        own = setup_records(records, setup)
         split = _spread(setup, own)
         lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
                                                   for a in compared) + " |")
@@ -445,7 +457,7 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "| setup | target | " + " | ".join(ATTACK_LABELS[a] if a != "best" else "best" for a in attacks) + " |",
               "|---|---|" + "---:|" * len(attacks)]
     for record_setup in dict.fromkeys(r["setup"] for r in records):
-        own = [r for r in records if r["setup"] == record_setup and not r["model"].endswith(SPARSE_SCRATCH_SUFFIX)]
+        own = setup_records(records, record_setup)
         domains = sorted({d for r in own for per_seed in r["slc"].values() for d in per_seed})
         for domain in domains:
             cells = []

@@ -212,6 +212,41 @@ def test_bench_adds_a_sweep_seed_without_redoing_the_first(bench_efficacy, tmp_p
     assert len(made) == 1 and sorted(r["seed"] for r in again["lf"]["rows"]) == [1, 2]
 
 
+def test_bench_table_keeps_sparse_scratch_apart_and_pairs_gaps_by_seed(bench_efficacy):
+    """bench_efficacy.table: a setup's sparse-scratch records fill its own column and paired
+    row, not the setup's means; gaps pair protection seeds, each cell the mean over targets."""
+    suffix = bench_efficacy.SPARSE_SCRATCH_SUFFIX
+
+    def record(setup, seed, masked, dense, model=None, knn=0.8):  # two targets and the source, one sweep seed
+        slc = {1: {t: {"finetune_masked": masked + d, "finetune_dense": dense + d, "best": max(masked, dense) + d}
+                   for t, d in (("optdigits", 0.1), ("mnistm", -0.1), ("source", 5.0))}}
+        return {"setup": setup, "seed": seed, "model": model or setup, "slc": slc,
+                "source_linear": 0.9, "source_knn": knn}
+
+    records = [record("unprotected", None, 0.5, 0.5, knn=0.9),
+               record("lf", 1, -1.0, 0.1, knn=0.7), record("lf", 1, -2.0, 0.0, model="lf" + suffix),
+               record("lf", 2, -0.6, 0.3, knn=0.8), record("lf", 2, -1.0, 0.0, model="lf" + suffix),
+               record("mag", 1, -0.5, 0.3), record("mag", 2, -0.3, 0.2)]
+    runs = [{"setup": s, "seed": p, "sparsity": 0.9, "protect_wall_s": 60.0} for s in ("lf", "mag") for p in (1, 2)]
+    lines = bench_efficacy.table(records, runs).splitlines()
+    lf = next(line for line in lines if line.startswith("| lf | 2 x 1 |"))
+    # mask-kept mean over seeds of -1.0 and -0.6 (targets average out, the source stays out): -0.8, not pulled down by
+    # the sparse scratch's -2.0 and -1.0, which fill the sparse-scratch column (-1.5) instead
+    cells = [c.strip() for c in lf.strip("|").split("|")]
+    assert cells[2].startswith("-0.800 [") and cells[3].startswith("+0.200 [")
+    assert any(c.startswith("-1.500 [") for c in cells) and "0.750" in cells  # source kNN: mean of 0.7, 0.8
+    start = next(i for i, line in enumerate(lines) if "minus each control" in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("Selectivity"))
+    gap = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+           for line in lines[start + 3:end] if line.startswith("| ")}
+    # lf minus mag by seed: mask-kept -0.5 and -0.3 -> -0.4; dense -0.2 and +0.1 -> -0.05
+    assert gap["mag"][0].startswith("-0.400 [") and gap["mag"][1].startswith("-0.050 [")
+    # lf minus its sparse scratch, mask-kept only: +1.0 and +0.4 -> +0.7; no dense, no source kNN
+    assert gap["lf sparse scratch"][0].startswith("+0.700 [") and gap["lf sparse scratch"][1:] == ["-", "-", "-"]
+    # against the one unprotected record on every seed: -1.5 and -1.1 -> -1.3
+    assert gap["unprotected"][0].startswith("-1.300 [")
+
+
 def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     """benchmarks/paired_gaps.py: own minus control per protection seed over the seeds both hold,
     mean and interval; tables of another attacker are refused."""
