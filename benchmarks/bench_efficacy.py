@@ -429,8 +429,10 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
     lines = ["| setup | seeds (protection x sweep) | " + " | ".join(ATTACK_LABELS[a] for a in attacks)
              + " | sparse scratch, mask-kept | source linear | source kNN | source best SLC-AUC | sparsity | protect min |",
              "|---|---|" + "---|" * (len(attacks) + 1) + "---:|---:|---|---:|---:|"]
-    for setup in dict.fromkeys(r["setup"] for r in records):
-        own, controls = setup_records(records, setup), setup_records(records, setup, sparse=True)
+    # each setup's protected-model records, found once for the three tables below
+    owned = {setup: setup_records(records, setup) for setup in dict.fromkeys(r["setup"] for r in records)}
+    for setup, own in owned.items():
+        controls = setup_records(records, setup, sparse=True)
         split = _spread(setup, own)
         n_sweep = len(own[0]["slc"])
         cells = [_cell([_target_mean(r, a) for r in split]) for a in attacks]
@@ -448,16 +450,14 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
               "licensed domain is the better start; a protection that hits every domain alike leaves it where",
               "the unprotected encoder has it):", "",
               "| setup | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " |", "|---|" + "---|" * len(compared)]
-    for setup in dict.fromkeys(r["setup"] for r in records):
-        own = setup_records(records, setup)
+    for setup, own in owned.items():
         split = _spread(setup, own)
         lines.append(f"| {setup} | " + " | ".join(_cell([_selectivity(r, a) for r in split])
                                                   for a in compared) + " |")
     lines += ["", "Per target (mean over protection and sweep seeds):", "",
               "| setup | target | " + " | ".join(ATTACK_LABELS[a] if a != "best" else "best" for a in attacks) + " |",
               "|---|---|" + "---:|" * len(attacks)]
-    for record_setup in dict.fromkeys(r["setup"] for r in records):
-        own = setup_records(records, record_setup)
+    for record_setup, own in owned.items():
         domains = sorted({d for r in own for per_seed in r["slc"].values() for d in per_seed})
         for domain in domains:
             cells = []
