@@ -376,17 +376,18 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
     primary = setups[0]
     own = records_by_seed(records, primary)
     reference = [r for r in records if r["setup"] == REFERENCE]
-    controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}),
-                *((name, records_by_seed(records, name)) for name in dict.fromkeys(setups) if name != primary),
-                (f"{primary} sparse scratch", records_by_seed(records, primary, sparse=True))]
+    # (label, its records by protection seed, whether it is a sparse scratch: attacked mask-kept
+    # only, and its source is a random initialisation)
+    controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}, False),
+                *((name, records_by_seed(records, name), False) for name in dict.fromkeys(setups) if name != primary),
+                (f"{primary} sparse scratch", records_by_seed(records, primary, sparse=True), True)]
     lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
              "", "| control | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " | source kNN |",
              "|---|" + "---|" * (len(compared) + 1)]
-    for name, other in controls:
+    for name, other, sparse in controls:
         seeds = [seed for seed in own if seed in other]
         if not seeds:
             continue
-        sparse = name.endswith("sparse scratch")  # attacked mask-kept only; its source is a random init
         lines.append(f"| {name} | " + " | ".join(paired_cells(own, other, seeds, compared, sparse=sparse)) + " |")
     return lines
 
