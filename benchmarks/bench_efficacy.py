@@ -132,6 +132,16 @@ SETUPS: dict[str, list[str]] = {
     "label_free_admm_fsclamp4": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.fisher_source_clamp=4"],
     "label_free_admm_srcssl100": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_ssl=100"],
     "label_free_admm_distill1000": ["experiment=protect_label_free", *ADMM_CONVERGED, "loss.w_source_distill=1000"],
+    # the distillation's source with more target push (Adam is scale-invariant, so raising the
+    # target Fisher weight gives it back the share of each step the distillation took), or with
+    # the source Fisher clamp that protected most above; and one ADMM iteration more, for the
+    # margin under issue 13's 0.02 residual (a second W-step round at rho_max = 1e5: 0.1 * 3^13
+    # passes it, so the 14th iteration is the only one there today)
+    "label_free_admm_distill1000_fp3000": ["experiment=protect_label_free", *ADMM_CONVERGED,
+                                           "loss.w_source_distill=1000", "loss.w_fisher_pseudo=3000"],
+    "label_free_admm_distill1000_fsclamp4": ["experiment=protect_label_free", *ADMM_CONVERGED,
+                                             "loss.w_source_distill=1000", "loss.fisher_source_clamp=4"],
+    "label_free_admm15": ["experiment=protect_label_free", *ADMM_CONVERGED, "admm.iterations=15"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already

@@ -383,3 +383,14 @@ def test_augmentation_options_with_a_supervised_encoder_are_an_error():
     with pytest.raises(ConfigError, match="method.name=supervised") as info:
         validate_pretrain(_compose("pretrain", ["method.name=supervised", "method.invert_prob=0.5"]))
     assert "\n" not in str(info.value)
+
+
+def test_every_bench_setup_composes_and_validates(bench_efficacy):
+    """A setup of the efficacy benchmark that does not compose or validate would fail only
+    after the setups before it have run (minutes to hours); here it fails at once."""
+    from ntp_ssl.config import validate_protect
+
+    for name, overrides in bench_efficacy.SETUPS.items():
+        cfg = _compose("protect", [*overrides, "seed=1"])
+        validate_protect(cfg)
+        assert cfg.stage == "protect", name
