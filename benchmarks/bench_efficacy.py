@@ -181,15 +181,48 @@ def _same_run(recorded: str, args: list[str]) -> bool:
     return key(recorded.split()[1:]) == key(args)
 
 
+def _only_held(current, previous):
+    """``current`` cut to the keys ``previous`` holds: an option added after a run was made
+    took, by this project's rule, a default that keeps the old behaviour."""
+    if not (isinstance(current, dict) and isinstance(previous, dict)):
+        return current
+    return {key: _only_held(value, previous[key]) for key, value in current.items() if key in previous}
+
+
+def config_change(run_dir: Path, args: list[str]) -> str | None:
+    """How the config ``args`` compose to today differs from the one ``run_dir`` was made
+    with (its run_config.json), e.g. "admm.iterations: 14 -> 15" after a default changed;
+    None when they agree or the run recorded none."""
+    from hydra import compose, initialize_config_dir
+
+    from ntp_ssl.cli import config_dir
+    from ntp_ssl.config import register_schemas
+    from ntp_ssl.shared.runs import INPUTS_KEY, first_difference, fingerprint
+
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    previous.pop(INPUTS_KEY, None)
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        current = fingerprint(compose(config_name=args[0], overrides=args[1:]))
+    return first_difference(previous, _only_held(current, previous))
+
+
 def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
     """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded).
-    A finished run made by another command (another encoder, another attacker) is an error,
-    not a silent reuse."""
+    A finished run made by another command (another encoder, another attacker), or by this
+    command under other defaults, is an error, not a silent reuse."""
     recorded = _recorded(run_dir)
     if (run_dir / done_file).exists():
         if recorded is not None and not _same_run(recorded["command"], args):
             raise SystemExit(f"{run_dir} holds the run of another command ({recorded['command']}); "
                              "give this one its own --root")
+        change = config_change(run_dir, args)
+        if change is not None:
+            raise SystemExit(f"{run_dir} was made with another config than `ntp-ssl {' '.join(args)}` composes "
+                             f"to today ({change}); give this one its own --root")
     else:
         recorded = {"wall_s": _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log"),
                     "command": "ntp-ssl " + " ".join(args)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -395,3 +397,30 @@ def test_every_bench_setup_composes_and_validates(bench_efficacy):
             validate_protect(_compose("protect", [*overrides, "seed=1"]))
         except Exception as exc:  # name the setup: the traceback alone does not
             pytest.fail(f"setup {name!r} ({' '.join(overrides)}): {type(exc).__name__}: {exc}")
+
+
+def test_bench_refuses_a_finished_run_made_under_other_defaults(bench_efficacy, tmp_path):
+    """A default changed after a benchmark run was made must stop the benchmark, not hand back
+    the old run's numbers under the new default's name: the recorded command is the same, the
+    config it composes to is not."""
+    from ntp_ssl.shared.runs import fingerprint
+
+    iterations = _compose("protect").admm.iterations
+    args = ["protect", "experiment=protect_label_free", "seed=1"]
+    run_dir = tmp_path / "protect" / "label_free-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "protected.safetensors").write_bytes(b"")
+    (run_dir / "bench_wall.json").write_text(json.dumps({"wall_s": 1.0, "command": "ntp-ssl " + " ".join(args)}))
+
+    def made_with(*overrides: str) -> None:
+        made = fingerprint(_compose("protect", [*args[1:], *overrides]))
+        del made["admm"]["rho_schedule"]  # an option added after the run: not a change
+        (run_dir / "run_config.json").write_text(json.dumps(made))
+
+    made_with()  # today's defaults: reused as it is, nothing run
+    assert bench_efficacy.config_change(run_dir, args) is None
+    assert bench_efficacy._once(run_dir, "protected.safetensors", args) == 1.0
+    made_with(f"admm.iterations={iterations - 1}")  # as if the default had been one iteration fewer
+    assert bench_efficacy.config_change(run_dir, args) == f"admm.iterations: {iterations - 1} -> {iterations}"
+    with pytest.raises(SystemExit, match=rf"another config .*admm\.iterations: {iterations - 1} -> {iterations}"):
+        bench_efficacy._once(run_dir, "protected.safetensors", args)
