@@ -559,9 +559,12 @@ def main() -> None:
         runs = [p for p in protect_runs if p["seed"] == seed]
         names = [p["setup"] for p in runs]
         sparse = [n for n in names if n in args.sparse_scratch]
+        # a run that adds a sparse scratch says so in its name: the same setup attacked before
+        # without one keeps its run directory
         done = attacked(root, f"seed{seed}-sweep", names, [p["run_dir"] for p in runs], sparse, args.sweep,
-                        args.sweep_seeds, name_run=lambda tag, todo: f"seed{seed}-sweep{tag}_" + "+".join(todo),
-                        label=f"protection seed {seed}")
+                        args.sweep_seeds, label=f"protection seed {seed}",
+                        name_run=lambda tag, todo: f"seed{seed}-sweep{tag}_"
+                        + "+".join(n + ("+sparse" if n in sparse else "") for n in todo))
         for name in names:
             records.append(per_seed_record(name, seed, done[name], name, args.sweep_seeds, source))
         for name in sparse:
