@@ -199,12 +199,12 @@ def config_change(run_dir: Path, args: list[str]) -> str | None:
 
     from ntp_ssl.cli import config_dir
     from ntp_ssl.config import register_schemas
-    from ntp_ssl.shared.runs import INPUTS_KEY, first_difference, fingerprint
+    from ntp_ssl.shared.runs import INPUTS_KEY, first_difference, fingerprint, with_legacy_values
 
     path = run_dir / "run_config.json"
     if not path.exists():
         return None
-    previous = json.loads(path.read_text())
+    previous = with_legacy_values(json.loads(path.read_text()))  # e.g. NCHW before trainer.channels_last
     previous.pop(INPUTS_KEY, None)
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 
+from ntp_ssl.encoders.layout import to_encoder_layout
+
 
 class ResNetEncoder(nn.Module):
     """A torchvision ResNet with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool.
@@ -31,7 +33,7 @@ class ResNetEncoder(nn.Module):
         self.feature_dim: int = resnet.fc.in_features
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(to_encoder_layout(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ntp_ssl.encoders.layout import to_encoder_layout
+
 #: Output channels of the four conv-BN-ReLU stages; the last one is the feature size.
 SMALL_CNN_CHANNELS = (32, 64, 128, 256)
 
@@ -44,7 +46,7 @@ class SmallCNN(nn.Module):
         self.feature_dim: int = stage_channels[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.pool(self.features(x)), 1)
+        return torch.flatten(self.pool(self.features(to_encoder_layout(x))), 1)
 
 
 def small_cnn(*, in_channels: int = 3, image_size: int = 32) -> SmallCNN:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from ntp_ssl.encoders.layout import to_encoder_layout
 from torchvision.models import vgg
 
 #: torchvision's VGG configuration "A" (VGG-11): channel counts, "M" = 2x2 max-pool.
@@ -47,7 +49,7 @@ class VGGEncoder(nn.Module):
         self.feature_dim: int = 512
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.pool(self.features(x)), 1)
+        return torch.flatten(self.pool(self.features(to_encoder_layout(x))), 1)
 
 
 def vgg11_bn(*, in_channels: int = 3, image_size: int = 32) -> VGGEncoder:

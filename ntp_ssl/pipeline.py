@@ -32,7 +32,7 @@ from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_INIT_OFFSET, ModelUnderTest, s
 from ntp_ssl.pretrain.methods import VIEW_OPTIONS
 from ntp_ssl.pretrain.stage import run_pretrain
 from ntp_ssl.protect.stage import Protected, run_protect
-from ntp_ssl.shared.runs import fingerprint, lock_run_dir, release_run_dir
+from ntp_ssl.shared.runs import fingerprint, lock_run_dir, release_run_dir, without_legacy_values
 from ntp_ssl.shared.stage import StageContext, input_digests, start_stage
 from ntp_ssl.shared.train import seed_everything
 
@@ -59,6 +59,7 @@ def default_encoder_key(pretrain_cfg: Any) -> str:
     for key in VIEW_OPTIONS:  # the view options came after those caches; null: the built-in views
         if key in tree["method"] and tree["method"][key] is None:
             del tree["method"][key]
+    without_legacy_values(tree)  # trainer.channels_last=false: the NCHW encoder cached before it
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 

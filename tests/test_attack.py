@@ -222,6 +222,20 @@ def test_speed_features_enter_the_scratch_key_only_when_on():
                        settings=dataclasses.replace(TINY, halving=0, patience=0)) == keys[0]
 
 
+def test_channels_last_enters_the_scratch_key_only_when_on():
+    """Scratch cached before the layout switch was trained in NCHW: a channels-last run must miss it."""
+    from ntp_ssl.encoders.layout import set_channels_last
+    from ntp_ssl.evaluate.sweep import scratch_key
+
+    domain = _domain()
+    try:
+        set_channels_last(False)
+        nchw = scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY)
+    finally:
+        set_channels_last(True)
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY) != nchw
+
+
 @pytest.mark.parametrize("key,value", [("val_fraction", 1.0), ("max_steps", 1), ("lr_grid", [0.0]),
                                        ("halving", 1), ("patience", -1)])
 def test_bad_protocol_values_are_one_line_errors(key, value):

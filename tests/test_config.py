@@ -381,6 +381,26 @@ def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
     assert len(keys) == 3 and before_the_options not in keys
 
 
+def test_the_default_encoder_key_in_nchw_is_the_key_from_before_the_layout_option():
+    """trainer.channels_last=false finds the NCHW encoder cached before the option existed;
+    the default (channels-last) pretrains its own."""
+    import hashlib
+    import json
+
+    from ntp_ssl.pipeline import default_encoder_config, default_encoder_key
+    from ntp_ssl.shared.runs import fingerprint
+
+    nchw = default_encoder_config(_compose("protect", ["trainer.channels_last=false"]))
+    tree = fingerprint(nchw)
+    del tree["data"]["split"]
+    for key in ("min_scale", "invert_prob"):
+        del tree["method"][key]
+    assert tree["trainer"].pop("channels_last") is False
+    before_the_option = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+    assert default_encoder_key(nchw) == before_the_option
+    assert default_encoder_key(default_encoder_config(_compose("protect"))) != before_the_option
+
+
 def test_augmentation_options_with_a_supervised_encoder_are_an_error():
     with pytest.raises(ConfigError, match="method.name=supervised") as info:
         validate_pretrain(_compose("pretrain", ["method.name=supervised", "method.invert_prob=0.5"]))
@@ -424,3 +444,7 @@ def test_bench_refuses_a_finished_run_made_under_other_defaults(bench_efficacy, 
     assert bench_efficacy.config_change(run_dir, args) == f"admm.iterations: {iterations - 1} -> {iterations}"
     with pytest.raises(SystemExit, match=rf"another config .*admm\.iterations: {iterations - 1} -> {iterations}"):
         bench_efficacy._once(run_dir, "protected.safetensors", args)
+    made = fingerprint(_compose("protect", args[1:]))
+    del made["trainer"]["channels_last"]  # a run made before the layout option: in NCHW
+    (run_dir / "run_config.json").write_text(json.dumps(made))
+    assert bench_efficacy.config_change(run_dir, args) == "trainer.channels_last: False -> True"

@@ -125,3 +125,57 @@ def test_extract_features_does_not_change_running_stats():
 def test_extract_features_of_no_images():
     encoder = build_encoder("small_cnn", image_size=16)
     assert extract_features(encoder, torch.zeros(0, 3, 16, 16)).shape == (0, 256)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "vgg11_bn"])
+def test_channels_last_layout_gives_the_nchw_features_up_to_rounding(name):
+    """The encoders compute on channels-last batches (faster on the CPU), the switch turns it
+    off, the features agree up to float rounding, and the weights keep the NCHW layout
+    (checkpoints are written from them) through a training step."""
+    from ntp_ssl.encoders.layout import channels_last_enabled, set_channels_last
+
+    assert channels_last_enabled()  # the default
+    torch.manual_seed(0)
+    encoder = build_encoder(name).eval()
+    first_conv = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
+    seen = []
+    first_conv.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(4, 3, 32, 32)
+    try:
+        set_channels_last(False)
+        nchw = encoder(x)
+        set_channels_last(True)
+        channels_last = encoder(x)
+    finally:
+        set_channels_last(True)
+    assert seen == [False, True]
+    torch.testing.assert_close(channels_last, nchw, rtol=1e-4, atol=1e-5)
+    encoder.train()
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    encoder(x).square().mean().backward()
+    optimizer.step()
+    assert all(p.is_contiguous() for p in encoder.parameters())
+    assert all(t.is_contiguous() for t in encoder.state_dict().values())
+
+
+def test_layout_benchmark_smoke(tmp_path):
+    """benchmarks/bench_layout.py --quick runs both layouts on every workload and records them."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ntp_ssl.encoders.layout import channels_last_enabled
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layout.py"
+    spec = importlib.util.spec_from_file_location("bench_layout", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "layout.json"
+    assert module.main(["--quick", "--out", str(out)]) == 0
+    results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"fine-tune", "pretrain step", "features"}
+    for result in results.values():
+        assert all(len(t) == 2 and min(t) > 0 for t in result["times_s"].values())
+    assert results["features"]["output_difference"] < 1e-4  # the same features, up to rounding
+    assert channels_last_enabled()  # the benchmark leaves the process's layout as it found it

@@ -549,6 +549,35 @@ def test_evaluate_is_deterministic(tmp_path, cache_dir, encoder_checkpoint):
     assert {r["model"] for r in rows[0]} == {"ssl", "scratch"}
 
 
+def test_an_older_run_without_the_layout_option_compares_as_nchw(tmp_path):
+    """trainer.channels_last came on by default after runs existed: an older run directory
+    (no such key) was made in NCHW, so it resumes with channels_last=false and refuses true."""
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.errors import ConfigError
+    from ntp_ssl.shared.runs import claim_run_dir, release_run_dir, with_legacy_values, without_legacy_values
+
+    old = {"trainer": {"device": "cpu"}, "admm": {"lr": 0.001}}
+    assert with_legacy_values(old) == {"trainer": {"device": "cpu", "channels_last": False}, "admm": {"lr": 0.001}}
+    assert old == {"trainer": {"device": "cpu"}, "admm": {"lr": 0.001}}  # a copy: the caller's dict is untouched
+    assert with_legacy_values({"admm": {"lr": 0.001}}) == {"admm": {"lr": 0.001}}  # no trainer section, no fill
+    assert with_legacy_values({"trainer": {"channels_last": True}}) == {"trainer": {"channels_last": True}}
+    assert without_legacy_values({"trainer": {"channels_last": False, "device": "cpu"}}) == {
+        "trainer": {"device": "cpu"}}
+    assert without_legacy_values({"trainer": {"channels_last": True}}) == {"trainer": {"channels_last": True}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps(old))
+    (run_dir / "out.txt").write_text("work")
+    with pytest.raises(ConfigError, match="trainer.channels_last: False -> True"):
+        claim_run_dir(run_dir, OmegaConf.create({"trainer": {"device": "cpu", "channels_last": True},
+                                                 "admm": {"lr": 0.001}}))
+    release_run_dir(run_dir)
+    assert claim_run_dir(run_dir, OmegaConf.create({"trainer": {"device": "cpu", "channels_last": False},
+                                                    "admm": {"lr": 0.001}})) is True
+    release_run_dir(run_dir)
+
+
 def test_an_option_added_later_with_a_null_default_leaves_older_run_directories_resumable(tmp_path):
     from omegaconf import OmegaConf
 

@@ -48,6 +48,7 @@ from torch import nn
 from ntp_ssl.config import SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
+from ntp_ssl.encoders.layout import channels_last_enabled
 from ntp_ssl.errors import ConfigError, NtpSslError
 from ntp_ssl.data.subsets import draw_subset
 from ntp_ssl.evaluate.attack import AttackResult, fine_tune_attack
@@ -176,6 +177,8 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         "image_size": domain.image_size, "channels": domain.channels, "n_train": int(len(domain.train_labels)),
         "fraction": fraction, "n": n, "seed": seed, "protocol": {k: _plain(getattr(settings, k)) for k in PROTOCOL_KEYS},
         **{k: int(getattr(settings, k)) for k in SPEED_KEYS if getattr(settings, k, 0)},
+        # in the key only when on: the entries cached before it existed were made in NCHW
+        **({"channels_last": True} if channels_last_enabled() else {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

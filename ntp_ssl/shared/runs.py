@@ -57,6 +57,41 @@ def without_new_nulls(current: Any, previous: Any) -> Any:
             if key in previous or value is not None}
 
 
+#: Options added after runs existed whose absence from an older run's config means another
+#: value than today's default (dotted key -> the value such a run was made with). Unlike a
+#: null default (above), these change the numbers: channels-last came on by default.
+LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False}
+
+
+def with_legacy_values(previous: Any) -> Any:
+    """An older run's config with the :data:`LEGACY_VALUES` it lacks filled in (where the
+    section that holds them exists), so it compares as what it was made with."""
+    if not isinstance(previous, dict):
+        return previous
+    tree = json.loads(json.dumps(previous))
+    for dotted, value in LEGACY_VALUES.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return tree
+
+
+def without_legacy_values(tree: dict) -> dict:
+    """``tree`` (changed in place and returned) less each :data:`LEGACY_VALUES` key set to its
+    legacy value: a cache key that then matches the one computed before the option existed."""
+    for dotted, value in LEGACY_VALUES.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            del node[leaf]
+    return tree
+
+
 def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -141,6 +176,7 @@ def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATI
         if isinstance(previous, dict) and INPUTS_KEY not in previous:
             current.pop(INPUTS_KEY, None)  # a run directory made before inputs were recorded
         if isinstance(previous, dict):
+            previous = with_legacy_values(previous)
             current = without_new_nulls(current, previous)
         if previous is not None and previous != current and not holds_work(run_dir):
             # The earlier run stopped at start-up (a bad value or path) and left nothing but

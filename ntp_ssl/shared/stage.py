@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from ntp_ssl.data import default_cache_dir
+from ntp_ssl.encoders.layout import set_channels_last
 from ntp_ssl.shared.checkpoint import (
     LEGACY_SUFFIXES,
     MAX_CHECKPOINT_BYTES,
@@ -76,6 +77,7 @@ def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True,
     if claim and rank == 0:
         claim_run_dir(run_dir, cfg, inputs=inputs)
     configure_threads(cfg.trainer.threads)
+    set_channels_last(cfg.trainer.channels_last)
     seed_everything(cfg.seed + rank)
     device = resolve_device(cfg.trainer.device)
     if device.type == "cuda":
