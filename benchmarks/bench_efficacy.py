@@ -212,6 +212,15 @@ def config_change(run_dir: Path, args: list[str]) -> str | None:
     return first_difference(previous, _only_held(current, previous))
 
 
+def refuse_if_changed(run_dir: Path, args: list[str]) -> None:
+    """Stop when the finished run ``run_dir`` was made with another config than ``args``
+    compose to today (:func:`config_change`): its numbers would pass for today's."""
+    change = config_change(run_dir, args)
+    if change is not None:
+        raise SystemExit(f"{run_dir} was made with another config than `ntp-ssl {' '.join(args)}` composes "
+                         f"to today ({change}); give this one its own --root")
+
+
 def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
     """Run ``args`` unless ``run_dir`` already holds ``done_file``; the wall time (recorded).
     A finished run made by another command (another encoder, another attacker), or by this
@@ -221,10 +230,7 @@ def _once(run_dir: Path, done_file: str, args: list[str]) -> float:
         if recorded is not None and not _same_run(recorded["command"], args):
             raise SystemExit(f"{run_dir} holds the run of another command ({recorded['command']}); "
                              "give this one its own --root")
-        change = config_change(run_dir, args)
-        if change is not None:
-            raise SystemExit(f"{run_dir} was made with another config than `ntp-ssl {' '.join(args)}` composes "
-                             f"to today ({change}); give this one its own --root")
+        refuse_if_changed(run_dir, args)
     else:
         recorded = {"wall_s": _ntp_ssl(args, run_dir.parent / f"{run_dir.name}.log"),
                     "command": "ntp-ssl " + " ".join(args)}
@@ -273,6 +279,9 @@ def _without_seeds(words: list[str]) -> list[str]:
     return [w for w in words if not w.startswith("sweep.seeds=")]
 
 
+_CHECKED: set[Path] = set()  # evaluate runs whose config was compared with today's (once each: ~1 s apiece)
+
+
 def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
                      sweep: list[str]) -> tuple[dict | None, list[int]]:
     """Finished evaluate runs ``root/evaluate/<prefix>*`` under this attacker (``sweep``, its
@@ -302,6 +311,10 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
     if not found:
         return None, wanted
     runs = {run_dir: recorded for run_dir, recorded in found.values()}  # in the order of the seeds
+    for run_dir, recorded in runs.items():  # read back, as _once would: refused if made under other defaults
+        if recorded is not None and run_dir not in _CHECKED:
+            refuse_if_changed(run_dir, recorded["command"].split()[1:])
+            _CHECKED.add(run_dir)
     rows = [r for run_dir in runs for r in rows_of[run_dir]
             if int(r["seed"]) in found and found[int(r["seed"])][0] == run_dir]
     first = next(iter(runs))  # the source accuracy is measured with seed 0 whatever the sweep seeds

@@ -171,6 +171,27 @@ def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(ben
     assert bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", True, validation) == (None, [0])  # no sparse
 
 
+def test_bench_refuses_an_evaluate_run_read_back_that_was_made_under_other_defaults(bench_efficacy, tmp_path):
+    """An evaluate run found by ``evaluated_before`` (the usual way results come back) is held
+    to today's defaults too, as a run ``_once`` finds: here one made before the layout option."""
+    from ntp_ssl.shared.runs import fingerprint
+
+    sweep = ["sweep=main_job", "sweep.seeds=[0]"]
+    for name, made_in_nchw in (("seed0-sweep0_lf", False), ("seed1-sweep0_lf", True)):
+        _recorded_evaluate_run(bench_efficacy, tmp_path, name, sweep, [0])
+        run_dir = tmp_path / "evaluate" / name
+        command = json.loads((run_dir / "bench_wall.json").read_text())["command"].split()
+        made = fingerprint(_compose(command[1], command[2:]))
+        if made_in_nchw:
+            del made["trainer"]["channels_last"]
+        (run_dir / "run_config.json").write_text(json.dumps(made))
+    found, missing = bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, sweep)
+    assert found is not None and missing == []
+    with pytest.raises(SystemExit, match=r"seed1-sweep0_lf was made with another config .*"
+                                         r"trainer\.channels_last: False -> True"):
+        bench_efficacy.evaluated_before(tmp_path, "seed1-sweep", "lf", False, sweep)
+
+
 def _recorded_evaluate_run(bench_efficacy, root, name: str, sweep: list[str], seeds: list[int],
                            accuracy: float = 0.5) -> None:
     """An evaluate run as bench_efficacy leaves it: model "lf", one row per sweep seed."""
