@@ -333,8 +333,8 @@ class SweepConfig:
 
 #: ``sweep=`` presets: the converged, tuned attacker (the default of ``ntp-ssl evaluate``); the
 #: same attacker on the main job's budget (one seed, three fractions, two learning rates, 15
-#: epochs within 50 to 250 steps, no LP-FT: the default of ``ntp-ssl protect``, which must fit
-#: in 15 minutes on 2 CPU cores); and the authors' fixed-step protocol without any search.
+#: epochs within 50 to 250 steps, no LP-FT: the default of ``ntp-ssl protect``, meant to fit in
+#: 15 minutes on 2 CPU cores, 22 measured on a slow day: docs/BENCHMARKS.md); and the authors' fixed-step protocol without any search.
 SWEEP_PRESETS: dict[str, dict] = {
     "converged": {},
     "main_job": {"fractions": [0.01, 0.1, 1.0], "seeds": [0], "epochs": 15, "min_steps": 50, "max_steps": 250,
