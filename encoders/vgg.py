@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.models import vgg
 
 from ntp_ssl.encoders.layout import to_encoder_layout
-from torchvision.models import vgg
 
 #: torchvision's VGG configuration "A" (VGG-11): channel counts, "M" = 2x2 max-pool.
 VGG11_CONFIG = vgg.cfgs["A"]

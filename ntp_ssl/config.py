@@ -99,7 +99,7 @@ class TrainerConfig:
     eval_every: int = 4  # epochs between kNN evaluations (and the last epoch always)
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    # encoders compute on channels-last (NHWC) batches: 1.5x faster training steps on the CPU;
+    # encoders compute on channels-last (NHWC) batches: 1.3-1.6x faster steps on the CPU;
     # false: NCHW, the layout of every result made before 2026-12-01 (float rounding differs)
     channels_last: bool = True
     projector: bool = True  # TensorBoard embedding projector of final source/target features
@@ -334,7 +334,8 @@ class SweepConfig:
 #: ``sweep=`` presets: the converged, tuned attacker (the default of ``ntp-ssl evaluate``); the
 #: same attacker on the main job's budget (one seed, three fractions, two learning rates, 15
 #: epochs within 50 to 250 steps, no LP-FT: the default of ``ntp-ssl protect``, meant to fit in
-#: 15 minutes on 2 CPU cores, 22 measured on a slow day: docs/BENCHMARKS.md); and the authors' fixed-step protocol without any search.
+#: 15 minutes on 2 CPU cores, 22 measured on a slow day: docs/BENCHMARKS.md); and the authors'
+#: fixed-step protocol without any search.
 SWEEP_PRESETS: dict[str, dict] = {
     "converged": {},
     "main_job": {"fractions": [0.01, 0.1, 1.0], "seeds": [0], "epochs": 15, "min_steps": 50, "max_steps": 250,

@@ -63,31 +63,34 @@ def without_new_nulls(current: Any, previous: Any) -> Any:
 LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False}
 
 
-def with_legacy_values(previous: Any) -> Any:
-    """An older run's config with the :data:`LEGACY_VALUES` it lacks filled in (where the
-    section that holds them exists), so it compares as what it was made with."""
-    if not isinstance(previous, dict):
-        return previous
-    tree = json.loads(json.dumps(previous))
+def _legacy_slots(tree: Any):
+    """(section dict, leaf key, legacy value) for each :data:`LEGACY_VALUES` key whose section
+    ``tree`` holds."""
     for dotted, value in LEGACY_VALUES.items():
         *sections, leaf = dotted.split(".")
         node = tree
         for section in sections:
             node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict):
-            node.setdefault(leaf, value)
+            yield node, leaf, value
+
+
+def with_legacy_values(previous: Any) -> Any:
+    """A copy of an older run's config with the :data:`LEGACY_VALUES` it lacks filled in
+    (where the section that holds them exists), so it compares as what it was made with."""
+    if not isinstance(previous, dict):
+        return previous
+    tree = json.loads(json.dumps(previous))
+    for node, leaf, value in _legacy_slots(tree):
+        node.setdefault(leaf, value)
     return tree
 
 
 def without_legacy_values(tree: dict) -> dict:
     """``tree`` (changed in place and returned) less each :data:`LEGACY_VALUES` key set to its
     legacy value: a cache key that then matches the one computed before the option existed."""
-    for dotted, value in LEGACY_VALUES.items():
-        *sections, leaf = dotted.split(".")
-        node = tree
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+    for node, leaf, value in list(_legacy_slots(tree)):
+        if leaf in node and node[leaf] == value:
             del node[leaf]
     return tree
 
