@@ -3,11 +3,11 @@
 On the CPU, oneDNN runs the convolutions, batch norms and max-pools of these networks faster
 on channels-last (NHWC) tensors than on NCHW ones: on 2 cores a sweep fine-tune of the
 default small CNN runs 1.37x faster, a pretraining step 1.27x, feature extraction 1.61x
-(docs/BENCHMARKS.md, "The memory layout"). So every
-encoder moves its input batch to channels-last on entry; its weights keep their usual layout
-(checkpoints are unchanged). The features equal the NCHW ones up to float rounding (about
-1e-6), which training then carries into the last digits of every result: numbers made
-before the switch come back with ``trainer.channels_last=false``.
+(docs/BENCHMARKS.md, "The memory layout"). So every encoder moves its input batch to
+channels-last on entry; its weights keep their usual layout (checkpoints are unchanged).
+The features equal the NCHW ones up to float rounding (about 1e-6), which training then
+carries into the last digits of every result: numbers made before the switch come back
+with ``trainer.channels_last=false``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ holder, or waits for it when asked to (the shared cache of the default encoder).
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -80,7 +81,7 @@ def with_legacy_values(previous: Any) -> Any:
     (where the section that holds them exists), so it compares as what it was made with."""
     if not isinstance(previous, dict):
         return previous
-    tree = json.loads(json.dumps(previous))
+    tree = copy.deepcopy(previous)
     for node, leaf, value in _legacy_slots(tree):
         node.setdefault(leaf, value)
     return tree
