@@ -1,12 +1,15 @@
 """Backbones (ntp_ssl.encoders) and feature extraction (ntp_ssl.shared.features)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import BACKBONES, DEFAULT_BACKBONE, build_encoder
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.features import TrainFeatures, extract_features
+from ntp_ssl.shared.knn import knn_on_train_splits
 
 FEATURE_DIMS = {"small_cnn": 256, "small_cnn_wide": 512, "resnet18": 512, "resnet50": 2048, "vgg11_bn": 512}
 
@@ -179,3 +182,55 @@ def test_layout_benchmark_smoke(tmp_path):
         assert all(len(t) == 2 and min(t) > 0 for t in result["times_s"].values())
     assert results["features"]["output_difference"] < 1e-4  # the same features, up to rounding
     assert channels_last_enabled()  # the benchmark leaves the process's layout as it found it
+
+
+def _tiny_domain(name: str, seed: int) -> Domain:
+    rng = np.random.default_rng(seed)
+    return Domain(name=name, train_images=rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(40) % 4, test_images=rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8),
+                  test_labels=np.arange(8) % 4, num_classes=4)
+
+
+def test_train_features_memo_reuses_only_while_the_state_is_unchanged():
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", image_size=16)
+    a, b = _tiny_domain("a", 0), _tiny_domain("b", 1)
+    memo = TrainFeatures(encoder)
+
+    def fresh(domain):
+        return extract_features(encoder, to_float_tensor(domain.train_images))
+
+    first = memo.of(a)
+    assert torch.equal(first, fresh(a)) and memo.of(a) is first  # unchanged weights: the same tensor back
+    assert torch.equal(memo.of(b), fresh(b)) and (memo.computed, memo.reused) == (2, 1)
+    assert not torch.equal(memo.of(_tiny_domain("a", 2)), first)  # another domain object, though named alike
+    # a train-mode forward moves the batch-norm statistics only: recomputed
+    encoder.train()
+    with torch.no_grad():
+        encoder(torch.randn(8, 3, 16, 16))
+    after_forward = memo.of(a)
+    assert after_forward is not first and torch.equal(after_forward, fresh(a))
+    # an optimiser step
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encoder(torch.randn(8, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    after_step = memo.of(a)
+    assert not torch.equal(after_step, after_forward) and torch.equal(after_step, fresh(a))
+    # a state loaded back: the old weights, recomputed (not the stale tensor), equal to the first
+    torch.manual_seed(0)
+    encoder.load_state_dict(build_encoder("small_cnn", image_size=16).state_dict())
+    restored = memo.of(a)
+    assert restored is not first and torch.equal(restored, first)
+
+
+def test_knn_on_train_splits_with_the_memo_gives_the_same_scores():
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", image_size=16)
+    domains = [_tiny_domain("a", 0), _tiny_domain("b", 1)]
+    memo = TrainFeatures(encoder)
+    plain = knn_on_train_splits(encoder, domains, device="cpu", k=5)
+    assert knn_on_train_splits(encoder, domains, device="cpu", k=5, memo=memo) == plain
+    assert knn_on_train_splits(encoder, domains, device="cpu", k=5, memo=memo) == plain
+    assert (memo.computed, memo.reused) == (2, 2)
+    with pytest.raises(ValueError, match="another encoder"):
+        knn_on_train_splits(build_encoder("small_cnn", image_size=16), domains, device="cpu", memo=memo)

@@ -223,6 +223,30 @@ def test_protection_never_reads_a_test_split(tmp_path, cache_dir, encoder_checkp
     assert_same_tensors(tmp_path / "clean" / "protected.safetensors", tmp_path / "scrambled" / "protected.safetensors")
 
 
+def test_the_feature_memo_saves_extractions_and_changes_no_weight(tmp_path, cache_dir, encoder_checkpoint,
+                                                                  monkeypatch, caplog):
+    """The kNN monitor and the pseudo-labels share the encoder's train features while its state
+    is unchanged (shared/features.py, TrainFeatures): fewer extractions, and the same protected
+    weights, bit for bit, as extracting them every time."""
+    import logging
+
+    from ntp_ssl.pipeline import run_main_job
+    from ntp_ssl.shared.features import TrainFeatures
+
+    cfg = _compose_protect(cache_dir, encoder_checkpoint)
+    caplog.set_level(logging.INFO, logger="ntp_ssl.protect")
+    run_main_job(cfg, tmp_path / "memo")
+    # 3 domains, 2 ADMM iterations. Extracted: before ADMM, after each iteration (the kNN
+    # monitor), after the hard prune, after retraining. Reused: the pseudo-labels at the start
+    # of each iteration and of the retraining, and the kNN just before the hard prune.
+    assert "train-split features (per domain): 15 extracted, 12 reused" in caplog.text
+    monkeypatch.setattr(TrainFeatures, "_unchanged", lambda self, state: False)  # extract every time
+    caplog.clear()
+    run_main_job(cfg, tmp_path / "always")
+    assert "train-split features (per domain): 27 extracted, 0 reused" in caplog.text
+    assert_same_tensors(tmp_path / "memo" / "protected.safetensors", tmp_path / "always" / "protected.safetensors")
+
+
 @pytest.mark.parametrize("loss", ["ssl", "supervised"])
 def test_source_distillation_is_a_term_of_both_losses(tmp_path, cache_dir, encoder_checkpoint, loss):
     """loss.w_source_distill > 0 adds mean(1 - cos(f_S, teacher(x_S))) with the teacher frozen at the

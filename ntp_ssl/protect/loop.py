@@ -144,7 +144,8 @@ class ProtectionRun:
 
     def knn(self) -> dict[str, float]:
         # monitoring reads train splits only: nothing at protect time sees a test split
-        return knn_on_train_splits(self.method.encoder, [self.source, *self.targets], device=self.device)
+        return knn_on_train_splits(self.method.encoder, [self.source, *self.targets], device=self.device,
+                                   memo=self.objective.train_features)
 
     def save(self) -> None:
         state = {"method": self.method.state_dict(), "source_head": self.objective.source_head.state_dict(),
@@ -319,4 +320,7 @@ def protect_encoder(cfg: Any, method: nn.Module, source: Domain, targets: list[D
         bar.set_postfix({"src": f"{scores[source.name]:.2f}",
                          "tgt": f"{np.mean([scores[t.name] for t in targets]):.2f}",
                          "primal": f"{scores['primal']:.3g}"})
-    return prune_and_retrain(run), run.metrics
+    masks = prune_and_retrain(run)
+    memo = run.objective.train_features
+    log.info("train-split features (per domain): %d extracted, %d reused", memo.computed, memo.reused)
+    return masks, run.metrics

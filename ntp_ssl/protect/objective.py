@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ntp_ssl.data import Domain, ImageArrayDataset, to_float_tensor
+from ntp_ssl.data import Domain, ImageArrayDataset
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.protect.losses import (
     feature_distillation,
@@ -34,7 +34,7 @@ from ntp_ssl.protect.losses import (
     representation_ntp_loss,
     supervised_ntp_loss,
 )
-from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.features import TrainFeatures
 from ntp_ssl.shared.masking import apply_masks_, mask_gradients_
 from ntp_ssl.shared.train import classifier_accuracy, fit_classifier
 
@@ -63,6 +63,9 @@ class NonTransferableObjective:
         self.method = method
         self.device = device
         self.has_ssl_head = hasattr(method, "projection_head")
+        # the encoder's train features, shared with the kNN monitor (ProtectionRun.knn): the
+        # monitor after one ADMM iteration and the pseudo-labels before the next see the same weights
+        self.train_features = TrainFeatures(method.encoder, device=device)
         self.source_labels = torch.tensor(source.train_labels, dtype=torch.long)
         self.target_labels = [torch.tensor(t.train_labels, dtype=torch.long) for t in targets]
         self.pseudo_labels: list[torch.Tensor] = [torch.zeros(len(t.train_labels), dtype=torch.long) for t in targets]
@@ -105,9 +108,8 @@ class NonTransferableObjective:
         pairs = [] if self.source_head_is_trained else [(self.source_head, source, "source")]
         pairs += [(head, t, t.name) for head, t in zip(self.target_heads, targets)]
         for head, domain, name in pairs:
-            x = to_float_tensor(domain.train_images)
             y = torch.tensor(domain.train_labels, dtype=torch.long)
-            features = extract_features(self.method.encoder, x, device=self.device)
+            features = self.train_features.of(domain)
             fit_classifier(nn.Identity(), head, features, y, steps=steps, batch_size=256, lr=1e-2,
                            train_encoder=False, seed=seed, device=self.device, stage="protect head fit")
             scores[f"head_train_accuracy/{name}"] = classifier_accuracy(nn.Identity(), head, features, y,
@@ -122,8 +124,7 @@ class NonTransferableObjective:
             return
 
         def cluster(domain: Domain) -> torch.Tensor:
-            features = extract_features(self.method.encoder, to_float_tensor(domain.train_images), device=self.device)
-            return kmeans_pseudo_labels(features, self.cfg.pseudo_clusters, seed=seed).cpu()
+            return kmeans_pseudo_labels(self.train_features.of(domain), self.cfg.pseudo_clusters, seed=seed).cpu()
 
         if self.cfg.w_fisher_pseudo > 0 or self.w_sim > 0:  # the simulated attacker fits them too
             self.pseudo_labels = [cluster(domain) for domain in targets]

@@ -19,7 +19,7 @@ from torch import Tensor
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.data.subsets import stratified_split
 from ntp_ssl.errors import ConfigError
-from ntp_ssl.shared.features import extract_features
+from ntp_ssl.shared.features import TrainFeatures, extract_features
 
 
 def _as_float32_numpy(features: Tensor) -> np.ndarray:
@@ -148,14 +148,18 @@ def domain_knn(encoder: torch.nn.Module, bank: Domain, query: Domain, *, device,
 
 
 def knn_on_train_splits(encoder: torch.nn.Module, domains: Iterable[Domain], *, device, k: int = 20,
-                        holdout: float = 0.2) -> dict[str, float]:
+                        holdout: float = 0.2, memo: TrainFeatures | None = None) -> dict[str, float]:
     """kNN top-1 of each domain from its train split alone: a stratified ``holdout`` of it as
     queries, the rest as memory. For monitoring while something is chosen (protection): the
-    test splits stay unread until the final report."""
+    test splits stay unread until the final report. ``memo``: the encoder's train features,
+    reused where they are still current."""
+    if memo is not None and memo.encoder is not encoder:
+        raise ValueError("knn_on_train_splits: the feature memo belongs to another encoder")
     scores = {}
     for domain in domains:
         bank_idx, query_idx = stratified_split(domain.train_labels, holdout, seed=0)
-        features = extract_features(encoder, to_float_tensor(domain.train_images), device=device)
+        features = (memo.of(domain) if memo is not None
+                    else extract_features(encoder, to_float_tensor(domain.train_images), device=device))
         labels = torch.tensor(domain.train_labels)
         scores[domain.name] = knn_top1(features[bank_idx], labels[bank_idx], features[query_idx], labels[query_idx],
                                        num_classes=domain.num_classes, k=k)
