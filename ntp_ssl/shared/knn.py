@@ -153,13 +153,14 @@ def knn_on_train_splits(encoder: torch.nn.Module, domains: Iterable[Domain], *, 
     queries, the rest as memory. For monitoring while something is chosen (protection): the
     test splits stay unread until the final report. ``memo``: the encoder's train features,
     reused where they are still current."""
-    if memo is not None and memo.encoder is not encoder:
+    if memo is None:
+        memo = TrainFeatures(encoder, device=device)
+    elif memo.encoder is not encoder:
         raise ValueError("knn_on_train_splits: the feature memo belongs to another encoder")
     scores = {}
     for domain in domains:
         bank_idx, query_idx = stratified_split(domain.train_labels, holdout, seed=0)
-        features = (memo.of(domain) if memo is not None
-                    else extract_features(encoder, to_float_tensor(domain.train_images), device=device))
+        features = memo.of(domain)
         labels = torch.tensor(domain.train_labels)
         scores[domain.name] = knn_top1(features[bank_idx], labels[bank_idx], features[query_idx], labels[query_idx],
                                        num_classes=domain.num_classes, k=k)
