@@ -334,7 +334,7 @@ class SweepConfig:
 #: ``sweep=`` presets: the converged, tuned attacker (the default of ``ntp-ssl evaluate``); the
 #: same attacker on the main job's budget (one seed, three fractions, two learning rates, 15
 #: epochs within 50 to 250 steps, no LP-FT: the default of ``ntp-ssl protect``, meant to fit in
-#: 15 minutes on 2 CPU cores, 22 measured on a slow day: docs/BENCHMARKS.md); and the authors'
+#: 15 minutes on 2 CPU cores, 22 to 24 measured on slow days: docs/BENCHMARKS.md); and the authors'
 #: fixed-step protocol without any search.
 SWEEP_PRESETS: dict[str, dict] = {
     "converged": {},
