@@ -10,8 +10,9 @@ measured in separate runs of the same protocol), and ``DIR@k`` reads the model n
 a comma list as above): a protection seed's numbers are then the mean over the groups that
 hold it (a warning names a seed, or a seed's attack, that some group lacks, and the tables mark
 such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The
-same join averages over targets (RESULTS' "syndigits and mnistm together"); the accuracy-by-n
-table then mixes the targets.
+same join averages over targets (RESULTS' "syndigits and mnistm together"). A run holding
+several targets (``data.targets=[...]``) is read as the mean over its targets, each weighed
+equally, as if each target were its own group. The accuracy-by-n table is printed per target.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
@@ -56,7 +57,7 @@ def parse_model(model: str, default: int | None = None) -> tuple[str, str, int |
 def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
     """Per model kind ("" for the setup's own models, SPARSE_SCRATCH for their sparse
     scratch): (per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n ->
-    accuracy), (scratch: n -> accuracy); a kind the folders lack has empty dicts. A seed
+    accuracy), (scratch: n -> accuracy), n as (target, n); a kind the folders lack has empty dicts. A seed
     measured in two folders keeps the first folder's numbers. Only the models of ``setup``
     are read; a folder without one is an error."""
     kinds = ("", SPARSE_SCRATCH)
@@ -75,9 +76,18 @@ def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, 
             held = sorted({row["model"] for row in summary["summary"]})
             hint = "" if default_seed is not None else f" (a model named just {setup!r} needs DIR@k)"
             raise SystemExit(f"error: {folder} holds no model of setup {setup!r}{hint}; it holds {held}")
+        # a run of several targets: each (seed, attack) is the mean over the run's targets, each
+        # weighed equally; reading only the first target's row would pass one target for all
+        per_target: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
         for kind, seed, row in rows:
             if seed is not None:
-                metrics[kind][seed].setdefault(row["attack"], float(row["slc_auc"]))
+                per_target[(kind, seed, row["attack"])].setdefault(row.get("domain"), float(row["slc_auc"]))
+        targets = sorted({str(row.get("domain")) for row in summary["summary"]})
+        for (kind, seed, attack), by_target in per_target.items():
+            if len(by_target) < len(targets):
+                print(f"warning: {folder}: {attack} of {setup} seed {seed} holds {len(by_target)} of the run's "
+                      f"{len(targets)} targets; its number averages those only", file=sys.stderr)
+            metrics[kind][seed].setdefault(attack, sum(by_target.values()) / len(by_target))
         for model, acc in summary["source_accuracy"].items():
             kind, seed = ours(model, default_seed)
             if seed is not None:
@@ -86,14 +96,15 @@ def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, 
         with open(folder / "results.csv", newline="") as handle:
             per_n: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
             for row in csv.DictReader(handle):
+                point = (row["domain"], int(row["n"]))  # the targets' grids share n (one per class)
                 if row["attack"] == "scratch":
-                    scratch[int(row["n"])] = float(row["accuracy"])
+                    scratch[point] = float(row["accuracy"])
                     continue
                 kind, seed = ours(row["model"], default_seed)
                 if seed is not None:
-                    per_n[(kind, row["attack"], seed, int(row["n"]))].append(float(row["accuracy"]))
-            for (kind, attack, seed, n), values in per_n.items():
-                curves[kind][attack][seed].setdefault(n, sum(values) / len(values))
+                    per_n[(kind, row["attack"], seed, point)].append(float(row["accuracy"]))
+            for (kind, attack, seed, point), values in per_n.items():
+                curves[kind][attack][seed].setdefault(point, sum(values) / len(values))
     return {kind: (dict(metrics[kind]), curves[kind], scratch) for kind in kinds}
 
 
@@ -203,18 +214,21 @@ def main() -> None:
             print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")
 
     ns = [int(n) for n in args.curve_n.split(",")]
-    print(f"\n{args.curve_attack}: test accuracy by number of target samples (mean over protection seeds)\n")
-    print("| model | " + " | ".join(str(n) for n in ns) + " |")
-    print("|---|" + "---:|" * len(ns))
     scratch = next(iter(setups.values()))[2]
-    print("| scratch | " + " | ".join(f"{scratch[n]:.3f}" if n in scratch else "" for n in ns) + " |")
-    for name, (_, curves, *_) in setups.items():
-        by_seed = curves.get(args.curve_attack, {})
-        cells = []
-        for n in ns:
-            values = [c[n] for c in by_seed.values() if n in c]
-            cells.append(f"{sum(values) / len(values):.3f}" if values else "")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    for target in sorted({t for t, _ in scratch}):
+        print(f"\n{args.curve_attack} on {target}: test accuracy by number of target samples "
+              "(mean over protection seeds)\n")
+        print("| model | " + " | ".join(str(n) for n in ns) + " |")
+        print("|---|" + "---:|" * len(ns))
+        print("| scratch | " + " | ".join(f"{scratch[(target, n)]:.3f}" if (target, n) in scratch else ""
+                                         for n in ns) + " |")
+        for name, (_, curves, *_) in setups.items():
+            by_seed = curves.get(args.curve_attack, {})
+            cells = []
+            for n in ns:
+                values = [c[(target, n)] for c in by_seed.values() if (target, n) in c]
+                cells.append(f"{sum(values) / len(values):.3f}" if values else "")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -381,6 +381,35 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     assert "| unprotected | 1 | +0.100 (1 seed) * | +0.300 (1 seed) |" in partial.stdout
 
 
+def test_converged_table_averages_a_run_of_several_targets(tmp_path):
+    """benchmarks/converged_table.py on one evaluate run of two targets: each seed's SLC-AUC is
+    the mean over the targets (not the first target's alone), and the accuracy-by-n table comes
+    once per target, since the targets' grids share n."""
+    import json
+    import subprocess
+    import sys
+
+    slc = {("x-seed1", "a"): -0.2, ("x-seed1", "b"): -0.6, ("x-seed2", "a"): 0.0, ("x-seed2", "b"): -0.4}
+    summary = [{"model": m, "domain": t, "attack": "finetune_dense", "slc_auc": v} for (m, t), v in slc.items()]
+    run = tmp_path / "run"
+    run.mkdir()
+    run.joinpath("summary.json").write_text(json.dumps({
+        "summary": summary, "source_accuracy": {m: {"linear": 0.9, "knn": 0.8} for m in ("x-seed1", "x-seed2")}}))
+    lines = ["model,domain,attack,seed,fraction,n,accuracy", "scratch,a,scratch,1,1.0,10,0.5",
+             "scratch,b,scratch,1,1.0,10,0.2"]
+    lines += [f"x-seed{s},{t},finetune_dense,1,1.0,10,{acc}" for s in (1, 2) for t, acc in (("a", 0.6), ("b", 0.1))]
+    run.joinpath("results.csv").write_text("\n".join(lines) + "\n")
+    script = REPO / "benchmarks" / "converged_table.py"
+    out = subprocess.run([sys.executable, str(script), f"x={run}", "--curve-n", "10"],
+                         capture_output=True, text=True, check=True).stdout
+    # seed 1: (-0.2 - 0.6) / 2 = -0.4; seed 2: (0.0 - 0.4) / 2 = -0.2; mean -0.3
+    assert "| x | 1,2 | -0.300 [" in out
+    blocks = out.split("finetune_dense on ")[1:]
+    assert [block.split(":")[0] for block in blocks] == ["a", "b"]
+    assert "| scratch | 0.500 |" in blocks[0] and "| x | 0.600 |" in blocks[0]
+    assert "| scratch | 0.200 |" in blocks[1] and "| x | 0.100 |" in blocks[1]
+
+
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
     """Options added after caches existed must not move the default encoder's cache key while
     they are null (the built-in augmentation); set, they must."""
