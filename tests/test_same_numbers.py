@@ -7,6 +7,12 @@ encoder (pretrained in the run, as the main job does). One thread, so that the f
 reduction order does not depend on the number of cores. A digest that moves means the
 code now computes something else: if that is intended, say so in the commit and record
 the new digest; if not, it is a bug.
+
+Another CPU family picks other float kernels (e.g. AVX-512 against AVX2 in oneDNN's
+convolutions) and so other last bits, which training carries into every weight: each loss
+keeps one digest per CPU family it was recorded on, all from the same code, and a run must
+give one of them. A CPU family not seen before fails with its name and digest: record it
+only after checking, on a recorded machine, that the code still gives the recorded digest.
 """
 
 from __future__ import annotations
@@ -30,13 +36,27 @@ TINY_ADMM = ["data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps
              # the ADMM defaults of the recorded commit (the converged defaults came later)
              "admm.rho=0.005", "admm.rho_growth=1.5", "admm.rho_max=1.0", "admm.lr=0.001", "admm.lr_final=null"]
 
-# loss option -> (extra overrides, sha256 of the protected tensors) recorded at commit 3cdb5be.
+# loss option -> (extra overrides, sha256 of the protected tensors per CPU family). The first
+# digest of each was recorded at commit 3cdb5be on the machines of 2026-11 (every session's
+# CI gave it until 2026-12-02); the second on an AVX-512 (FP16) Xeon on 2026-12-02 at b6fb235,
+# whose library code computes what 3cdb5be did (the first digests passed in its CI, 4cb4d34,
+# and no library code changed since).
 RECORDED = {
-    "ssl": ([], "f254d3470e87b2b10775825e0485a1377a0f100f7752f139ccd1bcd6e767c129"),
+    "ssl": ([], {"f254d3470e87b2b10775825e0485a1377a0f100f7752f139ccd1bcd6e767c129",
+                 "f9265ae60739b60d4af755ec098e3c6e661b4a458f5a49070f029154fa4c71cc"}),
     "supervised": (["pretrain.method.name=supervised", "loss.head_steps=20"],
-                   "203b66ba7f0913874f52798f3b62b2362869d7ca535908718d91d2b3d89ade3c"),
-    "none": (["admm.iterations=0"], "caeaf5d325a4f2e822535de7f766ab2da4ce41def4122ec5f5d75d48d542f9b8"),
+                   {"203b66ba7f0913874f52798f3b62b2362869d7ca535908718d91d2b3d89ade3c",
+                    "a70cf8bcb0976fc543b8677975c9f59ae774f365992e48e5e1fb94beeb083829"}),
+    "none": (["admm.iterations=0"], {"caeaf5d325a4f2e822535de7f766ab2da4ce41def4122ec5f5d75d48d542f9b8",
+                                     "b7b60b39551f6040478a056432031687359b1b769e4fa4d7fc383bfdb4974c82"}),
 }
+
+
+def cpu_family() -> str:
+    """The CPU as far as it decides float kernels: torch's vector capability and the model name."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown model") if Path("/proc/cpuinfo").exists() else "unknown"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {model}"
 
 
 def tensor_digest(path: Path) -> str:
@@ -55,13 +75,14 @@ def tensor_digest(path: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", sorted(RECORDED))
 def test_protected_weights_match_the_recorded_digest(cli, tmp_path, loss):
-    extra, expected = RECORDED[loss]
+    extra, recorded = RECORDED[loss]
     result = cli("protect", *TINY_DATA, *TINY_DEFAULT_ENCODER, *TINY_ADMM, *extra, f"loss={loss}",
                  f"run_name=digest-{loss}", f"paths.cache_dir={tmp_path / 'cache'}",
                  env_extra={"NTP_SSL_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-4000:]
     found = tensor_digest(tmp_path / "runs" / "protect" / f"digest-{loss}" / "protected.safetensors")
-    assert found == expected, f"loss={loss}: protected weights changed ({found})"
+    assert found in recorded, (f"loss={loss}: protected weights changed ({found}) on {cpu_family()}: the code "
+                               "computes something else, or this CPU family was never recorded (module docstring)")
 
 
 def test_deterministic_cuda_settings_are_asked_for(monkeypatch):
