@@ -8,7 +8,7 @@ reduction order does not depend on the number of cores. A digest that moves mean
 code now computes something else: if that is intended, say so in the commit and record
 the new digest; if not, it is a bug.
 
-Another CPU family picks other float kernels (e.g. AVX-512 against AVX2 in oneDNN's
+Another CPU family picks other float kernels (another vector width or code path in oneDNN's
 convolutions) and so other last bits, which training carries into every weight: each loss
 keeps one digest per CPU family it was recorded on, all from the same code, and a run must
 give one of them. A CPU family not seen before fails with its name and digest: record it
