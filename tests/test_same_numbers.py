@@ -53,10 +53,16 @@ RECORDED = {
 
 
 def cpu_family() -> str:
-    """The CPU as far as it decides float kernels: torch's vector capability and the model name."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown model") if Path("/proc/cpuinfo").exists() else "unknown"
-    return f"{torch.backends.cpu.get_cpu_capability()}, {model}"
+    """The CPU as far as it decides float kernels: torch's vector capability and the model name
+    (benchmarks/bench_pretrain.py's ``cpu_model``, which its result files record)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
+    bench_pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pretrain)
+    return f"{torch.backends.cpu.get_cpu_capability()}, {bench_pretrain.cpu_model()}"
 
 
 def tensor_digest(path: Path) -> str:
