@@ -12,7 +12,8 @@ hold it (a warning names a seed, or a seed's attack, that some group lacks, and 
 such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The
 same join averages over targets (RESULTS' "syndigits and mnistm together"). A run holding
 several targets (``data.targets=[...]``) is read as the mean over its targets, each weighed
-equally, as if each target were its own group. The accuracy-by-n table is printed per target.
+equally: each target is its own group, with the same warnings and marks. The accuracy-by-n
+table is printed per target.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
@@ -54,16 +55,18 @@ def parse_model(model: str, default: int | None = None) -> tuple[str, str, int |
     return name[: match.start()], kind, int(match.group(1))
 
 
-def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, tuple]:
-    """Per model kind ("" for the setup's own models, SPARSE_SCRATCH for their sparse
-    scratch): (per seed: attack SLC-AUC and source accuracy), (attack -> seed -> n ->
-    accuracy), (scratch: n -> accuracy), n as (target, n); a kind the folders lack has empty dicts. A seed
-    measured in two folders keeps the first folder's numbers. Only the models of ``setup``
-    are read; a folder without one is an error."""
+def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, dict[str, tuple]]:
+    """Per target, then per model kind ("" for the setup's own models, SPARSE_SCRATCH for their
+    sparse scratch): (per seed: attack SLC-AUC and source accuracy), (attack -> seed -> (target,
+    n) -> accuracy), (scratch: (target, n) -> accuracy); a kind the folders lack has empty dicts.
+    A run of several targets gives one entry per target, which ``main`` joins like '+' groups
+    (the targets' grids share n, hence the target in the curve keys). A seed measured in two
+    folders keeps the first folder's numbers. Only the models of ``setup`` are read; a folder
+    without one is an error."""
     kinds = ("", SPARSE_SCRATCH)
-    metrics: dict[str, dict] = {kind: defaultdict(dict) for kind in kinds}
-    curves: dict[str, dict] = {kind: defaultdict(lambda: defaultdict(dict)) for kind in kinds}
-    scratch: dict[int, float] = {}
+    metrics: dict[str, dict] = defaultdict(lambda: {kind: defaultdict(dict) for kind in kinds})
+    curves: dict[str, dict] = defaultdict(lambda: {kind: defaultdict(lambda: defaultdict(dict)) for kind in kinds})
+    scratch: dict[str, dict] = defaultdict(dict)
 
     def ours(model: str, default_seed: int | None) -> tuple[str, int | None]:
         name, kind, seed = parse_model(model, default_seed)
@@ -76,36 +79,30 @@ def read_setup(setup: str, folders: list[tuple[Path, int | None]]) -> dict[str, 
             held = sorted({row["model"] for row in summary["summary"]})
             hint = "" if default_seed is not None else f" (a model named just {setup!r} needs DIR@k)"
             raise SystemExit(f"error: {folder} holds no model of setup {setup!r}{hint}; it holds {held}")
-        # a run of several targets: each (seed, attack) is the mean over the run's targets, each
-        # weighed equally; reading only the first target's row would pass one target for all
-        per_target: dict[tuple[str, int, str], dict[str, float]] = defaultdict(dict)
+        targets = sorted({row["domain"] for row in summary["summary"]})
         for kind, seed, row in rows:
             if seed is not None:
-                per_target[(kind, seed, row["attack"])].setdefault(row.get("domain"), float(row["slc_auc"]))
-        targets = sorted({str(row.get("domain")) for row in summary["summary"]})
-        for (kind, seed, attack), by_target in per_target.items():
-            if len(by_target) < len(targets):
-                print(f"warning: {folder}: {attack} of {setup} seed {seed} holds {len(by_target)} of the run's "
-                      f"{len(targets)} targets; its number averages those only", file=sys.stderr)
-            metrics[kind][seed].setdefault(attack, sum(by_target.values()) / len(by_target))
+                metrics[row["domain"]][kind][seed].setdefault(row["attack"], float(row["slc_auc"]))
         for model, acc in summary["source_accuracy"].items():
             kind, seed = ours(model, default_seed)
             if seed is not None:
-                metrics[kind][seed]["source_linear"] = float(acc["linear"])
-                metrics[kind][seed]["source_knn"] = float(acc["knn"])
+                for target in targets:  # the source is the same for every target of the run
+                    metrics[target][kind][seed]["source_linear"] = float(acc["linear"])
+                    metrics[target][kind][seed]["source_knn"] = float(acc["knn"])
         with open(folder / "results.csv", newline="") as handle:
-            per_n: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
+            per_n: dict[tuple[str, str, int, tuple[str, int]], list[float]] = defaultdict(list)
             for row in csv.DictReader(handle):
-                point = (row["domain"], int(row["n"]))  # the targets' grids share n (one per class)
+                point = (row["domain"], int(row["n"]))
                 if row["attack"] == "scratch":
-                    scratch[point] = float(row["accuracy"])
+                    scratch[row["domain"]][point] = float(row["accuracy"])
                     continue
                 kind, seed = ours(row["model"], default_seed)
                 if seed is not None:
                     per_n[(kind, row["attack"], seed, point)].append(float(row["accuracy"]))
             for (kind, attack, seed, point), values in per_n.items():
-                curves[kind][attack][seed].setdefault(point, sum(values) / len(values))
-    return {kind: (dict(metrics[kind]), curves[kind], scratch) for kind in kinds}
+                curves[point[0]][kind][attack][seed].setdefault(point, sum(values) / len(values))
+    return {target: {kind: (dict(metrics[target][kind]), curves[target][kind], scratch[target]) for kind in kinds}
+            for target in sorted({*metrics, *curves, *scratch})}
 
 
 def merge_sweep_seeds(name: str, groups: list[tuple]):
@@ -167,7 +164,8 @@ def main() -> None:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
-        read = [read_setup(name, parse_group(group)) for group in folders.split("+")]
+        # one group per '+' group and target: a run of several targets is read as the mean over them
+        read = [by_kind for group in folders.split("+") for by_kind in read_setup(name, parse_group(group)).values()]
         setups[name] = merge_sweep_seeds(name, [by_kind[""] for by_kind in read])
         # a run with sparse_scratch=[...] also holds each model's mask on a random
         # initialisation: its own row, paired with the setup's by protection seed below

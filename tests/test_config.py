@@ -311,7 +311,8 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     def folder(name, models, dense_by_model):
         path = tmp_path / name
         path.mkdir()
-        summary = [{"model": m, "attack": "finetune_dense", "slc_auc": dense_by_model[m]} for m in models]
+        summary = [{"model": m, "domain": "d", "attack": "finetune_dense", "slc_auc": dense_by_model[m]}
+                   for m in models]
         source = {m: {"linear": 0.9, "knn": 0.8} for m in models}
         path.joinpath("summary.json").write_text(json.dumps({"summary": summary, "source_accuracy": source}))
         lines = ["model,domain,attack,seed,fraction,n,accuracy", "scratch,d,scratch,1,1.0,100,0.5"]
@@ -370,8 +371,8 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     g = tmp_path / "g"
     g.mkdir()
     g.joinpath("summary.json").write_text(json.dumps({"summary": [
-        {"model": "unprotected", "attack": "finetune_dense", "slc_auc": 0.1},
-        {"model": "unprotected", "attack": "finetune_masked", "slc_auc": 0.1}],
+        {"model": "unprotected", "domain": "d", "attack": "finetune_dense", "slc_auc": 0.1},
+        {"model": "unprotected", "domain": "d", "attack": "finetune_masked", "slc_auc": 0.1}],
         "source_accuracy": {"unprotected": {"linear": 0.9, "knn": 0.8}}}))
     g.joinpath("results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n")
     partial = subprocess.run([sys.executable, str(script), f"unprotected={f}@1+{g}@1"],
