@@ -13,15 +13,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def bench_efficacy():
-    """benchmarks/bench_efficacy.py as a module (benchmarks/ is not a package)."""
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_efficacy", REPO / "benchmarks" / "bench_efficacy.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def bench_efficacy():
+    """benchmarks/bench_efficacy.py as a module."""
+    return load_benchmark("bench_efficacy")
 
 
 @pytest.fixture(scope="session")

@@ -164,16 +164,12 @@ def test_channels_last_layout_gives_the_nchw_features_up_to_rounding(name):
 
 def test_layout_benchmark_smoke(tmp_path):
     """benchmarks/bench_layout.py --quick runs both layouts on every workload and records them."""
-    import importlib.util
     import json
-    from pathlib import Path
 
+    from conftest import load_benchmark
     from ntp_ssl.encoders.layout import channels_last_enabled
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layout.py"
-    spec = importlib.util.spec_from_file_location("bench_layout", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_layout")
     out = tmp_path / "layout.json"
     assert module.main(["--quick", "--out", str(out)]) == 0
     results = {r["workload"]: r for r in json.loads(out.read_text())["results"]}

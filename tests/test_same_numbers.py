@@ -55,14 +55,9 @@ RECORDED = {
 def cpu_family() -> str:
     """The CPU as far as it decides float kernels: torch's vector capability and the model name
     (benchmarks/bench_pretrain.py's ``cpu_model``, which its result files record)."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
-    bench_pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_pretrain)
-    return f"{torch.backends.cpu.get_cpu_capability()}, {bench_pretrain.cpu_model()}"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {load_benchmark('bench_pretrain').cpu_model()}"
 
 
 def tensor_digest(path: Path) -> str:
