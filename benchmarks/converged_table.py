@@ -18,7 +18,7 @@ Printed: per setup, the mean SLC-AUC of each attack over the protection seeds wi
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
 paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's test accuracy at
-the largest sample counts beside scratch.
+each target's five largest sample counts (or ``--curve-n``) beside scratch.
 
     .venv/bin/python benchmarks/converged_table.py \\
         label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
@@ -42,6 +42,7 @@ from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX as SPARSE_SCRATCH  # no
 
 ATTACKS = tuple(a for a in ATTACK_LABELS if a != "best")  # bench_efficacy's column order
 SEED = re.compile(r"-seed(\d+)$")
+CURVE_POINTS = 5  # the accuracy-by-n table's default columns: each target's largest sample counts
 
 
 def parse_model(model: str, default: int | None = None) -> tuple[str, str, int | None]:
@@ -157,7 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed or target)")
     parser.add_argument("--curve-attack", default="finetune_dense")
-    parser.add_argument("--curve-n", default="250,500,1000,2500,5000")
+    parser.add_argument("--curve-n", default=None,
+                        help="comma list of sample counts for every target's accuracy-by-n table "
+                             f"(default: each target's {CURVE_POINTS} largest)")
     args = parser.parse_args()
     setups = {}
     for item in args.setups:
@@ -211,9 +214,11 @@ def main() -> None:
                 cells.append(fmt_ci(diffs) + star if len(diffs) > 1 else "")
             print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")
 
-    ns = [int(n) for n in args.curve_n.split(",")]
+    given = [int(n) for n in args.curve_n.split(",")] if args.curve_n else None
     scratch = next(iter(setups.values()))[2]
     for target in sorted({t for t, _ in scratch}):
+        # the targets' grids differ (n = fraction x train size), so by default each its own columns
+        ns = given or sorted({n for t, n in scratch if t == target})[-CURVE_POINTS:]
         print(f"\n{args.curve_attack} on {target}: test accuracy by number of target samples "
               "(mean over protection seeds)\n")
         print("| model | " + " | ".join(str(n) for n in ns) + " |")

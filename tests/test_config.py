@@ -409,6 +409,15 @@ def test_converged_table_averages_a_run_of_several_targets(tmp_path):
     assert [block.split(":")[0] for block in blocks] == ["a", "b"]
     assert "| scratch | 0.500 |" in blocks[0] and "| x | 0.600 |" in blocks[0]
     assert "| scratch | 0.200 |" in blocks[1] and "| x | 0.100 |" in blocks[1]
+    # without --curve-n each target's table has that target's own largest n (the grids differ)
+    lines += ["scratch,a,scratch,1,0.5,5,0.4", "scratch,b,scratch,1,0.5,3,0.1"]
+    lines += [f"scratch,a,scratch,1,{f},{n},0.1" for f, n in ((0.01, 1), (0.02, 2), (0.03, 3), (0.04, 4))]
+    run.joinpath("results.csv").write_text("\n".join(lines) + "\n")
+    blocks = subprocess.run([sys.executable, str(script), f"x={run}"], capture_output=True, text=True,
+                            check=True).stdout.split("finetune_dense on ")[1:]
+    assert "| model | 2 | 3 | 4 | 5 | 10 |" in blocks[0]
+    assert "| scratch | 0.100 | 0.100 | 0.100 | 0.400 | 0.500 |" in blocks[0]
+    assert "| model | 3 | 10 |" in blocks[1] and "| x |  | 0.100 |" in blocks[1]
 
 
 def test_the_default_encoder_key_ignores_the_augmentation_options_while_null():
