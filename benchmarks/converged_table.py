@@ -17,8 +17,10 @@ table is printed per target.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
 row "SETUP sparse scratch" for its ``-sparse_scratch`` models); each setup minus each other,
-paired by protection seed; and the dense (or ``--curve-attack``) fine-tune's test accuracy at
-each target's five largest sample counts (or ``--curve-n``) beside scratch.
+paired by protection seed (a setup of one model, such as ``unprotected=DIR@1``, is paired
+with every seed of the other, the interval over those seeds); and the dense (or
+``--curve-attack``) fine-tune's test accuracy at each target's five largest sample counts (or
+``--curve-n``) beside scratch.
 
     .venv/bin/python benchmarks/converged_table.py \\
         label_free_admm=benchmarks/results/converged_syndigits/files_label_free_admm \\
@@ -203,16 +205,26 @@ def main() -> None:
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             (a, _, _, partial_a), (b, _, _, partial_b) = setups[first], setups[second]
-            common = sorted(set(a) & set(b))
-            if len(common) < 2:
+            # one side a single model (the unprotected encoder, read as one seed): every seed of
+            # the other minus it, the interval over the other's seeds alone
+            if len(a) == 1 and len(b) > 1:
+                pairs = [(next(iter(a)), s) for s in sorted(b)]
+                label = ",".join(str(s) for _, s in pairs) + " (vs its one model)"
+            elif len(b) == 1 and len(a) > 1:
+                pairs = [(s, next(iter(b))) for s in sorted(a)]
+                label = ",".join(str(s) for s, _ in pairs) + " (vs its one model)"
+            else:
+                common = sorted(set(a) & set(b))
+                pairs, label = [(s, s) for s in common], ",".join(map(str, common))
+            if len(pairs) < 2:
                 continue
             cells = []
             for key in (*attacks, "source_knn"):
-                held = [s for s in common if key in a[s] and key in b[s]]
-                star = " *" if any((s, key) in partial_a or (s, key) in partial_b for s in held) else ""
-                diffs = [a[s][key] - b[s][key] for s in held]
+                held = [(sa, sb) for sa, sb in pairs if key in a[sa] and key in b[sb]]
+                star = " *" if any((sa, key) in partial_a or (sb, key) in partial_b for sa, sb in held) else ""
+                diffs = [a[sa][key] - b[sb][key] for sa, sb in held]
                 cells.append(fmt_ci(diffs) + star if len(diffs) > 1 else "")
-            print(f"| {first} - {second} | {','.join(map(str, common))} | " + " | ".join(cells) + " |")
+            print(f"| {first} - {second} | {label} | " + " | ".join(cells) + " |")
 
     given = [int(n) for n in args.curve_n.split(",")] if args.curve_n else None
     scratch = next(iter(setups.values()))[2]

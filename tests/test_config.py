@@ -364,6 +364,8 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     out = subprocess.run([sys.executable, str(script), f"w={f}", f"unprotected={f}@1"],
                          capture_output=True, text=True, check=True).stdout
     assert "| w | 1,2 | -0.300 [" in out and "| unprotected | 1 | +0.500 (1 seed) |" in out
+    # the one unprotected model is paired with every protection seed: -0.7, -0.9, +-12.706 * 0.1
+    assert "| w - unprotected | 1,2 (vs its one model) | -0.800 [-2.071, +0.471] |" in out
     unseeded = subprocess.run([sys.executable, str(script), f"unprotected={f}"], capture_output=True, text=True)
     assert unseeded.returncode != 0 and "holds no model of setup 'unprotected'" in unseeded.stderr
     assert "DIR@k" in unseeded.stderr
