@@ -206,13 +206,10 @@ def main() -> None:
         for second in names[i + 1:]:
             (a, _, _, partial_a), (b, _, _, partial_b) = setups[first], setups[second]
             # one side a single model (the unprotected encoder, read as one seed): every seed of
-            # the other minus it, the interval over the other's seeds alone
-            if len(a) == 1 and len(b) > 1:
-                pairs = [(next(iter(a)), s) for s in sorted(b)]
-                label = ",".join(str(s) for _, s in pairs) + " (vs its one model)"
-            elif len(b) == 1 and len(a) > 1:
-                pairs = [(s, next(iter(b))) for s in sorted(a)]
-                label = ",".join(str(s) for s, _ in pairs) + " (vs its one model)"
+            # the other minus it (the cross product), the interval over the other's seeds alone
+            if len(a) == 1 < len(b) or len(b) == 1 < len(a):
+                pairs = [(sa, sb) for sa in sorted(a) for sb in sorted(b)]
+                label = ",".join(map(str, sorted(a if len(a) > 1 else b))) + " (vs its one model)"
             else:
                 common = sorted(set(a) & set(b))
                 pairs, label = [(s, s) for s in common], ",".join(map(str, common))
