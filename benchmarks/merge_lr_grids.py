@@ -29,7 +29,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ntp_ssl.evaluate.results import SCRATCH_ATTACK, read_results, summarize, write_results
+from ntp_ssl.evaluate.results import read_results, summarize, write_results
+from ntp_ssl.io import atomic_write_json
 
 FROZEN_ATTACKS = ("linear", "knn")  # no learning rate: never in an extra run's grid
 
@@ -52,12 +53,12 @@ def _rows_of(folders: list[Path]) -> dict[tuple, dict]:
 
 
 def _searched(row: dict) -> bool:
-    return row.get("val_accuracy") not in (None, "")
+    return row.get("val_accuracy") is not None  # read_results gives None for an empty cell
 
 
 def merge_rows(base: dict[tuple, dict], extra: dict[tuple, dict]) -> tuple[list[dict], Counter]:
     """Every base row, each replaced by the extra row of its point when that one's validation
-    accuracy is strictly higher; and a count of (model kind, attack, outcome) for the report.
+    accuracy is strictly higher; and a count of (attack, outcome) for the report.
     An extra point the base lacks, or a point searched in one run and not the other, is an error."""
     missing = sorted(set(extra) - set(base))
     if missing:
@@ -65,11 +66,10 @@ def merge_rows(base: dict[tuple, dict], extra: dict[tuple, dict]) -> tuple[list[
                          "give the base runs of every model, attack and seed the extra runs hold")
     merged, counts = [], Counter()
     for key, row in base.items():
-        other = extra.get(key)
-        kind = "scratch" if row["attack"] == SCRATCH_ATTACK else row["attack"]
+        other, attack = extra.get(key), row["attack"]
         if other is None:
-            if row["attack"] not in FROZEN_ATTACKS:
-                counts[(kind, "base only")] += 1
+            if attack not in FROZEN_ATTACKS:
+                counts[(attack, "base only")] += 1
             merged.append(row)
             continue
         if int(other["n"]) != int(row["n"]) or other.get("steps") != row.get("steps"):
@@ -78,13 +78,13 @@ def merge_rows(base: dict[tuple, dict], extra: dict[tuple, dict]) -> tuple[list[
         if _searched(row) != _searched(other):
             raise SystemExit(f"error: {key} searched a learning rate in one run and not in the other")
         if not _searched(row):
-            counts[(kind, "no search")] += 1
+            counts[(attack, "no search")] += 1
             merged.append(row)
         elif float(other["val_accuracy"]) > float(row["val_accuracy"]):
-            counts[(kind, "extra rate chosen")] += 1
+            counts[(attack, "extra rate chosen")] += 1
             merged.append(other)
         else:
-            counts[(kind, "base grid kept")] += 1
+            counts[(attack, "base grid kept")] += 1
             merged.append(row)
     return merged, counts
 
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(merged, source_accuracy=source_accuracy)
     args.out.mkdir(parents=True)
     write_results(merged, args.out)
-    (args.out / "summary.json").write_text(json.dumps({
+    atomic_write_json(args.out / "summary.json", {
         "summary": summary, "source_accuracy": source_accuracy,
         "merged_from": {"base": [str(f) for f in base_folders], "extra": [str(f) for f in extra_folders]},
-    }, indent=1, sort_keys=True) + "\n")
-    for (kind, outcome), count in sorted(counts.items()):
-        print(f"{kind}: {outcome} at {count} point(s)", file=sys.stderr)
+    })
+    for (attack, outcome), count in sorted(counts.items()):
+        print(f"{attack}: {outcome} at {count} point(s)", file=sys.stderr)
 
 
 if __name__ == "__main__":
