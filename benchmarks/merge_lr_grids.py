@@ -29,14 +29,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ntp_ssl.evaluate.results import read_results, summarize, write_results
+from ntp_ssl.evaluate.results import read_results, row_key, summarize, write_results
 from ntp_ssl.io import atomic_write_json
 
 FROZEN_ATTACKS = ("linear", "knn")  # no learning rate: never in an extra run's grid
-
-
-def _key(row: dict) -> tuple:
-    return (row["model"], row["domain"], row["attack"], int(row["seed"]), float(row["fraction"]))
 
 
 def _rows_of(folders: list[Path]) -> dict[tuple, dict]:
@@ -44,7 +40,7 @@ def _rows_of(folders: list[Path]) -> dict[tuple, dict]:
     rows: dict[tuple, dict] = {}
     for folder in folders:
         for row in read_results(folder / "results.csv"):
-            key = _key(row)
+            key = row_key(row)
             if key in rows and rows[key]["accuracy"] != row["accuracy"]:
                 raise SystemExit(f"error: {folder} and an earlier folder disagree on {key}: accuracy "
                                  f"{rows[key]['accuracy']} against {row['accuracy']}; give runs of one protocol")

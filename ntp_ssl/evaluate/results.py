@@ -78,6 +78,11 @@ def normalize_row(row: dict, index: int = 0) -> dict:
     return out
 
 
+def row_key(row: dict) -> tuple:
+    """The grid point a result row measures: (model, domain, attack, seed, fraction)."""
+    return (row["model"], row["domain"], row["attack"], int(row["seed"]), float(row["fraction"]))
+
+
 def _columns(rows: Sequence[dict]) -> list[str]:
     extras = sorted({k for row in rows for k in row if k not in RESULT_COLUMNS})
     return list(RESULT_COLUMNS) + extras

@@ -53,7 +53,7 @@ from ntp_ssl.errors import ConfigError, NtpSslError
 from ntp_ssl.data.subsets import draw_subset
 from ntp_ssl.evaluate.attack import AttackResult, fine_tune_attack
 from ntp_ssl.evaluate.probe import converged_linear_probe
-from ntp_ssl.evaluate.results import normalize_row
+from ntp_ssl.evaluate.results import normalize_row, row_key
 from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
 from ntp_ssl.shared.features import extract_features
 from ntp_ssl.io import atomic_write_json
@@ -257,10 +257,6 @@ def _row(model: str, domain: str, attack: str, seed: int, fraction: float, n: in
             "steps": result.steps, "best_step": result.best_step}
 
 
-def _row_key(row: dict) -> tuple:
-    return (row["model"], row["domain"], row["attack"], int(row["seed"]), float(row["fraction"]))
-
-
 class _Progress:
     """The rows so far, which grid points they cover, and the file that lets a rerun resume."""
 
@@ -278,7 +274,7 @@ class _Progress:
             except (ValueError, KeyError, TypeError, AttributeError, NtpSslError) as exc:
                 # written atomically: only a disk or a hand did this
                 log.warning("ignoring the sweep progress file %s (%s); the sweep starts over", path, exc)
-        self.done = {_row_key(r) for r in self.rows}
+        self.done = {row_key(r) for r in self.rows}
 
     def has(self, model: str, domain: str, attack: str, seed: int, fraction: float) -> bool:
         return (model, domain, attack, seed, fraction) in self.done
@@ -286,7 +282,7 @@ class _Progress:
     def record(self, new_rows: Iterable[dict]) -> None:
         for row in new_rows:
             self.rows.append(row)
-            self.done.add(_row_key(row))
+            self.done.add(row_key(row))
             if self.on_row is not None:
                 self.on_row(row)
         if self.path is not None:
