@@ -1,0 +1,97 @@
+"""One setup's protected encoders pooled over independent draws, each beside its own sparse scratch.
+
+The same protection seed protected on two machines gives two different encoders (the CPUs'
+floating-point kernels differ and training follows another path; docs/RESULTS.md), so runs
+from two machines cannot be paired seed by seed as sweep seeds of one encoder can
+(``converged_table.py``'s ``+``). Each (folder, protection seed) here is its own draw: one
+protected encoder with its own mask on a random initialisation (``-sparse_scratch``), attacked
+under the folder's sweep seed. Printed, over all draws: the mean SLC-AUC of the attack with a
+95% t-interval for the protected encoders, their sparse scratch, and the paired difference
+(protected minus its own sparse scratch, draw by draw); then the per-target means. Each
+folder's number for a model is its mean over the run's targets, each weighed equally.
+
+    .venv/bin/python benchmarks/pool_draws.py label_free \\
+        benchmarks/results/converged_cl/files_label_free_cl_lr_grid5_masked \\
+        benchmarks/results/converged_cl/files_label_free_cl_grid5_sweep2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ntp_ssl.evaluate.slc import mean_ci95
+from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX
+
+sys.path.insert(0, str(Path(__file__).parent))
+from converged_table import parse_model  # noqa: E402
+
+
+def read_draws(setup: str, folder: Path, attack: str) -> dict[int, dict[str, dict[str, float]]]:
+    """protection seed -> {"protected" | "sparse_scratch": {target: SLC-AUC of ``attack``}} of one folder."""
+    summary = json.loads((folder / "summary.json").read_text())
+    draws: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in summary["summary"]:
+        name, kind, seed = parse_model(row["model"])
+        if name != setup or seed is None or row["attack"] != attack:
+            continue
+        draws[seed]["sparse_scratch" if kind == SPARSE_SCRATCH_SUFFIX else "protected"][row["domain"]] = \
+            float(row["slc_auc"])
+    return {seed: dict(kinds) for seed, kinds in draws.items()}
+
+
+def pool(setup: str, folders: list[Path], attack: str) -> dict:
+    """The draws of every folder (each seed with both kinds on the same targets), their means over
+    targets, and the per-target lists; a folder without a complete draw is an error."""
+    units, per_target = [], defaultdict(lambda: defaultdict(list))
+    for folder in folders:
+        draws = read_draws(setup, folder, attack)
+        complete = {s: d for s, d in draws.items()
+                    if set(d) == {"protected", "sparse_scratch"} and d["protected"].keys() == d["sparse_scratch"].keys()}
+        if not complete:
+            raise SystemExit(f"error: {folder} holds no {setup}-seed<k> model with its {SPARSE_SCRATCH_SUFFIX} twin "
+                             f"under attack {attack!r}; accepted: an evaluate run with sparse_scratch=[...]")
+        for seed in sorted(complete):
+            kinds = complete[seed]
+            means = {kind: sum(v.values()) / len(v) for kind, v in kinds.items()}
+            units.append((str(folder), seed, means["protected"], means["sparse_scratch"]))
+            for kind, values in kinds.items():
+                for target, value in values.items():
+                    per_target[target][kind].append(value)
+    return {"units": units, "per_target": per_target}
+
+
+def fmt(values: list[float]) -> str:
+    mean, low, high = mean_ci95(values)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setup", help="the models' name before -seed<k>, e.g. label_free")
+    parser.add_argument("folders", nargs="+", type=Path, help="evaluate runs' files folders, one per draw")
+    parser.add_argument("--attack", default="finetune_masked")
+    args = parser.parse_args()
+    for folder in args.folders:
+        if not (folder / "summary.json").is_file():
+            raise SystemExit(f"error: {folder} holds no summary.json of an evaluate run")
+    pooled = pool(args.setup, args.folders, args.attack)
+    units = pooled["units"]
+    protected = [u[2] for u in units]
+    scratch = [u[3] for u in units]
+    print(f"{args.attack}, {len(units)} draws ({len(args.folders)} folders):\n")
+    print("| draw | protected | its sparse scratch | difference |\n|---|---:|---:|---:|")
+    for folder, seed, p, s in units:
+        print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {s:+.3f} | {p - s:+.3f} |")
+    print(f"| **all draws** | {fmt(protected)} | {fmt(scratch)} | {fmt([p - s for p, s in zip(protected, scratch)])} |")
+    print("\nper target (mean over draws): protected / its sparse scratch / difference")
+    for target, kinds in sorted(pooled["per_target"].items()):
+        p, s = kinds["protected"], kinds["sparse_scratch"]
+        print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(s) / len(s):+.3f} / {(sum(p) - sum(s)) / len(p):+.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""benchmarks/pool_draws.py: every (folder, protection seed) is one draw, paired with its own sparse
+scratch; the pooled mean, interval and per-target means against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from pool_draws import pool  # noqa: E402
+
+
+def _run_folder(path: Path, values: dict[str, dict[str, float]], attack: str = "finetune_masked") -> Path:
+    """A files folder whose summary holds ``values``: model -> target -> SLC-AUC, plus a row of
+    another attack and another setup that must be left out."""
+    rows = [{"model": model, "domain": target, "attack": attack, "slc_auc": value}
+            for model, per_target in values.items() for target, value in per_target.items()]
+    rows.append({"model": "label_free-seed1", "domain": "optdigits", "attack": "finetune_dense", "slc_auc": 9.0})
+    rows.append({"model": "magnitude-seed1", "domain": "optdigits", "attack": attack, "slc_auc": 9.0})
+    path.mkdir()
+    (path / "summary.json").write_text(json.dumps({"summary": rows, "source_accuracy": {}, "verdicts": []}))
+    return path
+
+
+def test_pool_pairs_each_draw_with_its_own_sparse_scratch(tmp_path):
+    a = _run_folder(tmp_path / "a", {
+        "label_free-seed1": {"optdigits": -1.0, "mnistm": -0.2},
+        "label_free-seed1-sparse_scratch": {"optdigits": -0.4, "mnistm": 0.0},
+        "label_free-seed2": {"optdigits": -0.6, "mnistm": -0.4},
+        "label_free-seed2-sparse_scratch": {"optdigits": -0.2, "mnistm": -0.2},
+    })
+    b = _run_folder(tmp_path / "b", {  # the same seed number on another machine: another draw
+        "label_free-seed1": {"optdigits": -0.8, "mnistm": 0.0},
+        "label_free-seed1-sparse_scratch": {"optdigits": -0.1, "mnistm": -0.1},
+    })
+    pooled = pool("label_free", [a, b], "finetune_masked")
+    units = [(Path(folder).name, seed, round(p, 9), round(s, 9)) for folder, seed, p, s in pooled["units"]]
+    assert units == [("a", 1, -0.6, -0.2), ("a", 2, -0.5, -0.2), ("b", 1, -0.4, -0.1)]
+    assert pooled["per_target"]["optdigits"]["protected"] == [-1.0, -0.6, -0.8]
+    assert pooled["per_target"]["mnistm"]["sparse_scratch"] == [0.0, -0.2, -0.1]
+
+    printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pool_draws.py"), "label_free", str(a), str(b)],
+                             capture_output=True, text=True, check=True).stdout
+    diffs = [-0.4, -0.3, -0.3]  # protected minus its own sparse scratch, draw by draw
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302653 * sd / math.sqrt(3)  # t_{0.975, 2}
+    assert f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in printed
+    assert "optdigits: -0.800 / -0.233 / -0.567" in printed
+
+
+def test_pool_refuses_a_folder_without_sparse_scratch(tmp_path):
+    a = _run_folder(tmp_path / "a", {"label_free-seed1": {"optdigits": -1.0}})
+    with pytest.raises(SystemExit, match="sparse_scratch"):
+        pool("label_free", [a], "finetune_masked")
