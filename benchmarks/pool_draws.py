@@ -23,11 +23,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ntp_ssl.evaluate.slc import mean_ci95
 from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX
 
 sys.path.insert(0, str(Path(__file__).parent))
-from converged_table import parse_model  # noqa: E402
+from converged_table import fmt_ci, parse_model  # noqa: E402
 
 
 def read_draws(setup: str, folder: Path, attack: str) -> dict[int, dict[str, dict[str, float]]]:
@@ -64,11 +63,6 @@ def pool(setup: str, folders: list[Path], attack: str) -> dict:
     return {"units": units, "per_target": per_target}
 
 
-def fmt(values: list[float]) -> str:
-    mean, low, high = mean_ci95(values)
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setup", help="the models' name before -seed<k>, e.g. label_free")
@@ -86,7 +80,7 @@ def main() -> None:
     print("| draw | protected | its sparse scratch | difference |\n|---|---:|---:|---:|")
     for folder, seed, p, s in units:
         print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {s:+.3f} | {p - s:+.3f} |")
-    print(f"| **all draws** | {fmt(protected)} | {fmt(scratch)} | {fmt([p - s for p, s in zip(protected, scratch)])} |")
+    print(f"| **all draws** | {fmt_ci(protected)} | {fmt_ci(scratch)} | {fmt_ci([p - s for p, s in zip(protected, scratch)])} |")
     print("\nper target (mean over draws): protected / its sparse scratch / difference")
     for target, kinds in sorted(pooled["per_target"].items()):
         p, s = kinds["protected"], kinds["sparse_scratch"]
