@@ -44,12 +44,16 @@ def read_draws(setup: str, folder: Path, attack: str) -> dict[int, dict[str, dic
 
 def pool(setup: str, folders: list[Path], attack: str) -> dict:
     """The draws of every folder (each seed with both kinds on the same targets), their means over
-    targets, and the per-target lists; a folder without a complete draw is an error."""
+    targets, and the per-target lists; an incomplete draw is left out with a warning, and a folder
+    without a complete draw is an error."""
     units, per_target = [], defaultdict(lambda: defaultdict(list))
     for folder in folders:
         draws = read_draws(setup, folder, attack)
         complete = {s: d for s, d in draws.items()
                     if set(d) == {"protected", "sparse_scratch"} and d["protected"].keys() == d["sparse_scratch"].keys()}
+        for seed in sorted(set(draws) - set(complete)):
+            print(f"warning: {folder}: {setup}-seed{seed} left out: it lacks its {SPARSE_SCRATCH_SUFFIX} twin "
+                  f"under {attack!r} or the two hold different targets", file=sys.stderr)
         if not complete:
             raise SystemExit(f"error: {folder} holds no {setup}-seed<k> model with its {SPARSE_SCRATCH_SUFFIX} twin "
                              f"under attack {attack!r}; accepted: an evaluate run with sparse_scratch=[...]")
@@ -80,7 +84,8 @@ def main() -> None:
     print("| draw | protected | its sparse scratch | difference |\n|---|---:|---:|---:|")
     for folder, seed, p, s in units:
         print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {s:+.3f} | {p - s:+.3f} |")
-    print(f"| **all draws** | {fmt_ci(protected)} | {fmt_ci(scratch)} | {fmt_ci([p - s for p, s in zip(protected, scratch)])} |")
+    differences = [p - s for p, s in zip(protected, scratch)]
+    print(f"| **all draws** | {fmt_ci(protected)} | {fmt_ci(scratch)} | {fmt_ci(differences)} |")
     print("\nper target (mean over draws): protected / its sparse scratch / difference")
     for target, kinds in sorted(pooled["per_target"].items()):
         p, s = kinds["protected"], kinds["sparse_scratch"]

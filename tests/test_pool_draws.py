@@ -59,3 +59,14 @@ def test_pool_refuses_a_folder_without_sparse_scratch(tmp_path):
     a = _run_folder(tmp_path / "a", {"label_free-seed1": {"optdigits": -1.0}})
     with pytest.raises(SystemExit, match="sparse_scratch"):
         pool("label_free", [a], "finetune_masked")
+
+
+def test_pool_warns_about_a_draw_it_leaves_out(tmp_path, capsys):
+    a = _run_folder(tmp_path / "a", {
+        "label_free-seed1": {"optdigits": -1.0},
+        "label_free-seed1-sparse_scratch": {"optdigits": -0.4},
+        "label_free-seed2": {"optdigits": -0.6},  # no sparse scratch: not a complete draw
+    })
+    pooled = pool("label_free", [a], "finetune_masked")
+    assert [seed for _, seed, _, _ in pooled["units"]] == [1]
+    assert "label_free-seed2 left out" in capsys.readouterr().err
