@@ -176,6 +176,7 @@ def test_a_run_directory_left_by_a_start_up_error_is_taken_over_by_the_corrected
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text("x: 1\n")
     (run_dir / "pretrain.log").write_text("error\n")
+    (run_dir / "machine.json").write_text("[]\n")  # start_stage records the machine before start-up checks end
     (run_dir / "tb").mkdir()
     assert claim_run_dir(run_dir, good) is False
     assert json.loads((run_dir / "run_config.json").read_text())["optim"]["batch_size"] == 64

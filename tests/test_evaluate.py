@@ -150,6 +150,8 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     assert set(verdict["target_slc_auc"]) == {"linear", "knn", "finetune_dense", "best"}
     assert (run_dir / "summary.md").read_text().startswith("- ssl: source linear")
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
+    machines = json.loads((run_dir / "machine.json").read_text())  # which CPU and torch made these numbers
+    assert len(machines) == 1 and machines[0]["torch"] == torch.__version__ and machines[0]["device"] == "cpu"
     tags = _scalar_tags(run_dir / "tb")
     assert "slc/optdigits/linear/ssl" in tags and "slc_auc/optdigits/linear/ssl" in tags
     report = cli("report", f"runs=[{run_dir}]", "run_name=rep")

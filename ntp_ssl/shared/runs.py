@@ -147,14 +147,15 @@ def release_run_dir(run_dir: Path) -> None:
 def holds_work(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds anything a run made besides its bookkeeping.
 
-    Bookkeeping is ``run_config.json``, Hydra's ``.hydra/`` folder, ``*.log`` files and a
-    ``tb/`` folder without event files: what a run that stopped at a start-up error
+    Bookkeeping is ``run_config.json``, ``machine.json``, Hydra's ``.hydra/`` folder, ``*.log``
+    files and a ``tb/`` folder without event files: what a run that stopped at a start-up error
     (a bad value, a missing file) leaves behind. Such a run directory can be claimed by a
     corrected config; one that holds checkpoints, results or TensorBoard events cannot.
     """
     for entry in run_dir.iterdir():
         name = entry.name
-        if name in ("run_config.json", ".hydra", LOCK_NAME) or name.startswith(".tmp-") or (entry.is_file() and name.endswith(".log")):
+        bookkeeping = name in ("run_config.json", "machine.json", ".hydra", LOCK_NAME) or name.startswith(".tmp-")
+        if bookkeeping or (entry.is_file() and name.endswith(".log")):
             continue
         if name == "tb" and entry.is_dir() and not any(p.is_file() for p in entry.rglob("*")):
             continue

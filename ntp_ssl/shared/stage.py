@@ -18,6 +18,7 @@ from ntp_ssl.shared.checkpoint import (
     resolve_checkpoint_path,
     sha256_file,
 )
+from ntp_ssl.shared.machine import record_machine
 from ntp_ssl.shared.runs import claim_run_dir
 from ntp_ssl.shared.train import configure_threads, resolve_device, seed_everything, use_deterministic_cuda
 
@@ -82,5 +83,7 @@ def start_stage(cfg: Any, run_dir: Path, *, rank: int = 0, claim: bool = True,
     device = resolve_device(cfg.trainer.device)
     if device.type == "cuda":
         use_deterministic_cuda()
+    if claim and rank == 0:
+        record_machine(run_dir, device)  # machine.json: which CPU and torch made this run's numbers
     cache_dir = Path(cfg.paths.cache_dir or default_cache_dir()).expanduser()
     return StageContext(run_dir=run_dir, cache_dir=cache_dir, device=device)

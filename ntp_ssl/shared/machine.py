@@ -1,0 +1,109 @@
+"""What machine a run ran on, recorded beside its results (``machine.json`` in the run directory).
+
+Same seed and config give the same numbers on one machine, not across machines: torch picks
+its CPU kernels by instruction set (AVX2, AVX-512, ...), and kernels that add in another
+order round differently, so training follows another path (docs/RELIABILITY.md). A result
+file that does not say which CPU made it cannot be paired with another one safely, so every
+stage appends what it runs on to ``machine.json``, one entry per start; a resumed run that
+moved to another machine says so in its log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ntp_ssl.io import atomic_write_json
+
+log = logging.getLogger("ntp_ssl.machine")
+
+MACHINE_FILE = "machine.json"
+# the instruction-set flags that change which CPU kernels torch and oneDNN run
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+# what must agree for two runs to be expected to give the same numbers (not the start time)
+IDENTITY_KEYS = ("cpu", "cpu_capability", "kernel_flags", "torch", "threads", "device")
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]:
+    """(model name, the KERNEL_FLAGS it has) from Linux's cpuinfo; (None, []) elsewhere."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None, []
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
+def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The facts of this machine that decide a run's float results (no time stamp)."""
+    model, flags = _cpuinfo(cpuinfo)
+    device = torch.device(device)
+    described = {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_flags": flags,
+        "logical_cpus": _logical_cpus(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "device": device.type if device.type != "cuda" else f"cuda: {torch.cuda.get_device_name(device)}",
+    }
+    return described
+
+
+def _logical_cpus() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two entries describe machines expected to give the same numbers."""
+    return all(a.get(key) == b.get(key) for key in IDENTITY_KEYS)
+
+
+def read_machines(run_dir: Path) -> list[dict[str, Any]]:
+    """The entries of ``run_dir``'s machine.json, oldest first ([] when there is none or it is unreadable)."""
+    path = Path(run_dir) / MACHINE_FILE
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def record_machine(run_dir: Path, device: torch.device | str = "cpu", *, argv: list[str] | None = None,
+                   cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """Append this start's machine to ``run_dir``/machine.json and return the entry; warn when
+    an earlier start of the same run directory ran on a machine that gives other numbers."""
+    run_dir = Path(run_dir)
+    earlier = read_machines(run_dir)
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "command": " ".join(sys.argv if argv is None else argv)[:300],
+             **describe_machine(device, cpuinfo=cpuinfo)}
+    others = [e for e in earlier if not same_machine(e, entry)]
+    if others:
+        before = others[-1]
+        log.warning("run directory %s was started before on another machine (%s, torch %s, %s threads); what "
+                    "it trained there can differ from what this machine (%s, torch %s, %s threads) trains from "
+                    "the same seed: pair results of one machine only", run_dir, before.get("cpu"),
+                    before.get("torch"), before.get("threads"), entry["cpu"], entry["torch"], entry["threads"])
+    atomic_write_json(run_dir / MACHINE_FILE, earlier + [entry])
+    return entry
