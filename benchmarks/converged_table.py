@@ -12,7 +12,9 @@ hold it (a warning names a seed, or a seed's attack, that some group lacks, and 
 such a cell with ``*``: it mixes groups), so the interval is still over protection seeds. The
 same join averages over targets (RESULTS' "syndigits and mnistm together"). A run holding
 several targets (``data.targets=[...]``) is read as the mean over its targets, each weighed
-equally: each target is its own group, with the same warnings and marks. The accuracy-by-n
+equally: each target is its own group, with the same warnings and marks. ``--targets a,b``
+reads only those targets of every run; a pair of setups over different target sets is
+printed with a warning (its difference mixes targets). The accuracy-by-n
 table is printed per target.
 Printed: per setup, the mean SLC-AUC of each attack over the protection seeds with a 95%
 t-interval and the source linear / kNN accuracy (a run with ``sparse_scratch=[...]`` adds a
@@ -163,20 +165,30 @@ def main() -> None:
     parser.add_argument("--curve-n", default=None,
                         help="comma list of sample counts for every target's accuracy-by-n table "
                              f"(default: each target's {CURVE_POINTS} largest)")
+    parser.add_argument("--targets", default=None,
+                        help="comma list: read only these targets of every run (default: all each run holds)")
     args = parser.parse_args()
-    setups = {}
+    wanted = set(args.targets.split(",")) if args.targets else None
+    setups, targets_of = {}, {}
     for item in args.setups:
         name, sep, folders = item.partition("=")
         if not sep or not folders:
             raise SystemExit(f"error: {item!r} is not SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...]")
         # one group per '+' group and target: a run of several targets is read as the mean over them
-        read = [by_kind for group in folders.split("+") for by_kind in read_setup(name, parse_group(group)).values()]
+        by_target = [(target, by_kind) for group in folders.split("+")
+                     for target, by_kind in read_setup(name, parse_group(group)).items()
+                     if wanted is None or target in wanted]
+        if not by_target:
+            raise SystemExit(f"error: setup {name!r} holds none of --targets {args.targets!r}")
+        targets_of[name] = {target for target, _ in by_target}
+        read = [by_kind for _, by_kind in by_target]
         setups[name] = merge_sweep_seeds(name, [by_kind[""] for by_kind in read])
         # a run with sparse_scratch=[...] also holds each model's mask on a random
         # initialisation: its own row, paired with the setup's by protection seed below
         sparse = merge_sweep_seeds(f"{name} sparse scratch", [by_kind[SPARSE_SCRATCH] for by_kind in read])
         if sparse[0]:
             setups[f"{name} sparse scratch"] = sparse
+            targets_of[f"{name} sparse scratch"] = targets_of[name]
 
     attacks = [a for a in ATTACKS if any(a in m for metrics, *_ in setups.values() for m in metrics.values())]
     print("| setup | seeds | " + " | ".join(attacks) + " | source linear | source kNN |")
@@ -205,6 +217,10 @@ def main() -> None:
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             (a, _, _, partial_a), (b, _, _, partial_b) = setups[first], setups[second]
+            if targets_of[first] != targets_of[second]:  # a mean over other targets is not a pair
+                print(f"warning: {first} holds targets {sorted(targets_of[first])} and {second} "
+                      f"{sorted(targets_of[second])}: their difference mixes target sets; pass --targets "
+                      "to compare the same ones", file=sys.stderr)
             # one side a single model (the unprotected encoder, read as one seed): every seed of
             # the other minus it (the cross product), the interval over the other's seeds alone
             if len(a) == 1 < len(b) or len(b) == 1 < len(a):

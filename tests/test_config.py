@@ -418,6 +418,24 @@ def test_converged_table_averages_a_run_of_several_targets(tmp_path):
     blocks = subprocess.run([sys.executable, str(script), f"x={run}"], capture_output=True, text=True,
                             check=True).stdout.split("finetune_dense on ")[1:]
     assert "| model | 2 | 3 | 4 | 5 | 10 |" in blocks[0]
+    # a setup of target a alone, paired with x (targets a and b): the script warns that the pair
+    # mixes target sets, and --targets a compares target a on both sides
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    solo.joinpath("summary.json").write_text(json.dumps({
+        "summary": [{"model": "u", "domain": "a", "attack": "finetune_dense", "slc_auc": 0.5}],
+        "source_accuracy": {"u": {"linear": 0.9, "knn": 0.8}}}))
+    solo.joinpath("results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n")
+    mixed = subprocess.run([sys.executable, str(script), f"x={run}", f"u={solo}@1"], capture_output=True,
+                           text=True, check=True)
+    assert "mixes target sets" in mixed.stderr and "| x - u | 1,2 (vs its one model) | -0.800 [" in mixed.stdout
+    same = subprocess.run([sys.executable, str(script), "--targets", "a", f"x={run}", f"u={solo}@1"],
+                          capture_output=True, text=True, check=True)
+    assert "mixes target sets" not in same.stderr
+    assert "| x | 1,2 | -0.100 [" in same.stdout  # seed 1 -0.2, seed 2 0.0 on target a
+    assert "| x - u | 1,2 (vs its one model) | -0.600 [" in same.stdout
+    none = subprocess.run([sys.executable, str(script), "--targets", "zzz", f"x={run}"], capture_output=True, text=True)
+    assert none.returncode != 0 and "holds none of --targets 'zzz'" in none.stderr
     assert "| scratch | 0.100 | 0.100 | 0.100 | 0.400 | 0.500 |" in blocks[0]
     assert "| model | 3 | 10 |" in blocks[1] and "| x |  | 0.100 |" in blocks[1]
 
