@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ntp_ssl.shared.machine import cpu_model, logical_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -75,29 +77,15 @@ def compose_config(stage: str, overrides: list[str]):
         return compose(config_name=stage, overrides=list(overrides))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def system_info() -> dict[str, Any]:
     """What the numbers depend on: versions, threads, CPU, and how busy the machine was."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_cores_available": cores,
+        "cpu_model": cpu_model(),  # the library's, as run directories' machine.json records it
+        "cpu_cores_available": logical_cpus(),
         "cuda": torch.cuda.is_available(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),

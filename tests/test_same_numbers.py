@@ -54,10 +54,10 @@ RECORDED = {
 
 def cpu_family() -> str:
     """The CPU as far as it decides float kernels: torch's vector capability and the model name
-    (benchmarks/bench_pretrain.py's ``cpu_model``, which its result files record)."""
-    from conftest import load_benchmark
+    (``ntp_ssl.shared.machine.cpu_model``, which machine.json and the benchmarks' files record)."""
+    from ntp_ssl.shared.machine import cpu_model
 
-    return f"{torch.backends.cpu.get_cpu_capability()}, {load_benchmark('bench_pretrain').cpu_model()}"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
 
 
 def tensor_digest(path: Path) -> str:

@@ -17,11 +17,12 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ntp_ssl.io import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ntp_ssl.machine")
 
@@ -38,40 +39,53 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]
         text = path.read_text(errors="replace")
     except OSError:
         return None, []
-    model, flags = None, set()
-    for line in text.splitlines():
+    model, flags = None, None
+    for line in text.splitlines():  # the first processor's lines; every processor repeats them
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and model is None:
             model = value.strip()
-        elif key == "flags" and not flags:
+        elif key == "flags" and flags is None:
             flags = set(value.split())
-    return model, [flag for flag in KERNEL_FLAGS if flag in flags]
+        if model is not None and flags is not None:
+            break
+    return model, [flag for flag in KERNEL_FLAGS if flag in (flags or ())]
+
+
+def cpu_model(*, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux's cpuinfo; elsewhere what ``platform`` knows)."""
+    return _cpuinfo(cpuinfo)[0] or _platform_cpu()
+
+
+def _platform_cpu() -> str:
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def logical_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
 
 
 def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """The facts of this machine that decide a run's float results (no time stamp)."""
+    import torch  # here, not at the top: runs.py reads MACHINE_FILE and stays free of torch
+
     model, flags = _cpuinfo(cpuinfo)
     device = torch.device(device)
-    described = {
-        "cpu": model or platform.processor() or platform.machine(),
+    return {
+        "cpu": model or _platform_cpu(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "kernel_flags": flags,
-        "logical_cpus": _logical_cpus(),
+        "logical_cpus": logical_cpus(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "device": device.type if device.type != "cuda" else f"cuda: {torch.cuda.get_device_name(device)}",
     }
-    return described
-
-
-def _logical_cpus() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count()
 
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:

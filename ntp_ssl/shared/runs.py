@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from ntp_ssl.config import to_plain
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
+from ntp_ssl.shared.machine import MACHINE_FILE
 
 log = logging.getLogger("ntp_ssl")
 
@@ -154,7 +155,7 @@ def holds_work(run_dir: Path) -> bool:
     """
     for entry in run_dir.iterdir():
         name = entry.name
-        bookkeeping = name in ("run_config.json", "machine.json", ".hydra", LOCK_NAME) or name.startswith(".tmp-")
+        bookkeeping = name in ("run_config.json", MACHINE_FILE, ".hydra", LOCK_NAME) or name.startswith(".tmp-")
         if bookkeeping or (entry.is_file() and name.endswith(".log")):
             continue
         if name == "tb" and entry.is_dir() and not any(p.is_file() for p in entry.rglob("*")):
