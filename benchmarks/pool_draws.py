@@ -13,6 +13,11 @@ folder's number for a model is its mean over the run's targets, each weighed equ
     .venv/bin/python benchmarks/pool_draws.py label_free \\
         benchmarks/results/converged_cl/files_label_free_cl_lr_grid5_masked \\
         benchmarks/results/converged_cl/files_label_free_cl_grid5_sweep2
+
+``--against random_mask=FOLDER,FOLDER`` adds a control measured in its own runs, one folder per
+draw folder and in the same order (same machine and sweep seed): each draw is paired with the
+control's model of the same protection seed on the same targets, and the difference (protected
+minus control) is pooled over the draws like the sparse-scratch one.
 """
 
 from __future__ import annotations
@@ -67,13 +72,42 @@ def pool(setup: str, folders: list[Path], attack: str) -> dict:
     return {"units": units, "per_target": per_target}
 
 
+def against(setup: str, folders: list[Path], control: str, control_folders: list[Path], attack: str) -> list[tuple]:
+    """(folder, seed, protected, control) per draw: the control's ``control-seed<k>`` in the control
+    folder paired with ``folders[i]``, averaged over the protected model's targets; a draw whose
+    control model or targets are missing is an error (a mixed pair is not a paired difference)."""
+    if len(folders) != len(control_folders):
+        raise SystemExit(f"error: --against gave {len(control_folders)} folders for {len(folders)} draw folders; "
+                         "accepted: one control folder per draw folder, in the same order")
+    pairs = []
+    for folder, control_folder in zip(folders, control_folders):
+        mine = {s: d["protected"] for s, d in read_draws(setup, folder, attack).items() if "protected" in d}
+        theirs = {s: d["protected"] for s, d in read_draws(control, control_folder, attack).items() if "protected" in d}
+        for seed, values in sorted(mine.items()):
+            missing = set(values) - set(theirs.get(seed, {}))
+            if missing:
+                raise SystemExit(f"error: {control_folder} lacks {control}-seed{seed} under {attack!r} on "
+                                 f"{sorted(missing)}; accepted: a control run of the same seeds and targets")
+            pairs.append((str(folder), seed, sum(values.values()) / len(values),
+                          sum(theirs[seed][t] for t in values) / len(values)))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setup", help="the models' name before -seed<k>, e.g. label_free")
     parser.add_argument("folders", nargs="+", type=Path, help="evaluate runs' files folders, one per draw")
     parser.add_argument("--attack", default="finetune_masked")
+    parser.add_argument("--against", action="append", default=[], metavar="SETUP=FOLDER[,FOLDER...]",
+                        help="a control's runs, one folder per draw folder in the same order")
     args = parser.parse_args()
-    for folder in args.folders:
+    controls = []
+    for spec in args.against:
+        name, _, group = spec.partition("=")
+        if not name or not group:
+            raise SystemExit(f"error: --against {spec!r}: accepted: SETUP=FOLDER[,FOLDER...]")
+        controls.append((name, [Path(g) for g in group.split(",")]))
+    for folder in args.folders + [f for _, group in controls for f in group]:
         if not (folder / "summary.json").is_file():
             raise SystemExit(f"error: {folder} holds no summary.json of an evaluate run")
     pooled = pool(args.setup, args.folders, args.attack)
@@ -90,6 +124,14 @@ def main() -> None:
     for target, kinds in sorted(pooled["per_target"].items()):
         p, s = kinds["protected"], kinds["sparse_scratch"]
         print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(s) / len(s):+.3f} / {(sum(p) - sum(s)) / len(p):+.3f}")
+    for name, group in controls:
+        pairs = against(args.setup, args.folders, name, group, args.attack)
+        print(f"\n{args.setup} against {name}, paired draw by draw (same folder order, same seed, same targets):\n")
+        print(f"| draw | {args.setup} | {name} | difference |\n|---|---:|---:|---:|")
+        for folder, seed, p, c in pairs:
+            print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {c:+.3f} | {p - c:+.3f} |")
+        print(f"| **all draws** | {fmt_ci([p for *_, p, _ in pairs])} | {fmt_ci([c for *_, c in pairs])} "
+              f"| {fmt_ci([p - c for *_, p, c in pairs])} |")
 
 
 if __name__ == "__main__":

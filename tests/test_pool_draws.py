@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from pool_draws import pool  # noqa: E402
+from pool_draws import against, pool  # noqa: E402
 
 
 def _run_folder(path: Path, values: dict[str, dict[str, float]], attack: str = "finetune_masked") -> Path:
@@ -70,3 +70,33 @@ def test_pool_warns_about_a_draw_it_leaves_out(tmp_path, capsys):
     pooled = pool("label_free", [a], "finetune_masked")
     assert [seed for _, seed, _, _ in pooled["units"]] == [1]
     assert "label_free-seed2 left out" in capsys.readouterr().err
+
+
+def test_against_pairs_a_control_folder_with_each_draw_folder(tmp_path):
+    a = _run_folder(tmp_path / "a", {"label_free-seed1": {"optdigits": -1.0, "mnistm": -0.2},
+                                     "label_free-seed1-sparse_scratch": {"optdigits": 0.0, "mnistm": 0.0}})
+    b = _run_folder(tmp_path / "b", {"label_free-seed1": {"optdigits": -0.8, "mnistm": 0.0},
+                                     "label_free-seed1-sparse_scratch": {"optdigits": 0.0, "mnistm": 0.0}})
+    # the control's own runs; a third target in one of them is not read (the draw's targets are)
+    ca = _run_folder(tmp_path / "ca", {"random_mask-seed1": {"optdigits": -0.4, "mnistm": 0.0, "syndigits": 5.0}})
+    cb = _run_folder(tmp_path / "cb", {"random_mask-seed1": {"optdigits": -0.2, "mnistm": -0.2}})
+    pairs = against("label_free", [a, b], "random_mask", [ca, cb], "finetune_masked")
+    assert [(Path(f).name, s, round(p, 9), round(c, 9)) for f, s, p, c in pairs] == \
+        [("a", 1, -0.6, -0.2), ("b", 1, -0.4, -0.2)]
+
+    printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pool_draws.py"), "label_free", str(a), str(b),
+                              "--against", f"random_mask={ca},{cb}"], capture_output=True, text=True, check=True).stdout
+    diffs = [-0.4, -0.2]
+    mean = sum(diffs) / 2
+    half = 12.706205 * math.sqrt(sum((d - mean) ** 2 for d in diffs)) / math.sqrt(2)  # t_{0.975, 1}
+    assert f"| {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] |" in printed
+
+
+def test_against_refuses_a_control_missing_a_target_or_a_folder(tmp_path):
+    a = _run_folder(tmp_path / "a", {"label_free-seed1": {"optdigits": -1.0, "mnistm": -0.2},
+                                     "label_free-seed1-sparse_scratch": {"optdigits": 0.0, "mnistm": 0.0}})
+    ca = _run_folder(tmp_path / "ca", {"random_mask-seed1": {"optdigits": -0.4}})
+    with pytest.raises(SystemExit, match=r"lacks random_mask-seed1 .*\['mnistm'\]"):
+        against("label_free", [a], "random_mask", [ca], "finetune_masked")
+    with pytest.raises(SystemExit, match="one control folder per draw folder"):
+        against("label_free", [a], "random_mask", [ca, ca], "finetune_masked")
