@@ -72,14 +72,16 @@ def pool(setup: str, folders: list[Path], attack: str) -> dict:
     return {"units": units, "per_target": per_target}
 
 
-def against(setup: str, folders: list[Path], control: str, control_folders: list[Path], attack: str) -> list[tuple]:
+def against(setup: str, folders: list[Path], control: str, control_folders: list[Path],
+            attack: str) -> tuple[list[tuple], dict[str, dict[str, list[float]]]]:
     """(folder, seed, protected, control) per draw: the control's ``control-seed<k>`` in the control
-    folder paired with ``folders[i]``, averaged over the protected model's targets; a draw whose
-    control model or targets are missing is an error (a mixed pair is not a paired difference)."""
+    folder paired with ``folders[i]``, averaged over the protected model's targets; and per target the
+    two lists. A draw whose control model or targets are missing is an error (a mixed pair is not a
+    paired difference)."""
     if len(folders) != len(control_folders):
         raise SystemExit(f"error: --against gave {len(control_folders)} folders for {len(folders)} draw folders; "
                          "accepted: one control folder per draw folder, in the same order")
-    pairs = []
+    pairs, per_target = [], defaultdict(lambda: defaultdict(list))
     for folder, control_folder in zip(folders, control_folders):
         mine = {s: d["protected"] for s, d in read_draws(setup, folder, attack).items() if "protected" in d}
         theirs = {s: d["protected"] for s, d in read_draws(control, control_folder, attack).items() if "protected" in d}
@@ -90,7 +92,10 @@ def against(setup: str, folders: list[Path], control: str, control_folders: list
                                  f"{sorted(missing)}; accepted: a control run of the same seeds and targets")
             pairs.append((str(folder), seed, sum(values.values()) / len(values),
                           sum(theirs[seed][t] for t in values) / len(values)))
-    return pairs
+            for target, value in values.items():
+                per_target[target]["protected"].append(value)
+                per_target[target]["control"].append(theirs[seed][target])
+    return pairs, per_target
 
 
 def main() -> None:
@@ -125,13 +130,17 @@ def main() -> None:
         p, s = kinds["protected"], kinds["sparse_scratch"]
         print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(s) / len(s):+.3f} / {(sum(p) - sum(s)) / len(p):+.3f}")
     for name, group in controls:
-        pairs = against(args.setup, args.folders, name, group, args.attack)
+        pairs, per_target = against(args.setup, args.folders, name, group, args.attack)
         print(f"\n{args.setup} against {name}, paired draw by draw (same folder order, same seed, same targets):\n")
         print(f"| draw | {args.setup} | {name} | difference |\n|---|---:|---:|---:|")
         for folder, seed, p, c in pairs:
             print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {c:+.3f} | {p - c:+.3f} |")
         print(f"| **all draws** | {fmt_ci([p for *_, p, _ in pairs])} | {fmt_ci([c for *_, c in pairs])} "
               f"| {fmt_ci([p - c for *_, p, c in pairs])} |")
+        print(f"\nper target (mean over draws): {args.setup} / {name} / difference")
+        for target, kinds in sorted(per_target.items()):
+            p, c = kinds["protected"], kinds["control"]
+            print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(c) / len(c):+.3f} / {(sum(p) - sum(c)) / len(p):+.3f}")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,11 @@ def test_against_pairs_a_control_folder_with_each_draw_folder(tmp_path):
     # the control's own runs; a third target in one of them is not read (the draw's targets are)
     ca = _run_folder(tmp_path / "ca", {"random_mask-seed1": {"optdigits": -0.4, "mnistm": 0.0, "syndigits": 5.0}})
     cb = _run_folder(tmp_path / "cb", {"random_mask-seed1": {"optdigits": -0.2, "mnistm": -0.2}})
-    pairs = against("label_free", [a, b], "random_mask", [ca, cb], "finetune_masked")
+    pairs, per_target = against("label_free", [a, b], "random_mask", [ca, cb], "finetune_masked")
     assert [(Path(f).name, s, round(p, 9), round(c, 9)) for f, s, p, c in pairs] == \
         [("a", 1, -0.6, -0.2), ("b", 1, -0.4, -0.2)]
+    assert per_target["optdigits"] == {"protected": [-1.0, -0.8], "control": [-0.4, -0.2]}
+    assert set(per_target) == {"optdigits", "mnistm"}
 
     printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pool_draws.py"), "label_free", str(a), str(b),
                               "--against", f"random_mask={ca},{cb}"], capture_output=True, text=True, check=True).stdout
@@ -90,6 +92,7 @@ def test_against_pairs_a_control_folder_with_each_draw_folder(tmp_path):
     mean = sum(diffs) / 2
     half = 12.706205 * math.sqrt(sum((d - mean) ** 2 for d in diffs)) / math.sqrt(2)  # t_{0.975, 1}
     assert f"| {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] |" in printed
+    assert "optdigits: -0.900 / -0.300 / -0.600" in printed
 
 
 def test_against_refuses_a_control_missing_a_target_or_a_folder(tmp_path):
