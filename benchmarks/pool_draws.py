@@ -81,6 +81,9 @@ def against(setup: str, folders: list[Path], control: str, control_folders: list
     if len(folders) != len(control_folders):
         raise SystemExit(f"error: --against gave {len(control_folders)} folders for {len(folders)} draw folders; "
                          "accepted: one control folder per draw folder, in the same order")
+    if len(set(control_folders)) != len(control_folders):
+        raise SystemExit(f"error: --against names a control folder twice ({[str(f) for f in control_folders]}); "
+                         "accepted: each draw's own control run (another machine or sweep seed is another run)")
     pairs, per_target = [], defaultdict(lambda: defaultdict(list))
     for folder, control_folder in zip(folders, control_folders):
         mine = {s: d["protected"] for s, d in read_draws(setup, folder, attack).items() if "protected" in d}
@@ -96,6 +99,14 @@ def against(setup: str, folders: list[Path], control: str, control_folders: list
                 per_target[target]["protected"].append(value)
                 per_target[target]["control"].append(theirs[seed][target])
     return pairs, per_target
+
+
+def print_per_target(per_target: dict, first: str, second: str, names: str) -> None:
+    """Per target, the mean over draws of each kind and of their difference."""
+    print(f"\nper target (mean over draws): {names}")
+    for target, kinds in sorted(per_target.items()):
+        p, c = kinds[first], kinds[second]
+        print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(c) / len(c):+.3f} / {(sum(p) - sum(c)) / len(p):+.3f}")
 
 
 def main() -> None:
@@ -125,10 +136,8 @@ def main() -> None:
         print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {s:+.3f} | {p - s:+.3f} |")
     differences = [p - s for p, s in zip(protected, scratch)]
     print(f"| **all draws** | {fmt_ci(protected)} | {fmt_ci(scratch)} | {fmt_ci(differences)} |")
-    print("\nper target (mean over draws): protected / its sparse scratch / difference")
-    for target, kinds in sorted(pooled["per_target"].items()):
-        p, s = kinds["protected"], kinds["sparse_scratch"]
-        print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(s) / len(s):+.3f} / {(sum(p) - sum(s)) / len(p):+.3f}")
+    print_per_target(pooled["per_target"], "protected", "sparse_scratch",
+                     "protected / its sparse scratch / difference")
     for name, group in controls:
         pairs, per_target = against(args.setup, args.folders, name, group, args.attack)
         print(f"\n{args.setup} against {name}, paired draw by draw (same folder order, same seed, same targets):\n")
@@ -137,10 +146,7 @@ def main() -> None:
             print(f"| {Path(folder).name} seed {seed} | {p:+.3f} | {c:+.3f} | {p - c:+.3f} |")
         print(f"| **all draws** | {fmt_ci([p for *_, p, _ in pairs])} | {fmt_ci([c for *_, c in pairs])} "
               f"| {fmt_ci([p - c for *_, p, c in pairs])} |")
-        print(f"\nper target (mean over draws): {args.setup} / {name} / difference")
-        for target, kinds in sorted(per_target.items()):
-            p, c = kinds["protected"], kinds["control"]
-            print(f"  {target}: {sum(p) / len(p):+.3f} / {sum(c) / len(c):+.3f} / {(sum(p) - sum(c)) / len(p):+.3f}")
+        print_per_target(per_target, "protected", "control", f"{args.setup} / {name} / difference")
 
 
 if __name__ == "__main__":

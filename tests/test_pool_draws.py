@@ -103,3 +103,8 @@ def test_against_refuses_a_control_missing_a_target_or_a_folder(tmp_path):
         against("label_free", [a], "random_mask", [ca], "finetune_masked")
     with pytest.raises(SystemExit, match="one control folder per draw folder"):
         against("label_free", [a], "random_mask", [ca, ca], "finetune_masked")
+    b = _run_folder(tmp_path / "b", {"label_free-seed1": {"optdigits": -1.0, "mnistm": -0.2},
+                                     "label_free-seed1-sparse_scratch": {"optdigits": 0.0, "mnistm": 0.0}})
+    cb = _run_folder(tmp_path / "cb", {"random_mask-seed1": {"optdigits": -0.4, "mnistm": 0.0}})
+    with pytest.raises(SystemExit, match="names a control folder twice"):  # one control run paired with two draws
+        against("label_free", [a, b], "random_mask", [cb, cb], "finetune_masked")
