@@ -27,13 +27,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("ntp_ssl.machine")
 
 MACHINE_FILE = "machine.json"
+CPUINFO = Path("/proc/cpuinfo")  # Linux's; where it is missing, platform's names are used
 # the instruction-set flags that change which CPU kernels torch and oneDNN run
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 # what must agree for two runs to be expected to give the same numbers (not the start time)
 IDENTITY_KEYS = ("cpu", "cpu_capability", "kernel_flags", "torch", "threads", "device")
 
 
-def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]:
+def _cpuinfo(path: Path = CPUINFO) -> tuple[str | None, list[str]]:
     """(model name, the KERNEL_FLAGS it has) from Linux's cpuinfo; (None, []) elsewhere."""
     try:
         text = path.read_text(errors="replace")
@@ -52,7 +53,7 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]
     return model, [flag for flag in KERNEL_FLAGS if flag in (flags or ())]
 
 
-def cpu_model(*, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_model(*, cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name (Linux's cpuinfo; elsewhere what ``platform`` knows)."""
     return _cpuinfo(cpuinfo)[0] or _platform_cpu()
 
@@ -69,7 +70,7 @@ def logical_cpus() -> int | None:
         return os.cpu_count()
 
 
-def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = CPUINFO) -> dict[str, Any]:
     """The facts of this machine that decide a run's float results (no time stamp)."""
     import torch  # here, not at the top: runs.py reads MACHINE_FILE and stays free of torch
 
@@ -104,7 +105,7 @@ def read_machines(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def record_machine(run_dir: Path, device: torch.device | str = "cpu", *, argv: list[str] | None = None,
-                   cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+                   cpuinfo: Path = CPUINFO) -> dict[str, Any]:
     """Append this start's machine to ``run_dir``/machine.json and return the entry; warn when
     an earlier start of the same run directory ran on a machine that gives other numbers."""
     run_dir = Path(run_dir)
