@@ -20,8 +20,9 @@ control's model of the same protection seed on the same targets, and the differe
 minus control) is pooled over the draws like the sparse-scratch one.
 
 A draw measured in several runs, one per target, is one argument ``DIR+DIR+...``, in the draw
-list and in ``--against`` alike (each target in one run only). ``--targets a,b`` reads only those targets, so draws measured on different
-target sets can be pooled over the ones they share. ``--no-twin`` pools a setup evaluated
+list and in ``--against`` alike (each target in one run only). ``--targets a,b`` reads only
+those targets (every draw must hold each of them), so draws measured on different target sets
+can be pooled over the ones they share. ``--no-twin`` pools a setup evaluated
 without sparse scratch (``sparse_scratch=[]``; a setup on a random support, whose "own mask on
 a random initialisation" is the random-mask control): its draws are the protected models alone,
 compared with the controls of ``--against``.
@@ -91,6 +92,9 @@ def pool(setup: str, draws_folders: list[list[Path]], attack: str, targets: set[
                              f"{f' on {sorted(targets)}' if targets else ''}; accepted: {accepted}")
         for seed in sorted(complete):
             kinds = complete[seed]
+            if targets is not None and set(kinds["protected"]) != targets:  # a mean over fewer targets mixes
+                raise SystemExit(f"error: {name}: {setup}-seed{seed} holds {sorted(kinds['protected'])} of --targets "
+                                 f"{sorted(targets)}; accepted: targets every draw holds")
             means = {kind: sum(v.values()) / len(v) for kind, v in kinds.items()}
             units.append((name, seed, means["protected"], means.get("sparse_scratch")))
             for kind, values in kinds.items():

@@ -143,3 +143,5 @@ def test_a_point_in_two_runs_of_one_draw_is_refused(tmp_path):
     a2 = _run_folder(tmp_path / "a2", {"variant-seed1": {"optdigits": -0.5}})
     with pytest.raises(SystemExit, match="in two runs of one draw"):
         pool("variant", [[a1, a2]], "finetune_masked", twin=False)
+    with pytest.raises(SystemExit, match=r"holds \['optdigits'\] of --targets"):  # a draw lacking a wanted target
+        pool("variant", [[a1]], "finetune_masked", {"optdigits", "mnistm"}, twin=False)
