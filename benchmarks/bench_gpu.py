@@ -32,7 +32,6 @@ import functools
 import importlib.util
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ntp_ssl.shared.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MARKS = {"[1/3 encoder]": "encoder", "[2/3 protect]": "protect", "[3/3 evaluate]": "evaluate",
@@ -193,9 +194,8 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
     result: dict[str, Any] = {"device": args.device, "extra": args.extra,
-                              "machine": {"gpu": gpu, "torch": torch.__version__,
-                                          "cuda": torch.version.cuda, "cpu_count": os.cpu_count(),
-                                          "python": platform.python_version()},
+                              "machine": {**describe_machine(device), "gpu": gpu, "cuda": torch.version.cuda,
+                                          "cpu_count": os.cpu_count()},
                               "bare_step": []}
     if args.pretrain_workers:
         result["pretrain_workers"] = []

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ntp_ssl.shared.machine import describe_machine
 
 GOAL_MINUTES = 15.0
 GOAL_PEAK_GIB = 4.0
@@ -55,8 +56,9 @@ def main() -> None:
         cache = tmp_path / "cache"
         cold = run_once(tmp_path, cache, "cold", extra)
         warm = run_once(tmp_path, cache, "warm", extra)
-    result = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                          "platform": platform.platform()},
+    # the facts that decide float results (CPU model and capability, threads, torch), as every
+    # run's machine.json records them; cpu_count kept for comparison with older files
+    result = {"machine": {**describe_machine(), "cpu_count": os.cpu_count()},
               "quick": args.quick, "cold": cold, "warm": warm}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
