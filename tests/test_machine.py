@@ -94,3 +94,54 @@ def test_machine_json_is_bookkeeping_not_work(tmp_path):
     assert not holds_work(run_dir)
     (run_dir / "results.csv").write_text("model\n")
     assert holds_work(run_dir)
+
+
+CPUINFO_WITH_ID = """processor\t: 0
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 2
+cache size\t: 307200 KB
+flags\t\t: fpu avx2 avx512f amx_tile
+processor\t: 1
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 8
+cache size\t: 107520 KB
+flags\t\t: fpu avx2
+"""
+
+
+def test_describe_machine_records_family_model_stepping_and_cache_of_the_first_processor(tmp_path):
+    described = describe_machine("cpu", cpuinfo=_cpuinfo(tmp_path, CPUINFO_WITH_ID))
+    assert described["cpu"] == "Intel(R) Xeon(R) Processor"
+    assert described["cpu_id"] == "family 6 model 207 stepping 2"
+    assert described["cpu_cache"] == "307200 KB"
+    assert described["kernel_flags"] == ["avx2", "avx512f", "amx_tile"]
+    without = describe_machine("cpu", cpuinfo=_cpuinfo(tmp_path))  # cpuinfo without those lines
+    assert without["cpu_id"] is None and without["cpu_cache"] is None
+
+
+def test_one_model_name_on_two_cpu_generations_is_two_machines(tmp_path, caplog):
+    """A virtual machine names a Xeon "Intel(R) Xeon(R) Processor" whatever its generation;
+    two such machines protected one seed into other weights (2026-12-06), so the family,
+    model, stepping and cache tell them apart, and an entry written before they were recorded
+    is compared on the rest alone."""
+    first = describe_machine("cpu", cpuinfo=_cpuinfo(tmp_path, CPUINFO_WITH_ID))
+    other_generation = CPUINFO_WITH_ID.replace("model\t\t: 207", "model\t\t: 143", 1).replace(
+        "307200 KB", "107520 KB", 1)
+    second = describe_machine("cpu", cpuinfo=_cpuinfo(tmp_path, other_generation))
+    assert first["cpu"] == second["cpu"] and first["kernel_flags"] == second["kernel_flags"]
+    assert not same_machine(first, second)
+    older_entry = {key: value for key, value in first.items() if key not in ("cpu_id", "cpu_cache")}
+    assert same_machine(older_entry, second) and same_machine(second, older_entry)
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record_machine(run_dir, argv=["x"], cpuinfo=_cpuinfo(tmp_path, CPUINFO_WITH_ID))
+    with caplog.at_level(logging.WARNING, logger="ntp_ssl.machine"):
+        record_machine(run_dir, argv=["x"], cpuinfo=_cpuinfo(tmp_path, other_generation))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "model 207" in message and "model 143" in message and "107520 KB" in message

@@ -53,11 +53,13 @@ RECORDED = {
 
 
 def cpu_family() -> str:
-    """The CPU as far as it decides float kernels: torch's vector capability and the model name
-    (``ntp_ssl.shared.machine.cpu_model``, which machine.json and the benchmarks' files record)."""
-    from ntp_ssl.shared.machine import cpu_model
+    """The CPU as far as it decides float kernels: torch's vector capability, the model name and,
+    where cpuinfo has them, family/model/stepping and cache (what machine.json records)."""
+    from ntp_ssl.shared.machine import describe_machine
 
-    return f"{torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
+    machine = describe_machine()
+    details = "".join(f", {machine[key]}" for key in ("cpu_id", "cpu_cache") if machine[key])
+    return f"{machine['cpu_capability']}, {machine['cpu']}{details}"
 
 
 def tensor_digest(path: Path) -> str:

@@ -32,25 +32,38 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux's; where it is missing, platform's name
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 # what must agree for two runs to be expected to give the same numbers (not the start time)
 IDENTITY_KEYS = ("cpu", "cpu_capability", "kernel_flags", "torch", "threads", "device")
+# compared only where both entries have them (entries written before 2026-12-06 do not): a
+# virtual machine's model name can be the bare "Intel(R) Xeon(R) Processor" on CPUs of other
+# generations, which oneDNN blocks for other cache sizes (two such machines with equal
+# IDENTITY_KEYS protected the same seed into other weights)
+CPU_ID_KEYS = ("cpu_id", "cpu_cache")
+# cpuinfo's lines that name the CPU beyond its model name, and the fields they fill
+_CPU_ID_LINES = {"cpu family": "family", "model": "model", "stepping": "stepping"}
 
 
-def _cpuinfo(path: Path = CPUINFO) -> tuple[str | None, list[str]]:
-    """(model name, the KERNEL_FLAGS it has) from Linux's cpuinfo; (None, []) elsewhere."""
+def _cpuinfo(path: Path = CPUINFO) -> tuple[str | None, list[str], str | None, str | None]:
+    """(model name, the KERNEL_FLAGS it has, "family F model M stepping S", cache size) from
+    Linux's cpuinfo, of the first processor; (None, [], None, None) elsewhere."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
-        return None, []
-    model, flags = None, None
-    for line in text.splitlines():  # the first processor's lines; every processor repeats them
+        return None, [], None, None
+    model, flags, cache, ids = None, None, None, {}
+    for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and flags is None:
+        key, value = key.strip(), value.strip()
+        if key in ("processor", "model name") and model is not None:
+            break  # the first processor's lines are read; every processor repeats them
+        if key == "model name":
+            model = value
+        elif key == "flags":
             flags = set(value.split())
-        if model is not None and flags is not None:
-            break
-    return model, [flag for flag in KERNEL_FLAGS if flag in (flags or ())]
+        elif key == "cache size":
+            cache = value
+        elif key in _CPU_ID_LINES:
+            ids[_CPU_ID_LINES[key]] = value
+    cpu_id = " ".join(f"{field} {ids[field]}" for field in _CPU_ID_LINES.values() if field in ids) or None
+    return model, [flag for flag in KERNEL_FLAGS if flag in (flags or ())], cpu_id, cache
 
 
 def cpu_model(*, cpuinfo: Path = CPUINFO) -> str:
@@ -74,10 +87,12 @@ def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = CPUI
     """The facts of this machine that decide a run's float results (no time stamp)."""
     import torch  # here, not at the top: runs.py reads MACHINE_FILE and stays free of torch
 
-    model, flags = _cpuinfo(cpuinfo)
+    model, flags, cpu_id, cache = _cpuinfo(cpuinfo)
     device = torch.device(device)
     return {
         "cpu": model or _platform_cpu(),
+        "cpu_id": cpu_id,
+        "cpu_cache": cache,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "kernel_flags": flags,
         "logical_cpus": logical_cpus(),
@@ -91,7 +106,14 @@ def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = CPUI
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two entries describe machines expected to give the same numbers."""
-    return all(a.get(key) == b.get(key) for key in IDENTITY_KEYS)
+    return all(a.get(key) == b.get(key) for key in IDENTITY_KEYS) and all(
+        a[key] == b[key] for key in CPU_ID_KEYS if a.get(key) is not None and b.get(key) is not None)
+
+
+def _cpu_label(entry: dict[str, Any]) -> str:
+    """The CPU's model name, with its family/model/stepping and cache where recorded."""
+    details = [entry[key] for key in CPU_ID_KEYS if entry.get(key)]
+    return f"{entry.get('cpu')} [{', cache '.join(details)}]" if details else str(entry.get("cpu"))
 
 
 def read_machines(run_dir: Path) -> list[dict[str, Any]]:
@@ -118,7 +140,7 @@ def record_machine(run_dir: Path, device: torch.device | str = "cpu", *, argv: l
         before = others[-1]
         log.warning("run directory %s was started before on another machine (%s, torch %s, %s threads); what "
                     "it trained there can differ from what this machine (%s, torch %s, %s threads) trains from "
-                    "the same seed: pair results of one machine only", run_dir, before.get("cpu"),
-                    before.get("torch"), before.get("threads"), entry["cpu"], entry["torch"], entry["threads"])
+                    "the same seed: pair results of one machine only", run_dir, _cpu_label(before),
+                    before.get("torch"), before.get("threads"), _cpu_label(entry), entry["torch"], entry["threads"])
     atomic_write_json(run_dir / MACHINE_FILE, earlier + [entry])
     return entry
