@@ -7,12 +7,13 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run test bench clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet "pip>=23.2"
 	# torch and torchvision first and pinned, so no resolver step can pick another build.
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the numeric libraries at the versions of constraints.txt: the same seed, the same weights
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -145,3 +145,34 @@ def test_one_model_name_on_two_cpu_generations_is_two_machines(tmp_path, caplog)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "model 207" in message and "model 143" in message and "107520 KB" in message
+
+
+def test_the_numeric_libraries_versions_are_recorded_and_compared(tmp_path):
+    """Protection's k-means (faiss), scikit-learn and numpy are version ranges in pyproject.toml:
+    a fresh install can take newer ones, which change protected weights where the CPU record
+    does not move."""
+    import numpy
+
+    from ntp_ssl.shared.machine import NUMERIC_LIBRARIES
+
+    described = describe_machine("cpu", cpuinfo=_cpuinfo(tmp_path))
+    assert set(described["libraries"]) == set(NUMERIC_LIBRARIES)
+    assert described["libraries"]["numpy"] == numpy.__version__
+    newer = {**described, "libraries": {**described["libraries"], "faiss-cpu": "99.0.0"}}
+    assert same_machine(described, described) and not same_machine(described, newer)
+    older_entry = {key: value for key, value in described.items() if key != "libraries"}
+    assert same_machine(older_entry, newer)  # written before versions were recorded: not compared
+
+
+def test_a_run_resumed_with_other_library_versions_names_them(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = record_machine(run_dir, argv=["x"], cpuinfo=_cpuinfo(tmp_path))
+    entries = read_machines(run_dir)
+    entries[0]["libraries"] = {**first["libraries"], "faiss-cpu": "1.0.0"}
+    (run_dir / "machine.json").write_text(json.dumps(entries))
+    with caplog.at_level(logging.WARNING, logger="ntp_ssl.machine"):
+        record_machine(run_dir, argv=["x"], cpuinfo=_cpuinfo(tmp_path))
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and "pair results of one machine only" in messages[0]
+    assert f"faiss-cpu 1.0.0 -> {first['libraries']['faiss-cpu']}" in messages[1]

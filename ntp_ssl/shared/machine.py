@@ -32,11 +32,16 @@ CPUINFO = Path("/proc/cpuinfo")  # Linux's; where it is missing, platform's name
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 # what must agree for two runs to be expected to give the same numbers (not the start time)
 IDENTITY_KEYS = ("cpu", "cpu_capability", "kernel_flags", "torch", "threads", "device")
-# compared only where both entries have them (entries written before 2026-12-06 do not): a
-# virtual machine's model name can be the bare "Intel(R) Xeon(R) Processor" on CPUs of other
-# generations, which oneDNN blocks for other cache sizes (two such machines with equal
-# IDENTITY_KEYS protected the same seed into other weights)
+# compared only where both entries have them (entries written before 2026-12-06 do not). Two
+# sessions with equal IDENTITY_KEYS protected the same seed into other weights while pretraining
+# and scratch reproduced bit for bit: a virtual machine's model name can be the bare
+# "Intel(R) Xeon(R) Processor" on CPUs of other generations, and the libraries protection alone
+# uses (faiss's k-means, scikit-learn, numpy) are version ranges in pyproject.toml, so either can
+# differ unseen; both are recorded now
 CPU_ID_KEYS = ("cpu_id", "cpu_cache")
+OPTIONAL_IDENTITY_KEYS = (*CPU_ID_KEYS, "libraries")
+# the numeric libraries besides torch whose versions can change a run's numbers
+NUMERIC_LIBRARIES = ("numpy", "scipy", "scikit-learn", "faiss-cpu", "lightly")
 # cpuinfo's lines that name the CPU beyond its model name, and the fields they fill
 _CPU_ID_LINES = {"cpu family": "family", "model": "model", "stepping": "stepping"}
 
@@ -64,6 +69,19 @@ def _cpuinfo(path: Path = CPUINFO) -> tuple[str | None, list[str], str | None, s
             ids[_CPU_ID_LINES[key]] = value
     cpu_id = " ".join(f"{field} {ids[field]}" for field in _CPU_ID_LINES.values() if field in ids) or None
     return model, [flag for flag in KERNEL_FLAGS if flag in (flags or ())], cpu_id, cache
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of NUMERIC_LIBRARIES (None where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def cpu_model(*, cpuinfo: Path = CPUINFO) -> str:
@@ -98,6 +116,7 @@ def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = CPUI
         "logical_cpus": logical_cpus(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "libraries": library_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "device": device.type if device.type != "cuda" else f"cuda: {torch.cuda.get_device_name(device)}",
@@ -107,7 +126,7 @@ def describe_machine(device: torch.device | str = "cpu", *, cpuinfo: Path = CPUI
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two entries describe machines expected to give the same numbers."""
     return all(a.get(key) == b.get(key) for key in IDENTITY_KEYS) and all(
-        a[key] == b[key] for key in CPU_ID_KEYS if a.get(key) is not None and b.get(key) is not None)
+        a[key] == b[key] for key in OPTIONAL_IDENTITY_KEYS if a.get(key) is not None and b.get(key) is not None)
 
 
 def _cpu_label(entry: dict[str, Any]) -> str:
@@ -142,5 +161,11 @@ def record_machine(run_dir: Path, device: torch.device | str = "cpu", *, argv: l
                     "it trained there can differ from what this machine (%s, torch %s, %s threads) trains from "
                     "the same seed: pair results of one machine only", run_dir, _cpu_label(before),
                     before.get("torch"), before.get("threads"), _cpu_label(entry), entry["torch"], entry["threads"])
+        moved = {name: (version, entry["libraries"].get(name))
+                 for name, version in (before.get("libraries") or {}).items()
+                 if version != entry["libraries"].get(name)}
+        if moved:
+            log.warning("libraries changed since that start: %s", ", ".join(
+                f"{name} {old} -> {new}" for name, (old, new) in sorted(moved.items())))
     atomic_write_json(run_dir / MACHINE_FILE, earlier + [entry])
     return entry
