@@ -131,8 +131,9 @@ def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _cpu_label(entry: dict[str, Any]) -> str:
     """The CPU's model name, with its family/model/stepping and cache where recorded."""
-    details = [entry[key] for key in CPU_ID_KEYS if entry.get(key)]
-    return f"{entry.get('cpu')} [{', cache '.join(details)}]" if details else str(entry.get("cpu"))
+    details = [entry["cpu_id"]] if entry.get("cpu_id") else []
+    details += [f"cache {entry['cpu_cache']}"] if entry.get("cpu_cache") else []
+    return f"{entry.get('cpu')} [{', '.join(details)}]" if details else str(entry.get("cpu"))
 
 
 def read_machines(run_dir: Path) -> list[dict[str, Any]]:
