@@ -55,11 +55,10 @@ RECORDED = {
 def cpu_family() -> str:
     """The CPU as far as it decides float kernels: torch's vector capability, the model name and,
     where cpuinfo has them, family/model/stepping and cache (what machine.json records)."""
-    from ntp_ssl.shared.machine import describe_machine
+    from ntp_ssl.shared.machine import cpu_label, describe_machine
 
     machine = describe_machine()
-    details = "".join(f", {machine[key]}" for key in ("cpu_id", "cpu_cache") if machine[key])
-    return f"{machine['cpu_capability']}, {machine['cpu']}{details}"
+    return f"{machine['cpu_capability']}, {cpu_label(machine)}"
 
 
 def tensor_digest(path: Path) -> str:

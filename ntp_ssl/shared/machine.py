@@ -129,7 +129,7 @@ def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
         a[key] == b[key] for key in OPTIONAL_IDENTITY_KEYS if a.get(key) is not None and b.get(key) is not None)
 
 
-def _cpu_label(entry: dict[str, Any]) -> str:
+def cpu_label(entry: dict[str, Any]) -> str:
     """The CPU's model name, with its family/model/stepping and cache where recorded."""
     details = [entry["cpu_id"]] if entry.get("cpu_id") else []
     details += [f"cache {entry['cpu_cache']}"] if entry.get("cpu_cache") else []
@@ -160,8 +160,8 @@ def record_machine(run_dir: Path, device: torch.device | str = "cpu", *, argv: l
         before = others[-1]
         log.warning("run directory %s was started before on another machine (%s, torch %s, %s threads); what "
                     "it trained there can differ from what this machine (%s, torch %s, %s threads) trains from "
-                    "the same seed: pair results of one machine only", run_dir, _cpu_label(before),
-                    before.get("torch"), before.get("threads"), _cpu_label(entry), entry["torch"], entry["threads"])
+                    "the same seed: pair results of one machine only", run_dir, cpu_label(before),
+                    before.get("torch"), before.get("threads"), cpu_label(entry), entry["torch"], entry["threads"])
         moved = {name: (version, entry["libraries"].get(name))
                  for name, version in (before.get("libraries") or {}).items()
                  if version != entry["libraries"].get(name)}
