@@ -28,6 +28,9 @@ ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_d
 ALL_ATTACKS = (*ATTACKS, "finetune_refill")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+#: the attacker's arithmetic (sweep.precision): auto is bf16-mixed where the device has native
+#: bfloat16 kernels, else 32 (ntp_ssl/shared/train.resolve_precision)
+SWEEP_PRECISIONS = ("32", "bf16-mixed", "auto")
 RHO_SCHEDULES = ("geometric", "balanced")
 
 
@@ -95,7 +98,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (mixed precision on CUDA only)
+    precision: str = "32"  # 32 | bf16-mixed (CUDA and CPU) | 16-mixed (CUDA only; float32 on the CPU)
     eval_every: int = 4  # epochs between kNN evaluations (and the last epoch always)
     progress: bool = True
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -325,6 +328,10 @@ class SweepConfig:
     # protection's favour, and the default attacker must be the strongest one.
     halving: int = 0
     patience: int = 0
+    # the fine-tunes' forward passes (training, validation, test accuracy): 32 | bf16-mixed |
+    # auto (bf16-mixed where the device has native bfloat16 kernels); frozen features and the
+    # linear probe stay float32. Part of the protocol: scratch is cached per precision.
+    precision: str = "32"
     probe_l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # linear probe
     probe_l2: float = 1e-2  # the linear probe's l2 when no validation split can be carved
     batch_size: int = 64
@@ -560,6 +567,7 @@ def validate_sweep(sweep: Any) -> None:
     _check(len(sweep.attacks) > 0, f"sweep.attacks=[] is empty; choose from: {', '.join(ALL_ATTACKS)}")
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ALL_ATTACKS)
+    _check_choice("sweep.precision", str(getattr(sweep, "precision", "32")), SWEEP_PRECISIONS)
     for key in ("epochs", "min_steps", "batch_size", "lr_finetune", "probe_l2", "knn_k"):
         _check_positive(f"sweep.{key}", sweep[key])
     for key in ("steps", "augment_shift", "weight_decay", "search_min_n", "patience"):

@@ -14,6 +14,9 @@ initialisation) trains a fresh linear head on the encoder's features, the encode
   validation step (early stopping), and the learning rate with the best validation accuracy
   wins. The reported number is the test accuracy of that model. With fewer samples, the
   attack trains on all of them with ``sweep.lr_finetune`` and reports the last step;
+- **precision**: ``sweep.precision`` = ``bf16-mixed`` runs the fine-tunes' forward passes in
+  bfloat16 autocast (weights, gradients and Adam stay float32); ``auto`` does so where the
+  device has native bfloat16 kernels. The same for every model and for scratch;
 - **speed features** (off by default): ``sweep.halving`` = eta >= 2 is successive halving
   over the grid: every learning rate trains to a first rung of the budget, the best
   1/eta of them (by validation accuracy so far; at least one) go on to the next rung, and so
@@ -37,7 +40,7 @@ from torch import nn
 
 from ntp_ssl.evaluate.probe import stratified_split
 from ntp_ssl.shared.masking import apply_masks_
-from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy
+from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy, resolve_precision
 
 
 @dataclass
@@ -95,8 +98,14 @@ def _start(encoder: nn.Module, masks, x, y, *, head: nn.Module | None, num_class
                         weight_decay=settings.weight_decay, train_encoder=True, masks=masks or None, seed=seed,
                         device=device, stage="evaluate fine-tune", augment_shift=settings.augment_shift, val=val,
                         eval_every=_eval_every(steps) if val is not None else 0,
-                        patience=int(getattr(settings, "patience", 0)) if val is not None else 0)
+                        patience=int(getattr(settings, "patience", 0)) if val is not None else 0,
+                        precision=attack_precision(settings, device))
     return model, head, fit
+
+
+def attack_precision(settings: Any, device) -> str:
+    """``sweep.precision`` resolved for ``device`` (``auto`` -> ``bf16-mixed`` or ``32``)."""
+    return resolve_precision(str(getattr(settings, "precision", "32")), device)
 
 
 def _eval_every(steps: int) -> int:
@@ -113,7 +122,8 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
                                          lr=settings.lr_finetune, steps=steps, settings=settings, seed=seed,
                                          device=device)
         fit.advance(steps).finish()
-        return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device), steps=steps)
+        return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
+                                                precision=fit.precision), steps=steps)
     fit_idx, val_idx = (torch.as_tensor(i) for i in stratified_split(y_train.numpy(), settings.val_fraction,
                                                                      seed=seed))
     steps = budget_steps(len(fit_idx), settings)
@@ -144,5 +154,6 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
         best = alive[0]
     lr, model, fitted_head, fit = best
     result = fit.finish()
-    return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device), choice=lr,
+    return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
+                                            precision=fit.precision), choice=lr,
                         val_accuracy=result.val_accuracy, steps=steps, best_step=result.best_step)

@@ -51,7 +51,7 @@ from ntp_ssl.encoders import build_encoder
 from ntp_ssl.encoders.layout import channels_last_enabled
 from ntp_ssl.errors import ConfigError, NtpSslError
 from ntp_ssl.data.subsets import draw_subset
-from ntp_ssl.evaluate.attack import AttackResult, fine_tune_attack
+from ntp_ssl.evaluate.attack import AttackResult, attack_precision, fine_tune_attack
 from ntp_ssl.evaluate.probe import converged_linear_probe
 from ntp_ssl.evaluate.results import normalize_row, row_key
 from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
@@ -168,7 +168,7 @@ def linear_probe(train_features, y_train, test_features, y_test, *, num_classes:
 
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
-                settings: SweepConfig) -> str:
+                settings: SweepConfig, precision: str = "32") -> str:
     """Hash of everything the from-scratch accuracy depends on: the domain's content (not only
     its name: a file replaced under the same name must miss), the draw and the protocol."""
     key = {
@@ -179,6 +179,8 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         **{k: int(getattr(settings, k)) for k in SPEED_KEYS if getattr(settings, k, 0)},
         # in the key only when on: the entries cached before it existed were made in NCHW
         **({"channels_last": True} if channels_last_enabled() else {}),
+        # the attacker's resolved arithmetic, in the key only when not float32 (as above)
+        **({"precision": precision} if precision != "32" else {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -199,7 +201,8 @@ def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, 
 
     An entry is trusted only when it is well formed, stored under this key and matches its
     own checksum; anything else is retrained (with a warning) and overwritten."""
-    key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings)
+    key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings,
+                      precision=attack_precision(settings, device))
     path = (cache_dir / "scratch" / f"{key}.json") if cache_dir is not None else None
     if path is not None and path.exists():
         cached, problem = read_scratch_entry(path, key)

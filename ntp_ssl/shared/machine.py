@@ -10,6 +10,7 @@ moved to another machine says so in its log.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -82,6 +83,14 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU has bfloat16 instructions (AMX or AVX-512 BF16), which oneDNN uses for
+    bfloat16 convolutions and matrix products; without them bfloat16 is emulated and slower."""
+    flags = _cpuinfo(cpuinfo)[1]
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def cpu_model(*, cpuinfo: Path = CPUINFO) -> str:

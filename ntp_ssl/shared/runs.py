@@ -61,8 +61,9 @@ def without_new_nulls(current: Any, previous: Any) -> Any:
 
 #: Options added after runs existed whose absence from an older run's config means another
 #: value than today's default (dotted key -> the value such a run was made with). Unlike a
-#: null default (above), these change the numbers: channels-last came on by default.
-LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False}
+#: null default (above), these change the numbers: channels-last came on by default. A run
+#: made before ``sweep.precision`` existed ran its attacker in float32.
+LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False, "sweep.precision": "32"}
 
 
 def _legacy_slots(tree: Any):

@@ -69,12 +69,31 @@ def use_deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def autocast_context(device: torch.device, precision: str):
-    """Mixed precision on CUDA only; on CPU full float32 (the numbers stay reproducible)."""
-    if device.type != "cuda" or precision == "32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+def autocast_context(device: torch.device | str, precision: str):
+    """Mixed precision for the forward pass: ``bf16-mixed`` on CUDA and on the CPU (oneDNN's
+    bfloat16 kernels; the weights, their gradients and the optimiser stay float32), ``16-mixed``
+    on CUDA only (float16 has no fast CPU kernels; on the CPU it runs in float32); ``32``:
+    full float32 everywhere."""
+    device = torch.device(device)
+    if precision == "bf16-mixed" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto``: ``bf16-mixed`` where the device computes in bfloat16 natively (a CUDA GPU that
+    supports it; a CPU with AMX or AVX-512 bfloat16 instructions, where it runs the small CNN's
+    fine-tune steps about 1.6x faster: docs/BENCHMARKS.md), else ``32``; any other value as is."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32"
+    from ntp_ssl.shared.machine import native_bf16
+
+    return "bf16-mixed" if device.type == "cpu" and native_bf16() else "32"
 
 
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
@@ -144,12 +163,13 @@ class FitResult:
 class _BestOnValidation:
     """Keeps the weights of the step with the best validation accuracy (ties: the earlier step)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, val, device) -> None:
-        self.encoder, self.head, self.val, self.device = encoder, head, val, device
+    def __init__(self, encoder: nn.Module, head: nn.Module, val, device, precision: str = "32") -> None:
+        self.encoder, self.head, self.val, self.device, self.precision = encoder, head, val, device, precision
         self.accuracy, self.step, self.state = -1.0, None, None
 
     def check(self, step: int) -> None:
-        accuracy = classifier_accuracy(self.encoder, self.head, self.val[0], self.val[1], device=self.device)
+        accuracy = classifier_accuracy(self.encoder, self.head, self.val[0], self.val[1], device=self.device,
+                                       precision=self.precision)
         if accuracy > self.accuracy:
             self.accuracy, self.step = accuracy, step
             self.state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (self.encoder, self.head)]
@@ -196,8 +216,10 @@ class ClassifierFit:
                  steps: int, batch_size: int, lr: float, weight_decay: float = 0.0, optimizer: str = "adam",
                  train_encoder: bool = True, masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", stage: str = "fit", augment_shift: int = 0,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0, patience: int = 0):
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0, patience: int = 0,
+                 precision: str = "32"):
         self.device = torch.device(device)
+        self.precision = precision
         self.encoder, self.head = encoder.to(self.device), head.to(self.device)
         self.inputs, self.labels, self.steps, self.train_encoder = inputs, labels, steps, train_encoder
         self.stage, self.augment_shift, self.eval_every, self.patience = stage, augment_shift, eval_every, patience
@@ -206,7 +228,7 @@ class ClassifierFit:
         self.batches = batch_indices(len(labels), batch_size, steps, generator)
         self.opt, self.schedule = _fit_optimizer(encoder, head, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                                                  train_encoder=train_encoder, masks=masks, steps=steps)
-        self.best = _BestOnValidation(encoder, head, val, self.device) if val is not None else None
+        self.best = _BestOnValidation(encoder, head, val, self.device, precision) if val is not None else None
         self.loss_fn = nn.CrossEntropyLoss()
         self.recent: list[float] = []
         self.step = 0  # optimiser steps taken
@@ -229,12 +251,14 @@ class ClassifierFit:
             idx = next(self.batches)
             x = random_shift(self.inputs[idx], self.augment_shift, self.shifts).to(self.device, non_blocking=True)
             y = self.labels[idx].to(self.device, non_blocking=True)
-            if self.train_encoder:
-                features = encoder(x)
-            else:
-                with torch.no_grad():
+            with autocast_context(self.device, self.precision):
+                if self.train_encoder:
                     features = encoder(x)
-            loss = self.loss_fn(head(features), y)
+                else:
+                    with torch.no_grad():
+                        features = encoder(x)
+                logits = head(features)
+            loss = self.loss_fn(logits.float(), y)
             check_finite(loss, stage=self.stage, step=self.step, term="cross-entropy")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,6 +305,7 @@ def fit_classifier(
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 0,
     patience: int = 0,
+    precision: str = "32",
 ) -> FitResult:
     """Fit ``head(encoder(x))`` to ``labels`` with cross-entropy for ``steps`` optimiser steps.
 
@@ -292,20 +317,21 @@ def fit_classifier(
     accuracy is measured every ``eval_every`` steps and after the last one, and the weights
     of the best step are restored at the end (early stopping on validation data); with
     ``patience`` > 0 training also stops after that many checks without improvement.
+    ``precision`` is :func:`autocast_context`'s, for the forward passes of training and validation.
     """
     fit = ClassifierFit(encoder, head, inputs, labels, steps=steps, batch_size=batch_size, lr=lr,
                         weight_decay=weight_decay, optimizer=optimizer, train_encoder=train_encoder, masks=masks,
                         seed=seed, device=device, stage=stage, augment_shift=augment_shift, val=val,
-                        eval_every=eval_every, patience=patience)
+                        eval_every=eval_every, patience=patience, precision=precision)
     return fit.advance(steps).finish()
 
 
 @torch.no_grad()
 def classifier_accuracy(
     encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
-    batch_size: int = 512, device: torch.device | str = "cpu",
+    batch_size: int = 512, device: torch.device | str = "cpu", precision: str = "32",
 ) -> float:
-    """Top-1 accuracy of ``head(encoder(x))`` in eval mode."""
+    """Top-1 accuracy of ``head(encoder(x))`` in eval mode (forward under ``precision``'s autocast)."""
     device = torch.device(device)
     was_training = (encoder.training, head.training)
     encoder.eval()
@@ -313,7 +339,9 @@ def classifier_accuracy(
     correct = 0
     for start in range(0, len(labels), batch_size):
         x = inputs[start : start + batch_size].to(device)
-        pred = head(encoder(x)).argmax(dim=1).cpu()
+        with autocast_context(device, precision):
+            logits = head(encoder(x))
+        pred = logits.float().argmax(dim=1).cpu()
         correct += int((pred == labels[start : start + batch_size]).sum())
     encoder.train(was_training[0])
     head.train(was_training[1])

@@ -1,0 +1,145 @@
+"""The attacker's arithmetic (``sweep.precision``): bfloat16 autocast on the CPU, its
+resolution from ``auto``, and its place in the protocol (scratch cache key, old runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ntp_ssl.config import SweepConfig
+from ntp_ssl.data import Domain, to_float_tensor
+from ntp_ssl.encoders import build_encoder
+from ntp_ssl.evaluate.attack import attack_precision, fine_tune_attack
+from ntp_ssl.shared import machine
+from ntp_ssl.shared.train import autocast_context, classifier_accuracy, fit_classifier, resolve_precision
+
+TINY = SweepConfig(fractions=[1.0], seeds=[0], attacks=["finetune_dense"], epochs=2, min_steps=3, max_steps=6,
+                   lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16)
+
+
+def _domain(n_train: int = 60, n_test: int = 30) -> Domain:
+    rng = np.random.default_rng(0)
+    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(n_train) % 10,
+                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
+                  test_labels=np.arange(n_test) % 10, num_classes=10)
+
+
+def _dtype_inside(precision: str, device: str = "cpu") -> torch.dtype:
+    with autocast_context(device, precision):
+        return nn.Linear(4, 2)(torch.ones(1, 4)).dtype
+
+
+def test_autocast_is_bfloat16_on_the_cpu_only_for_bf16_mixed():
+    assert _dtype_inside("bf16-mixed") == torch.bfloat16
+    assert _dtype_inside("32") == torch.float32
+    assert _dtype_inside("16-mixed") == torch.float32  # float16 has no fast CPU kernels: float32 there
+
+
+def test_auto_resolves_by_the_cpus_bfloat16_instructions(monkeypatch):
+    for explicit in ("32", "bf16-mixed", "16-mixed"):
+        assert resolve_precision(explicit, "cpu") == explicit
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "32"
+    assert attack_precision(dataclasses.replace(TINY, precision="auto"), "cpu") == "32"
+    assert attack_precision(TINY, "cpu") == "32"
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f", False), ("avx2 avx512_bf16", True),
+                                            ("avx2 amx_tile amx_bf16", True), ("avx2 amx_tile", False)])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert machine.native_bf16(cpuinfo) is expected
+
+
+def test_a_bf16_fit_runs_its_forward_in_bfloat16_and_learns_like_float32():
+    """Separable toy data: the class is the brightest of ten image regions. Both arithmetics
+    learn it; the bfloat16 fit really computes its convolutions in bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 10
+    images = torch.rand(400, 3, 16, 16, generator=g) * 0.2
+    for i, label in enumerate(labels.tolist()):
+        row, col = divmod(label, 5)
+        images[i, :, row * 8:(row + 1) * 8, col * 3:col * 3 + 3] += 0.8
+    accuracies, seen = {}, []
+    for precision in ("32", "bf16-mixed"):
+        torch.manual_seed(0)
+        encoder = build_encoder("small_cnn", in_channels=3, image_size=16)
+        head = nn.Linear(encoder.feature_dim, 10)
+        hook = encoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        fit_classifier(encoder, head, images[:300], labels[:300], steps=60, batch_size=32, lr=3e-3,
+                       precision=precision)
+        hook.remove()
+        accuracies[precision] = classifier_accuracy(encoder, head, images[300:], labels[300:], precision=precision)
+        assert all(dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32) for dtype in seen)
+        seen.clear()
+    assert accuracies["32"] >= 0.9 and accuracies["bf16-mixed"] >= 0.9, accuracies
+
+
+def test_the_fine_tune_attack_uses_sweep_precision():
+    domain = _domain()
+    x_train, y_train = to_float_tensor(domain.train_images), torch.as_tensor(domain.train_labels)
+    x_test, y_test = to_float_tensor(domain.test_images), torch.as_tensor(domain.test_labels)
+    seen = []
+    torch.manual_seed(0)
+    encoder = build_encoder("small_cnn", in_channels=3, image_size=16)
+    encoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))  # copied with the encoder
+    fine_tune_attack(encoder, None, x_train, y_train, x_test, y_test, num_classes=10,
+                     settings=dataclasses.replace(TINY, precision="bf16-mixed"), seed=0, device="cpu")
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_precision_enters_the_scratch_key_only_when_not_float32():
+    from ntp_ssl.evaluate.sweep import scratch_key
+
+    domain = _domain()
+    before = scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY)
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY, precision="32") == before
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY,
+                       precision="bf16-mixed") != before
+
+
+def test_scratch_is_cached_apart_per_resolved_precision(tmp_path, monkeypatch):
+    """``auto`` resolving to bf16-mixed shares the explicit bf16-mixed entry, not the float32 one."""
+    from ntp_ssl.evaluate.sweep import scratch_accuracy
+
+    domain = _domain()
+    tensors = (to_float_tensor(domain.train_images), torch.as_tensor(domain.train_labels),
+               to_float_tensor(domain.test_images), torch.as_tensor(domain.test_labels))
+    idx = np.arange(60)
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+
+    def run(precision):
+        return scratch_accuracy("small_cnn", domain, {}, tensors, idx, fraction=1.0, seed=0,
+                                settings=dataclasses.replace(TINY, precision=precision), cache_dir=tmp_path,
+                                device="cpu")[1]
+
+    assert [run("32"), run("bf16-mixed"), run("auto"), run("32")] == [False, False, True, True]
+    assert len(list((tmp_path / "scratch").glob("*.json"))) == 2
+
+
+def test_an_older_run_without_sweep_precision_compares_as_float32(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ntp_ssl.errors import ConfigError
+    from ntp_ssl.shared.runs import claim_run_dir, release_run_dir, with_legacy_values
+
+    old = {"sweep": {"seeds": [0]}}
+    assert with_legacy_values(old) == {"sweep": {"seeds": [0], "precision": "32"}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_text(json.dumps(old))
+    (run_dir / "out.txt").write_text("work")
+    claim_run_dir(run_dir, OmegaConf.create({"sweep": {"seeds": [0], "precision": "32"}}))  # resumes
+    release_run_dir(run_dir)
+    with pytest.raises(ConfigError, match="sweep.precision: '32' -> 'bf16-mixed'"):
+        claim_run_dir(run_dir, OmegaConf.create({"sweep": {"seeds": [0], "precision": "bf16-mixed"}}))
+    release_run_dir(run_dir)
