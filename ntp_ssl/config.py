@@ -332,6 +332,10 @@ class SweepConfig:
     # auto (bf16-mixed where the device has native bfloat16 kernels); frozen features and the
     # linear probe stay float32. Part of the protocol: scratch is cached per precision.
     precision: str = "32"
+    # the batch of the fine-tunes' validation and test forwards: 128 runs 1.7-2.2x faster per
+    # image than 512 on 2 cores (docs/BENCHMARKS.md); it changes only the float rounding, but
+    # every result before 2026-12-06 used 512, so 512 stays the reference attacker's
+    eval_batch_size: int = 512
     probe_l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # linear probe
     probe_l2: float = 1e-2  # the linear probe's l2 when no validation split can be carved
     batch_size: int = 64
@@ -347,12 +351,15 @@ class SweepConfig:
 #: steps, no LP-FT: the default of ``ntp-ssl protect``) with three learning rates, because each
 #: end is some model's choice: scratch picks 1e-3 within 250 steps and the mask-kept fine-tune
 #: 1e-2; dropping either end starves one side (docs/BENCHMARKS.md, "The main job"; 19.7 minutes
-#: on 2 CPU cores, over the 15 it was meant to fit); and the authors' fixed-step protocol without
-#: any search.
+#: on 2 CPU cores, over the 15 it was meant to fit), its fine-tunes in bfloat16 where the CPU has
+#: bfloat16 instructions (1.6x faster sweep; the same SLC-AUCs within the float noise of one
+#: run: docs/BENCHMARKS.md, "The attacker in bfloat16"); and the authors' fixed-step protocol
+#: without any search.
 SWEEP_PRESETS: dict[str, dict] = {
     "converged": {},
     "main_job": {"fractions": [0.01, 0.1, 1.0], "seeds": [0], "epochs": 15, "min_steps": 50, "max_steps": 250,
-                 "lr_grid": [1e-3, 3e-3, 1e-2], "attacks": ["linear", "finetune_masked", "finetune_dense", "knn"]},
+                 "lr_grid": [1e-3, 3e-3, 1e-2], "attacks": ["linear", "finetune_masked", "finetune_dense", "knn"],
+                 "precision": "auto", "eval_batch_size": 128},
     "paper": {"steps": 150, "augment_shift": 0, "lr_grid": []},
 }
 
@@ -568,7 +575,7 @@ def validate_sweep(sweep: Any) -> None:
     for attack in sweep.attacks:
         _check_choice("sweep.attacks", attack, ALL_ATTACKS)
     _check_choice("sweep.precision", str(getattr(sweep, "precision", "32")), SWEEP_PRECISIONS)
-    for key in ("epochs", "min_steps", "batch_size", "lr_finetune", "probe_l2", "knn_k"):
+    for key in ("epochs", "min_steps", "batch_size", "eval_batch_size", "lr_finetune", "probe_l2", "knn_k"):
         _check_positive(f"sweep.{key}", sweep[key])
     for key in ("steps", "augment_shift", "weight_decay", "search_min_n", "patience"):
         _check_positive(f"sweep.{key}", sweep[key], allow_zero=True)

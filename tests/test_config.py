@@ -122,6 +122,7 @@ def test_wrong_type_is_rejected():
         ("protect", "admm.rho=0", "admm.rho=0"),
         ("protect", "loss.pseudo_clusters=1", "loss.pseudo_clusters=1"),
         ("evaluate", "sweep.precision=fp64", "sweep.precision='fp64' is not one of: 32, bf16-mixed, auto"),
+        ("evaluate", "sweep.eval_batch_size=0", "sweep.eval_batch_size=0"),
         ("evaluate", "sweep.fractions=[0.5,1.5]", "1.5"),
         ("evaluate", "sweep.fractions=[0.0]", "0.0"),
         ("evaluate", "sweep.fractions=[]", "sweep.fractions=[] is empty"),

@@ -145,6 +145,7 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     assert len(lines) == 1 + 2 * 2 * 2 * (1 + 3)
     assert lines[0].startswith("model,domain,attack,seed,fraction,n,accuracy,") and "choice" in lines[0]
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["attacker"] == {"precision": "32"}  # the default: float32 fine-tunes
     verdict = summary["verdicts"][0]
     assert verdict["model"] == "ssl" and verdict["source"]["slc_auc"] is not None
     assert set(verdict["target_slc_auc"]) == {"linear", "knn", "finetune_dense", "best"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ntp_ssl.config import SweepConfig
+from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.attack import attack_precision, fine_tune_attack
@@ -50,6 +50,10 @@ def test_auto_resolves_by_the_cpus_bfloat16_instructions(monkeypatch):
     assert resolve_precision("auto", "cpu") == "32"
     assert attack_precision(dataclasses.replace(TINY, precision="auto"), "cpu") == "32"
     assert attack_precision(TINY, "cpu") == "32"
+    # the main job's attacker follows the CPU; `ntp-ssl evaluate`'s reference attacker stays float32
+    main_job, converged = SweepConfig(**SWEEP_PRESETS["main_job"]), SweepConfig(**SWEEP_PRESETS["converged"])
+    assert (main_job.precision, main_job.eval_batch_size) == ("auto", 128)
+    assert (converged.precision, converged.eval_batch_size) == ("32", 512)
 
 
 @pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f", False), ("avx2 avx512_bf16", True),
@@ -107,6 +111,33 @@ def test_precision_enters_the_scratch_key_only_when_not_float32():
                        precision="bf16-mixed") != before
 
 
+def test_the_evaluation_batch_enters_the_scratch_key_only_when_not_512():
+    from ntp_ssl.evaluate.sweep import scratch_key
+
+    domain = _domain()
+    keys = {b: scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0,
+                           settings=dataclasses.replace(TINY, eval_batch_size=b)) for b in (512, 128)}
+    assert keys[512] == scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY)
+    assert keys[128] != keys[512]
+
+
+def test_the_evaluation_batch_changes_no_choice_on_a_float32_attack():
+    """The validation and test forwards in batches of 7 instead of 512: the same accuracies
+    up to float rounding, so on this tiny problem the same choices and numbers."""
+    domain = _domain()
+    x_train, y_train = to_float_tensor(domain.train_images), torch.as_tensor(domain.train_labels)
+    x_test, y_test = to_float_tensor(domain.test_images), torch.as_tensor(domain.test_labels)
+    results = []
+    for batch in (512, 7):
+        torch.manual_seed(0)
+        encoder = build_encoder("small_cnn", in_channels=3, image_size=16)
+        results.append(fine_tune_attack(encoder, None, x_train, y_train, x_test, y_test, num_classes=10,
+                                        settings=dataclasses.replace(TINY, eval_batch_size=batch), seed=0,
+                                        device="cpu"))
+    assert (results[0].choice, results[0].best_step, results[0].accuracy) == (
+        results[1].choice, results[1].best_step, results[1].accuracy)
+
+
 def test_scratch_is_cached_apart_per_resolved_precision(tmp_path, monkeypatch):
     """``auto`` resolving to bf16-mixed shares the explicit bf16-mixed entry, not the float32 one."""
     from ntp_ssl.evaluate.sweep import scratch_accuracy
@@ -133,13 +164,17 @@ def test_an_older_run_without_sweep_precision_compares_as_float32(tmp_path):
     from ntp_ssl.shared.runs import claim_run_dir, release_run_dir, with_legacy_values
 
     old = {"sweep": {"seeds": [0]}}
-    assert with_legacy_values(old) == {"sweep": {"seeds": [0], "precision": "32"}}
+    assert with_legacy_values(old) == {"sweep": {"seeds": [0], "precision": "32", "eval_batch_size": 512}}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run_config.json").write_text(json.dumps(old))
     (run_dir / "out.txt").write_text("work")
-    claim_run_dir(run_dir, OmegaConf.create({"sweep": {"seeds": [0], "precision": "32"}}))  # resumes
+    current = {"seeds": [0], "precision": "32", "eval_batch_size": 512}
+    claim_run_dir(run_dir, OmegaConf.create({"sweep": current}))  # resumes
     release_run_dir(run_dir)
     with pytest.raises(ConfigError, match="sweep.precision: '32' -> 'bf16-mixed'"):
-        claim_run_dir(run_dir, OmegaConf.create({"sweep": {"seeds": [0], "precision": "bf16-mixed"}}))
+        claim_run_dir(run_dir, OmegaConf.create({"sweep": {**current, "precision": "bf16-mixed"}}))
+    release_run_dir(run_dir)
+    with pytest.raises(ConfigError, match="sweep.eval_batch_size: 512 -> 128"):
+        claim_run_dir(run_dir, OmegaConf.create({"sweep": {**current, "eval_batch_size": 128}}))
     release_run_dir(run_dir)

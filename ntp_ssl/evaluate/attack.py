@@ -16,7 +16,9 @@ initialisation) trains a fresh linear head on the encoder's features, the encode
   attack trains on all of them with ``sweep.lr_finetune`` and reports the last step;
 - **precision**: ``sweep.precision`` = ``bf16-mixed`` runs the fine-tunes' forward passes in
   bfloat16 autocast (weights, gradients and Adam stay float32); ``auto`` does so where the
-  device has native bfloat16 kernels. The same for every model and for scratch;
+  device has native bfloat16 kernels; ``sweep.eval_batch_size`` is the batch of the validation
+  and test forwards (smaller batches stay in the CPU's caches; the batch changes the float
+  rounding, not what is computed). The same for every model and for scratch;
 - **speed features** (off by default): ``sweep.halving`` = eta >= 2 is successive halving
   over the grid: every learning rate trains to a first rung of the budget, the best
   1/eta of them (by validation accuracy so far; at least one) go on to the next rung, and so
@@ -99,7 +101,8 @@ def _start(encoder: nn.Module, masks, x, y, *, head: nn.Module | None, num_class
                         device=device, stage="evaluate fine-tune", augment_shift=settings.augment_shift, val=val,
                         eval_every=_eval_every(steps) if val is not None else 0,
                         patience=int(getattr(settings, "patience", 0)) if val is not None else 0,
-                        precision=attack_precision(settings, device))
+                        precision=attack_precision(settings, device),
+                        eval_batch_size=int(getattr(settings, "eval_batch_size", 512)))
     return model, head, fit
 
 
@@ -123,7 +126,8 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
                                          device=device)
         fit.advance(steps).finish()
         return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
-                                                precision=fit.precision), steps=steps)
+                                                precision=fit.precision, batch_size=fit.eval_batch_size),
+                            steps=steps)
     fit_idx, val_idx = (torch.as_tensor(i) for i in stratified_split(y_train.numpy(), settings.val_fraction,
                                                                      seed=seed))
     steps = budget_steps(len(fit_idx), settings)
@@ -155,5 +159,5 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
     lr, model, fitted_head, fit = best
     result = fit.finish()
     return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
-                                            precision=fit.precision), choice=lr,
+                                            precision=fit.precision, batch_size=fit.eval_batch_size), choice=lr,
                         val_accuracy=result.val_accuracy, steps=steps, best_step=result.best_step)

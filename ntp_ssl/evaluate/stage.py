@@ -15,6 +15,7 @@ from ntp_ssl.checks import check_run_name
 from ntp_ssl.config import SweepConfig, validate_evaluate
 from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
+from ntp_ssl.evaluate.attack import attack_precision
 from ntp_ssl.evaluate.plots import plot_slc_curves, slc_figure
 from ntp_ssl.evaluate.results import (
     read_results,
@@ -52,7 +53,10 @@ def evaluate_models(models: Sequence[ModelUnderTest], source: Domain | None, tar
     summary = summarize(rows, source_accuracy=kept)
     verdict = verdicts(summary, source_accuracy=kept, source=source.name if source is not None else None)
     write_results(rows, run_dir)
-    atomic_write_json(run_dir / "summary.json", {"verdicts": verdict, "summary": summary, "source_accuracy": kept})
+    # the arithmetic the fine-tunes ran in, resolved (sweep.precision=auto names no dtype)
+    attacker = {"precision": attack_precision(settings, device)}
+    atomic_write_json(run_dir / "summary.json", {"verdicts": verdict, "summary": summary, "source_accuracy": kept,
+                                                 "attacker": attacker})
     atomic_write_text(run_dir / "summary.md", "\n".join(f"- {line}" for line in verdict_text(verdict).splitlines())
                       + "\n\n" + summary_markdown(summary) + "\n")
     plot_slc_curves(rows, run_dir / "slc_curves.png", title=f"SLC: {', '.join(m.name for m in models)}")

@@ -181,6 +181,8 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         **({"channels_last": True} if channels_last_enabled() else {}),
         # the attacker's resolved arithmetic, in the key only when not float32 (as above)
         **({"precision": precision} if precision != "32" else {}),
+        **({"eval_batch_size": int(settings.eval_batch_size)}
+           if int(getattr(settings, "eval_batch_size", 512)) != 512 else {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -373,6 +375,8 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     ``work``, when given, counts the fine-tunes, scratch trainings and feature extractions."""
     _check_one_backbone(models, settings)
     fractions, work = validate_grid(list(settings.fractions)), work if work is not None else SweepWork()
+    log.info("sweep: the fine-tunes compute in %s (sweep.precision=%s)", attack_precision(settings, device),
+             getattr(settings, "precision", "32"))
     state = _Progress(progress_path, on_row)
     for model in models:  # features are extracted where the attacks run
         model.encoder.to(device)

@@ -62,8 +62,10 @@ def without_new_nulls(current: Any, previous: Any) -> Any:
 #: Options added after runs existed whose absence from an older run's config means another
 #: value than today's default (dotted key -> the value such a run was made with). Unlike a
 #: null default (above), these change the numbers: channels-last came on by default. A run
-#: made before ``sweep.precision`` existed ran its attacker in float32.
-LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False, "sweep.precision": "32"}
+#: made before ``sweep.precision`` and ``sweep.eval_batch_size`` existed ran its attacker in
+#: float32 with validation and test forwards of 512 images.
+LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False, "sweep.precision": "32",
+                                 "sweep.eval_batch_size": 512}
 
 
 def _legacy_slots(tree: Any):

@@ -163,13 +163,15 @@ class FitResult:
 class _BestOnValidation:
     """Keeps the weights of the step with the best validation accuracy (ties: the earlier step)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, val, device, precision: str = "32") -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, val, device, precision: str = "32",
+                 batch_size: int = 512) -> None:
         self.encoder, self.head, self.val, self.device, self.precision = encoder, head, val, device, precision
+        self.batch_size = batch_size
         self.accuracy, self.step, self.state = -1.0, None, None
 
     def check(self, step: int) -> None:
         accuracy = classifier_accuracy(self.encoder, self.head, self.val[0], self.val[1], device=self.device,
-                                       precision=self.precision)
+                                       precision=self.precision, batch_size=self.batch_size)
         if accuracy > self.accuracy:
             self.accuracy, self.step = accuracy, step
             self.state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (self.encoder, self.head)]
@@ -217,9 +219,9 @@ class ClassifierFit:
                  train_encoder: bool = True, masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", stage: str = "fit", augment_shift: int = 0,
                  val: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 0, patience: int = 0,
-                 precision: str = "32"):
+                 precision: str = "32", eval_batch_size: int = 512):
         self.device = torch.device(device)
-        self.precision = precision
+        self.precision, self.eval_batch_size = precision, eval_batch_size
         self.encoder, self.head = encoder.to(self.device), head.to(self.device)
         self.inputs, self.labels, self.steps, self.train_encoder = inputs, labels, steps, train_encoder
         self.stage, self.augment_shift, self.eval_every, self.patience = stage, augment_shift, eval_every, patience
@@ -228,7 +230,8 @@ class ClassifierFit:
         self.batches = batch_indices(len(labels), batch_size, steps, generator)
         self.opt, self.schedule = _fit_optimizer(encoder, head, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                                                  train_encoder=train_encoder, masks=masks, steps=steps)
-        self.best = _BestOnValidation(encoder, head, val, self.device, precision) if val is not None else None
+        self.best = (_BestOnValidation(encoder, head, val, self.device, precision, eval_batch_size)
+                     if val is not None else None)
         self.loss_fn = nn.CrossEntropyLoss()
         self.recent: list[float] = []
         self.step = 0  # optimiser steps taken
