@@ -58,10 +58,10 @@ def main() -> None:
         if not args.quiet:
             print(*key, f"{float(a['accuracy']):.3f} {float(b['accuracy']):.3f} {diff:+.3f}",
                   a["choice"] or "-", b["choice"] or "-")
-    print(f"fine-tune and scratch rows: {len(diffs)}; B - A mean {statistics.mean(diffs):+.4f}, "
-          f"sd {statistics.stdev(diffs):.4f}, range {min(diffs):+.3f} to {max(diffs):+.3f}; "
-          f"the same learning rate at {same_lr} of {searched} searched points; "
-          f"frozen-attack accuracies equal at {frozen_equal} of {frozen}")
+    spread = (f"B - A mean {statistics.mean(diffs):+.4f}, sd {statistics.stdev(diffs) if len(diffs) > 1 else 0:.4f}, "
+              f"range {min(diffs):+.3f} to {max(diffs):+.3f}; " if diffs else "")
+    print(f"fine-tune and scratch rows: {len(diffs)}; {spread}the same learning rate at {same_lr} of {searched} "
+          f"searched points; frozen-attack accuracies equal at {frozen_equal} of {frozen}")
     summary_a = json.loads((args.run_a / "summary.json").read_text())
     summary_b = json.loads((args.run_b / "summary.json").read_text())
     for va, vb in zip(summary_a["verdicts"], summary_b["verdicts"]):
