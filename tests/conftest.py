@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,17 @@ def cli(tmp_path, cache_dir):
         return run_cli(list(args), cwd=tmp_path, cache=cache_dir, **kwargs)
 
     return _run
+
+
+def toy_domain(seed: int = 0, n_train: int = 60, n_test: int = 30, shuffle_test: bool = False) -> Domain:
+    """Random 16x16 RGB images, labels cycling through 10 classes (test labels shuffled on request)."""
+    from ntp_ssl.data import Domain
+
+    rng = np.random.default_rng(seed)
+    test_labels = np.arange(n_test) % 10
+    if shuffle_test:
+        test_labels = np.random.default_rng(99).permutation(test_labels)
+    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(n_train) % 10,
+                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
+                  test_labels=test_labels, num_classes=10)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import toy_domain as _domain
+
 from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
-from ntp_ssl.data import Domain, to_float_tensor
+from ntp_ssl.data import to_float_tensor
 from ntp_ssl.data.subsets import stratified_split
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.attack import budget_steps, can_search, fine_tune_attack, halving_rungs
@@ -21,17 +23,6 @@ from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy, fit_classif
 TINY = SweepConfig(fractions=[0.5, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked", "finetune_dense"],
                    epochs=2, min_steps=3, max_steps=6, lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16,
                    probe_l2_grid=[1e-2, 1.0])
-
-
-def _domain(seed: int = 0, n_train: int = 60, n_test: int = 30, shuffle_test: bool = False) -> Domain:
-    rng = np.random.default_rng(seed)
-    test_labels = np.arange(n_test) % 10
-    if shuffle_test:
-        test_labels = np.random.default_rng(99).permutation(test_labels)
-    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
-                  train_labels=np.arange(n_train) % 10,
-                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
-                  test_labels=test_labels, num_classes=10)
 
 
 def test_budget_is_fixed_steps_or_epochs_within_floor_and_ceiling():

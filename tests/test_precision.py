@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import toy_domain as _domain
+
 from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
-from ntp_ssl.data import Domain, to_float_tensor
+from ntp_ssl.data import to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.attack import attack_precision, fine_tune_attack
 from ntp_ssl.shared import machine
@@ -20,14 +22,6 @@ from ntp_ssl.shared.train import autocast_context, classifier_accuracy, fit_clas
 
 TINY = SweepConfig(fractions=[1.0], seeds=[0], attacks=["finetune_dense"], epochs=2, min_steps=3, max_steps=6,
                    lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16)
-
-
-def _domain(n_train: int = 60, n_test: int = 30) -> Domain:
-    rng = np.random.default_rng(0)
-    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
-                  train_labels=np.arange(n_train) % 10,
-                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
-                  test_labels=np.arange(n_test) % 10, num_classes=10)
 
 
 def _dtype_inside(precision: str, device: str = "cpu") -> torch.dtype:
