@@ -73,15 +73,17 @@ def cli(tmp_path, cache_dir):
     return _run
 
 
-def toy_domain(seed: int = 0, n_train: int = 60, n_test: int = 30, shuffle_test: bool = False) -> Domain:
-    """Random 16x16 RGB images, labels cycling through 10 classes (test labels shuffled on request)."""
+def toy_domain(seed: int = 0, n_train: int = 60, n_test: int = 30, shuffle_test: bool = False,
+               num_classes: int = 10, name: str = "toy") -> Domain:
+    """Random 16x16 RGB images, labels cycling through ``num_classes`` classes (test labels
+    shuffled on request)."""
     from ntp_ssl.data import Domain
 
     rng = np.random.default_rng(seed)
-    test_labels = np.arange(n_test) % 10
+    test_labels = np.arange(n_test) % num_classes
     if shuffle_test:
         test_labels = np.random.default_rng(99).permutation(test_labels)
-    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
-                  train_labels=np.arange(n_train) % 10,
+    return Domain(name=name, train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
+                  train_labels=np.arange(n_train) % num_classes,
                   test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
-                  test_labels=test_labels, num_classes=10)
+                  test_labels=test_labels, num_classes=num_classes)

@@ -19,6 +19,7 @@ from ntp_ssl.config import SweepConfig
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, scratch_accuracy
 from ntp_ssl.protect.projections import project_topk_per_layer
 
+from conftest import toy_domain
 from test_protect import _scalar_tags, encoder_checkpoint  # noqa: F401  (module fixture)
 
 SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked",
@@ -27,11 +28,7 @@ SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn"
 
 
 def _domain(n_train=60, n_test=30, num_classes=10, seed=0, name="toy") -> Domain:
-    rng = np.random.default_rng(seed)
-    return Domain(name=name, train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
-                  train_labels=np.arange(n_train) % num_classes,
-                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
-                  test_labels=np.arange(n_test) % num_classes, num_classes=num_classes)
+    return toy_domain(seed, n_train, n_test, num_classes=num_classes, name=name)
 
 
 def _pruned_model(name="protected") -> ModelUnderTest:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATA, TINY_PRETRAIN, assert_same_tensors
+from conftest import TINY_DATA, TINY_PRETRAIN, assert_same_tensors, toy_domain
 from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint, sha256_file
 from ntp_ssl.errors import CheckpointError, NumericalError
 from test_pretrain import compose_pretrain
@@ -140,13 +140,7 @@ def _plant_debris(run_dir: Path, final_name: str) -> None:
 
 
 def _toy_domain(n_train: int = 30, n_test: int = 20):
-    from ntp_ssl.data import Domain
-
-    rng = np.random.default_rng(0)
-    return Domain(name="toy", train_images=rng.integers(0, 255, (n_train, 16, 16, 3), dtype=np.uint8),
-                  train_labels=np.arange(n_train) % 10,
-                  test_images=rng.integers(0, 255, (n_test, 16, 16, 3), dtype=np.uint8),
-                  test_labels=np.arange(n_test) % 10, num_classes=10)
+    return toy_domain(0, n_train, n_test)
 
 
 def _settings(**values):
