@@ -40,15 +40,20 @@ TINY_ADMM = ["data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps
 # digest of each was recorded at commit 3cdb5be on the machines of 2026-11 (every session's
 # CI gave it until 2026-12-02); the second on an AVX-512 (FP16) Xeon on 2026-12-02 at b6fb235,
 # whose library code computes what 3cdb5be did (the first digests passed in its CI, 4cb4d34,
-# and no library code changed since).
+# and no library code changed since). The third on an AVX2-only AMD EPYC (family 25 model 1,
+# no AVX-512) on 2026-12-06, where the code of 42a2af8 (twice) and b6fb235's own code (once, a
+# worktree run of its own copy of this test) gave the same three digests.
 RECORDED = {
     "ssl": ([], {"f254d3470e87b2b10775825e0485a1377a0f100f7752f139ccd1bcd6e767c129",
-                 "f9265ae60739b60d4af755ec098e3c6e661b4a458f5a49070f029154fa4c71cc"}),
+                 "f9265ae60739b60d4af755ec098e3c6e661b4a458f5a49070f029154fa4c71cc",
+                 "7c114d888c55c2e90a8bed9c8ff9a957485b527ac84ebf23c64ddde09e4600af"}),
     "supervised": (["pretrain.method.name=supervised", "loss.head_steps=20"],
                    {"203b66ba7f0913874f52798f3b62b2362869d7ca535908718d91d2b3d89ade3c",
-                    "a70cf8bcb0976fc543b8677975c9f59ae774f365992e48e5e1fb94beeb083829"}),
+                    "a70cf8bcb0976fc543b8677975c9f59ae774f365992e48e5e1fb94beeb083829",
+                    "3c30998170438508705107f48a8645ef457cdff482c244288621ecb0278e7126"}),
     "none": (["admm.iterations=0"], {"caeaf5d325a4f2e822535de7f766ab2da4ce41def4122ec5f5d75d48d542f9b8",
-                                     "b7b60b39551f6040478a056432031687359b1b769e4fa4d7fc383bfdb4974c82"}),
+                                     "b7b60b39551f6040478a056432031687359b1b769e4fa4d7fc383bfdb4974c82",
+                                     "8d638dc6a88c16081acec2cc84715de6a90cbb3152d1640f32736e16b27f88d0"}),
 }
 
 
