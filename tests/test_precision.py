@@ -18,7 +18,8 @@ from ntp_ssl.data import to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.attack import attack_precision, fine_tune_attack
 from ntp_ssl.shared import machine
-from ntp_ssl.shared.train import autocast_context, classifier_accuracy, fit_classifier, resolve_precision
+from ntp_ssl.shared.train import (autocast_context, classifier_accuracy, fit_classifier, precision_warning,
+                                  resolve_precision)
 
 TINY = SweepConfig(fractions=[1.0], seeds=[0], attacks=["finetune_dense"], epochs=2, min_steps=3, max_steps=6,
                    lr_grid=[1e-3, 3e-3], search_min_n=20, batch_size=16)
@@ -48,6 +49,32 @@ def test_auto_resolves_by_the_cpus_bfloat16_instructions(monkeypatch):
     main_job, converged = SweepConfig(**SWEEP_PRESETS["main_job"]), SweepConfig(**SWEEP_PRESETS["converged"])
     assert (main_job.precision, main_job.eval_batch_size) == ("auto", 128)
     assert (converged.precision, converged.eval_batch_size) == ("32", 512)
+
+
+def test_a_precision_the_cpu_cannot_honour_is_named(monkeypatch):
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    emulated = precision_warning("bf16-mixed", "cpu")
+    assert "bf16-mixed" in emulated and "without bfloat16 instructions" in emulated and "32" in emulated
+    assert "16-mixed" in precision_warning("16-mixed", "cpu") and "float32" in precision_warning("16-mixed", "cpu")
+    assert precision_warning("32", "cpu") is None
+    assert precision_warning("auto", "cpu") is None  # resolved before it is checked
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    assert precision_warning("bf16-mixed", "cpu") is None
+    assert precision_warning("16-mixed", "cuda") is None and precision_warning("bf16-mixed", "cuda") is None
+
+
+def test_the_sweep_warns_when_asked_for_bf16_on_a_cpu_without_it(monkeypatch, caplog):
+    from ntp_ssl.evaluate.sweep import run_sweep
+
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    settings = dataclasses.replace(TINY, precision="bf16-mixed", attacks=["knn"], scratch=False)
+    with caplog.at_level("WARNING", logger="ntp_ssl.evaluate"):
+        run_sweep([], [_domain()], settings, progress=False)
+    assert any("sweep.precision bf16-mixed on a CPU without bfloat16" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ntp_ssl.evaluate"):
+        run_sweep([], [_domain()], dataclasses.replace(settings, precision="auto"), progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # auto -> 32 here: nothing to warn of
 
 
 @pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f", False), ("avx2 avx512_bf16", True),

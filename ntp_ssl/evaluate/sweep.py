@@ -60,6 +60,7 @@ from ntp_ssl.io import atomic_write_json
 from ntp_ssl.shared.knn import knn_top1
 from ntp_ssl.shared.masking import apply_masks_
 from ntp_ssl.shared.progress import progress_bar
+from ntp_ssl.shared.train import precision_warning
 
 log = logging.getLogger("ntp_ssl.evaluate")
 
@@ -377,6 +378,9 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     fractions, work = validate_grid(list(settings.fractions)), work if work is not None else SweepWork()
     log.info("sweep: the fine-tunes compute in %s (sweep.precision=%s)", attack_precision(settings, device),
              getattr(settings, "precision", "32"))
+    warning = precision_warning(attack_precision(settings, device), device)
+    if warning:
+        log.warning("sweep.%s", warning)
     state = _Progress(progress_path, on_row)
     for model in models:  # features are extracted where the attacks run
         model.encoder.to(device)

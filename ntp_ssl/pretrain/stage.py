@@ -43,6 +43,7 @@ from ntp_ssl.shared.train import (
     autocast_context,
     build_optimizer,
     check_finite,
+    precision_warning,
     classifier_accuracy,
     rng_state,
     seeded_loader,
@@ -358,6 +359,9 @@ def run_pretrain(cfg: Any, run_dir: Path, *, on_event: Callable[[str], None] | N
     log.info("pretrain %s/%s on %s: %d images, %d epochs x %d steps, device %s, %d process(es)", cfg.method.name,
              cfg.encoder.backbone, "+".join(run.train_names), len(run.dataset), cfg.optim.epochs,
              run.steps_per_epoch, ctx.device, world)
+    warning = precision_warning(cfg.trainer.precision, ctx.device)
+    if warning and rank == 0:
+        log.warning("trainer.%s", warning)
     epochs_bar = progress_bar(range(run.epoch, cfg.optim.epochs), desc="pretrain", initial=run.epoch,
                               total=cfg.optim.epochs, enabled=cfg.trainer.progress and rank == 0)
     for epoch in epochs_bar:

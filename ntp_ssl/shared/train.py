@@ -96,6 +96,24 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16-mixed" if device.type == "cpu" and native_bf16() else "32"
 
 
+def precision_warning(precision: str, device: torch.device | str) -> str | None:
+    """Why ``precision`` on ``device`` will not do what it asks (None when it will): bfloat16 on
+    a CPU without bfloat16 instructions is emulated by oneDNN and runs slower than float32;
+    ``16-mixed`` has no CPU path and runs in float32 there."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return None
+    if precision == "16-mixed":
+        return "precision 16-mixed has no CPU kernels: this run computes in float32, as with 32"
+    if precision == "bf16-mixed":
+        from ntp_ssl.shared.machine import native_bf16
+
+        if not native_bf16():
+            return ("precision bf16-mixed on a CPU without bfloat16 instructions (AMX or AVX-512 BF16): emulated, "
+                    "and likely slower than 32 here")
+    return None
+
+
 def build_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
