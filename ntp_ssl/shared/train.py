@@ -110,7 +110,7 @@ def precision_warning(precision: str, device: torch.device | str) -> str | None:
 
         if not native_bf16():
             return ("precision bf16-mixed on a CPU without bfloat16 instructions (AMX or AVX-512 BF16): emulated, "
-                    "11x slower than 32 per fine-tune step on an AVX2 CPU (docs/BENCHMARKS.md)")
+                    "about 11x slower than 32 per fine-tune step on an AVX2 CPU (docs/BENCHMARKS.md)")
     return None
 
 
