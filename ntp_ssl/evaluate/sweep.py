@@ -376,9 +376,10 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     ``work``, when given, counts the fine-tunes, scratch trainings and feature extractions."""
     _check_one_backbone(models, settings)
     fractions, work = validate_grid(list(settings.fractions)), work if work is not None else SweepWork()
-    log.info("sweep: the fine-tunes compute in %s (sweep.precision=%s)", attack_precision(settings, device),
+    precision = attack_precision(settings, device)
+    log.info("sweep: the fine-tunes compute in %s (sweep.precision=%s)", precision,
              getattr(settings, "precision", "32"))
-    warning = precision_warning(attack_precision(settings, device), device)
+    warning = precision_warning(precision, device)
     if warning:
         log.warning("sweep.%s", warning)
     state = _Progress(progress_path, on_row)
