@@ -54,6 +54,31 @@ def run_cli(args: list[str], *, cwd: Path, cache: Path, timeout: int = 600, env_
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def event_tags(event_dir: Path, kind: str = "scalars") -> set[str]:
+    """The TensorBoard tags of ``kind`` (scalars, images, ...) in every event file under ``event_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for path in event_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()[kind])
+    return tags
+
+
+def tensorboard_image_size(event_dir: Path, tag: str) -> tuple[int, int]:
+    """(width, height) of the first image logged under ``tag``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in event_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        if tag in acc.Tags()["images"]:
+            image = acc.Images(tag)[0]
+            return image.width, image.height
+    raise AssertionError(f"no image {tag!r} under {event_dir}")
+
+
 def assert_same_tensors(a_path: Path, b_path: Path) -> None:
     """Two checkpoints hold the same tensors, bit for bit."""
     from ntp_ssl.shared.checkpoint import load_checkpoint

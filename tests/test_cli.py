@@ -7,18 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_DATA, TINY_PRETRAIN
-
-
-def _scalar_tags(event_dir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags: set[str] = set()
-    for path in event_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(path))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
-    return tags
+from conftest import TINY_DATA, TINY_PRETRAIN, event_tags
 
 
 def test_help_lists_stages(cli):
@@ -84,7 +73,7 @@ def test_pretrain_end_to_end(cli, tmp_path):
     assert meta["backbone"] == "small_cnn" and meta["method"] == "simclr" and masks == {}
     assert 0.0 <= meta["metrics"]["knn_top1_k20"] <= 1.0
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "pretrain.log").exists()
-    tags = _scalar_tags(run_dir / "tb")
+    tags = event_tags(run_dir / "tb")
     assert {"pretrain/loss", "pretrain/lr", "pretrain/knn_top1_k20", "pretrain/knn_top1_k200"} <= tags
     # The same command again finds the finished run and does not redo or overwrite it.
     before = (run_dir / "encoder.safetensors").stat().st_mtime_ns

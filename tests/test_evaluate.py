@@ -19,8 +19,8 @@ from ntp_ssl.config import SweepConfig
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, scratch_accuracy
 from ntp_ssl.protect.projections import project_topk_per_layer
 
-from conftest import toy_domain
-from test_protect import _scalar_tags, encoder_checkpoint  # noqa: F401  (module fixture)
+from conftest import event_tags, tensorboard_image_size, toy_domain
+from test_protect import encoder_checkpoint  # noqa: F401  (module fixture)
 
 SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked",
                        "finetune_dense"], steps=3, batch_size=16, lr_finetune=1e-3,
@@ -150,8 +150,13 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
     machines = json.loads((run_dir / "machine.json").read_text())  # which CPU and torch made these numbers
     assert len(machines) == 1 and machines[0]["torch"] == torch.__version__ and machines[0]["device"] == "cpu"
-    tags = _scalar_tags(run_dir / "tb")
+    tags = event_tags(run_dir / "tb")
     assert "slc/optdigits/linear/ssl" in tags and "slc_auc/optdigits/linear/ssl" in tags
+    # TensorBoard shows the very figure of slc_curves.png (logged from the file, not drawn twice)
+    from PIL import Image
+
+    with Image.open(run_dir / "slc_curves.png") as png:
+        assert tensorboard_image_size(run_dir / "tb", "slc_curves") == png.size
     report = cli("report", f"runs=[{run_dir}]", "run_name=rep")
     assert report.returncode == 0, report.stderr[-3000:]
     assert (tmp_path / "runs" / "report" / "rep" / "summary.md").exists()

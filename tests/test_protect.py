@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA, assert_same_tensors
+from conftest import TINY_DATA, assert_same_tensors, event_tags
 from test_pretrain import compose_pretrain
 
 TINY_PROTECT = [*TINY_DATA, "data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
@@ -35,17 +35,6 @@ def _compose_protect(cache_dir: Path, checkpoint, *overrides: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="protect", overrides=[*TINY_PROTECT, f"checkpoint={checkpoint}",
                                                          f"paths.cache_dir={cache_dir}", "evaluate=false", *overrides])
-
-
-def _scalar_tags(event_dir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags: set[str] = set()
-    for path in event_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
-    return tags
 
 
 def _check_protected_file(path: Path, sparsity: float) -> None:
@@ -94,7 +83,7 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     report = json.loads((run_dir / "sparsity.json").read_text())
     assert {"tensors", "prunable", "model", "files"} <= report.keys()
     assert "total (prunable)" in result.stdout
-    tags = _scalar_tags(run_dir / "tb")
+    tags = event_tags(run_dir / "tb")
     for tag in ("protect/loss/ssl_source", "protect/loss/ssl_target", "protect/loss/mmd", "protect/loss/fisher_pseudo",
                 "protect/loss/fisher_source",
                 "protect/admm/rho", "protect/admm/primal_total", "protect/admm/dual_total", "protect/z_sparsity",
@@ -119,7 +108,7 @@ def test_supervised_protect_through_the_command(cli, tmp_path, encoder_checkpoin
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "protect" / "sup"
     _check_protected_file(run_dir / "protected.safetensors", 0.8)
-    tags = _scalar_tags(run_dir / "tb")
+    tags = event_tags(run_dir / "tb")
     assert {"protect/loss/ce_source", "protect/loss/ce_target", "protect/loss/fisher_target"} <= tags
     # A protected checkpoint cannot be protected again by mistake.
     again = cli("protect", *TINY_PROTECT, f"checkpoint={run_dir / 'protected.safetensors'}", "run_name=twice",
