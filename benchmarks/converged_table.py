@@ -158,7 +158,7 @@ def parse_group(group: str) -> list[tuple[Path, int | None]]:
     return paths
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setups", nargs="+", help="SETUP=FILES_DIR[,FILES_DIR...][+FILES_DIR...] (+: another sweep seed or target)")
     parser.add_argument("--curve-attack", default="finetune_dense")
@@ -167,7 +167,7 @@ def main() -> None:
                              f"(default: each target's {CURVE_POINTS} largest)")
     parser.add_argument("--targets", default=None,
                         help="comma list: read only these targets of every run (default: all each run holds)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     wanted = set(args.targets.split(",")) if args.targets else None
     setups, targets_of = {}, {}
     for item in args.setups:

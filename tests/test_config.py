@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 from ntp_ssl.cli import STAGES, config_dir
 from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
 from ntp_ssl.errors import ConfigError
@@ -302,7 +302,35 @@ def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     assert failed.returncode != 0 and "other attackers" in failed.stderr
 
 
-def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
+@pytest.fixture(scope="module")
+def converged_table():
+    """benchmarks/converged_table.py's main() in this process, as ``(ARGS..., check=False) ->
+    (returncode, stdout, stderr)`` like subprocess.run: a process of its own pays about 6 s of
+    imports per call on 2 cores (the first test still runs the script as a command once)."""
+    import contextlib
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    script = load_benchmark("converged_table")
+
+    def run(*args: str, check: bool = False) -> SimpleNamespace:
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                script.main([str(a) for a in args])
+            except SystemExit as exit_:  # what the interpreter would do with it: a message to stderr, status 1
+                code = exit_.code if isinstance(exit_.code, int) else 1
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+        assert not (check and code), f"converged_table.py {args} exited {code}: {err.getvalue()[-2000:]}"
+        return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+    return run
+
+
+def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path, converged_table):
     """benchmarks/converged_table.py: per setup the mean SLC-AUC over protection seeds, a seed
     in a folder without suffix read through DIR@k, first minus second paired by seed, and the
     dense curve beside scratch."""
@@ -333,42 +361,39 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
     # x - y paired: -0.2, -0.4, -0.3: mean -0.3, interval +-4.303 * 0.1 / sqrt(3)
     assert "| x - y | 1,2,3 | -0.300 [-0.548, -0.052] |" in out
     assert "| scratch | 0.500 |" in out and "| x | 0.580 |" in out
-    bad = subprocess.run([sys.executable, str(script), f"x={tmp_path / 'missing'}"], capture_output=True, text=True)
+    bad = converged_table(f"x={tmp_path / 'missing'}")
     assert bad.returncode != 0 and "holds no summary.json" in bad.stderr
     # a second sweep seed (+): each protection seed's number is its mean over the sweep seeds
     c = folder("c", ["y-seed1", "y-seed2", "y-seed3"], {"y-seed1": 0.2, "y-seed2": -0.2, "y-seed3": 0.1})
-    out = subprocess.run([sys.executable, str(script), f"y={b}+{c}", "--curve-n", "100"],
-                         capture_output=True, text=True, check=True).stdout
+    out = converged_table(f"y={b}+{c}", "--curve-n", "100", check=True).stdout
     # y: seeds 1 2 3 = (0+0.2)/2, (0-0.2)/2, (0.3+0.1)/2 = 0.1, -0.1, 0.2: mean 0.0667, sd 0.1528
     assert "| y | 1,2,3 | +0.067 [-0.313, +0.446] |" in out
     assert "| y | 0.607 |" in out  # curve: 0.6 + mean(0, 0, 0.03, 0.02, -0.02, 0.01) = 0.6067
     # a seed missing from one group is averaged over the others, and the script says so
     d = folder("d", ["y-seed1", "y-seed2"], {"y-seed1": 0.2, "y-seed2": -0.2})
-    uneven = subprocess.run([sys.executable, str(script), f"y={b}+{d}"], capture_output=True, text=True, check=True)
+    uneven = converged_table(f"y={b}+{d}", check=True)
     assert "protection seed 3 is in 1 of 2 '+' groups" in uneven.stderr
     assert "| y | 1,2,3 | +0.100 [-0.397, +0.597] * |" in uneven.stdout  # 0.1, -0.1, 0.3; marked mixed
     assert "* mixes '+' groups" in uneven.stdout
     # a paired difference with a mixed side is marked too: y (seed 3 from one group) minus x
-    paired = subprocess.run([sys.executable, str(script), f"y={b}+{d}", f"x={a},{a1}@3"], capture_output=True,
-                            text=True, check=True).stdout
+    paired = converged_table(f"y={b}+{d}", f"x={a},{a1}@3", check=True).stdout
     assert "| y - x | 1,2,3 | +0.300 [+0.300, +0.300] * |" in paired  # 0.1, -0.1, 0.3 minus -0.2, -0.4, 0.0
-    even = subprocess.run([sys.executable, str(script), f"y={b}+{c}"], capture_output=True, text=True, check=True)
+    even = converged_table(f"y={b}+{c}", check=True)
     assert "warning" not in even.stderr and " *" not in even.stdout
     # a run with sparse_scratch=[...]: its '-sparse_scratch' models are their own row, paired by seed
     e = folder("e", ["z-seed1", "z-seed2", "z-seed1-sparse_scratch", "z-seed2-sparse_scratch"],
                {"z-seed1": -0.2, "z-seed2": -0.4, "z-seed1-sparse_scratch": -0.3, "z-seed2-sparse_scratch": -0.6})
-    out = subprocess.run([sys.executable, str(script), f"z={e}"], capture_output=True, text=True, check=True).stdout
+    out = converged_table(f"z={e}", check=True).stdout
     assert "| z | 1,2 | -0.300 [" in out and "| z sparse scratch | 1,2 | -0.450 [" in out
     assert "| z - z sparse scratch | 1,2 | +0.150 [" in out  # +0.1 and +0.2
     # one run holding two setups (a protected encoder's seeds and the unprotected one): each
     # setup reads its own models only; 'unprotected' has no seed suffix, so it needs DIR@k
     f = folder("f", ["w-seed1", "w-seed2", "unprotected"], {"w-seed1": -0.2, "w-seed2": -0.4, "unprotected": 0.5})
-    out = subprocess.run([sys.executable, str(script), f"w={f}", f"unprotected={f}@1"],
-                         capture_output=True, text=True, check=True).stdout
+    out = converged_table(f"w={f}", f"unprotected={f}@1", check=True).stdout
     assert "| w | 1,2 | -0.300 [" in out and "| unprotected | 1 | +0.500 (1 seed) |" in out
     # the one unprotected model is paired with every protection seed: -0.7, -0.9, +-12.706 * 0.1
     assert "| w - unprotected | 1,2 (vs its one model) | -0.800 [-2.071, +0.471] |" in out
-    unseeded = subprocess.run([sys.executable, str(script), f"unprotected={f}"], capture_output=True, text=True)
+    unseeded = converged_table(f"unprotected={f}")
     assert unseeded.returncode != 0 and "holds no model of setup 'unprotected'" in unseeded.stderr
     assert "DIR@k" in unseeded.stderr
     # an attack some '+' groups lack is averaged over those that have it, and the script says so
@@ -379,20 +404,17 @@ def test_converged_table_pairs_evaluate_runs_by_protection_seed(tmp_path):
         {"model": "unprotected", "domain": "d", "attack": "finetune_masked", "slc_auc": 0.1}],
         "source_accuracy": {"unprotected": {"linear": 0.9, "knn": 0.8}}}))
     g.joinpath("results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n")
-    partial = subprocess.run([sys.executable, str(script), f"unprotected={f}@1+{g}@1"],
-                             capture_output=True, text=True, check=True)
+    partial = converged_table(f"unprotected={f}@1+{g}@1", check=True)
     assert "finetune_masked of protection seed 1 is in 1 of its 2 '+' groups" in partial.stderr
     # 0.1 from one group, marked; (0.5 + 0.1) / 2 from both, unmarked
     assert "| unprotected | 1 | +0.100 (1 seed) * | +0.300 (1 seed) |" in partial.stdout
 
 
-def test_converged_table_averages_a_run_of_several_targets(tmp_path):
+def test_converged_table_averages_a_run_of_several_targets(tmp_path, converged_table):
     """benchmarks/converged_table.py on one evaluate run of two targets: each seed's SLC-AUC is
     the mean over the targets (not the first target's alone), and the accuracy-by-n table comes
     once per target, since the targets' grids share n."""
     import json
-    import subprocess
-    import sys
 
     slc = {("x-seed1", "a"): -0.2, ("x-seed1", "b"): -0.6, ("x-seed2", "a"): 0.0, ("x-seed2", "b"): -0.4}
     summary = [{"model": m, "domain": t, "attack": "finetune_dense", "slc_auc": v} for (m, t), v in slc.items()]
@@ -404,9 +426,7 @@ def test_converged_table_averages_a_run_of_several_targets(tmp_path):
              "scratch,b,scratch,1,1.0,10,0.2"]
     lines += [f"x-seed{s},{t},finetune_dense,1,1.0,10,{acc}" for s in (1, 2) for t, acc in (("a", 0.6), ("b", 0.1))]
     run.joinpath("results.csv").write_text("\n".join(lines) + "\n")
-    script = REPO / "benchmarks" / "converged_table.py"
-    out = subprocess.run([sys.executable, str(script), f"x={run}", "--curve-n", "10"],
-                         capture_output=True, text=True, check=True).stdout
+    out = converged_table(f"x={run}", "--curve-n", "10", check=True).stdout
     # seed 1: (-0.2 - 0.6) / 2 = -0.4; seed 2: (0.0 - 0.4) / 2 = -0.2; mean -0.3
     assert "| x | 1,2 | -0.300 [" in out
     blocks = out.split("finetune_dense on ")[1:]
@@ -417,8 +437,7 @@ def test_converged_table_averages_a_run_of_several_targets(tmp_path):
     lines += ["scratch,a,scratch,1,0.5,5,0.4", "scratch,b,scratch,1,0.5,3,0.1"]
     lines += [f"scratch,a,scratch,1,{f},{n},0.1" for f, n in ((0.01, 1), (0.02, 2), (0.03, 3), (0.04, 4))]
     run.joinpath("results.csv").write_text("\n".join(lines) + "\n")
-    blocks = subprocess.run([sys.executable, str(script), f"x={run}"], capture_output=True, text=True,
-                            check=True).stdout.split("finetune_dense on ")[1:]
+    blocks = converged_table(f"x={run}", check=True).stdout.split("finetune_dense on ")[1:]
     assert "| model | 2 | 3 | 4 | 5 | 10 |" in blocks[0]
     # a setup of target a alone, paired with x (targets a and b): the script warns that the pair
     # mixes target sets, and --targets a compares target a on both sides
@@ -428,15 +447,13 @@ def test_converged_table_averages_a_run_of_several_targets(tmp_path):
         "summary": [{"model": "u", "domain": "a", "attack": "finetune_dense", "slc_auc": 0.5}],
         "source_accuracy": {"u": {"linear": 0.9, "knn": 0.8}}}))
     solo.joinpath("results.csv").write_text("model,domain,attack,seed,fraction,n,accuracy\n")
-    mixed = subprocess.run([sys.executable, str(script), f"x={run}", f"u={solo}@1"], capture_output=True,
-                           text=True, check=True)
+    mixed = converged_table(f"x={run}", f"u={solo}@1", check=True)
     assert "mixes target sets" in mixed.stderr and "| x - u | 1,2 (vs its one model) | -0.800 [" in mixed.stdout
-    same = subprocess.run([sys.executable, str(script), "--targets", "a", f"x={run}", f"u={solo}@1"],
-                          capture_output=True, text=True, check=True)
+    same = converged_table("--targets", "a", f"x={run}", f"u={solo}@1", check=True)
     assert "mixes target sets" not in same.stderr
     assert "| x | 1,2 | -0.100 [" in same.stdout  # seed 1 -0.2, seed 2 0.0 on target a
     assert "| x - u | 1,2 (vs its one model) | -0.600 [" in same.stdout
-    none = subprocess.run([sys.executable, str(script), "--targets", "zzz", f"x={run}"], capture_output=True, text=True)
+    none = converged_table("--targets", "zzz", f"x={run}")
     assert none.returncode != 0 and "holds none of --targets 'zzz'" in none.stderr
     assert "| scratch | 0.100 | 0.100 | 0.100 | 0.400 | 0.500 |" in blocks[0]
     assert "| model | 3 | 10 |" in blocks[1] and "| x |  | 0.100 |" in blocks[1]
