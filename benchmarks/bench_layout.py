@@ -53,12 +53,13 @@ def _encoder(seed: int = 0) -> nn.Module:
     return build_encoder("small_cnn", in_channels=3, image_size=32)
 
 
-def fine_tune_work(steps: int) -> Callable[[], float]:
-    """One masked fine-tune as the sweep runs it; returns its final loss."""
+def fine_tune_work(steps: int, samples: int = 2000) -> Callable[[], float]:
+    """One masked fine-tune as the sweep runs it (a quarter of ``samples`` as its validation
+    split, checked every tenth of the steps); returns its final loss."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.rand(2000, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (2000,), generator=generator)
-    val = (x[:500] + 0.01, y[:500])
+    x = torch.rand(samples, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+    val = (x[:samples // 4] + 0.01, y[:samples // 4])
     base = _encoder()
     masks = {name: torch.rand(p.shape, generator=generator) > 0.9 for name, p in base.named_parameters() if p.dim() > 1}
 
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     info = system_info()
     print_system(info)
     info["gemm"] = gemm_peak(size=512 if args.quick else 2048)
-    workloads = [("fine-tune", fine_tune_work(10 if args.quick else 100)),
+    # --quick validates at every one of its 10 steps: on a smaller split, or it is most of the smoke run
+    workloads = [("fine-tune", fine_tune_work(10, samples=400) if args.quick else fine_tune_work(100)),
                  ("pretrain step", pretrain_work(4 if args.quick else 40)),
                  ("features", features_work(512 if args.quick else 4096))]
     results = [measure(name, work, repeats) for name, work in workloads]

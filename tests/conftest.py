@@ -41,6 +41,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 # Settings small enough for a 2-core machine: 16x16 images, a few hundred samples.
 TINY_DATA = ["data.image_size=16", "data.train_limit=300", "data.test_limit=200", "trainer.progress=false"]
+# Two learning rates and two l2 values for the end-to-end runs: the attacker's search (split,
+# choose, refit) still runs at every point that can carry one, at under half the cost of the
+# presets' five-value grids.
+SMALL_SEARCH = ["sweep.lr_grid=[1e-3,1e-2]", "sweep.probe_l2_grid=[1e-3,1e-1]"]
 TINY_PRETRAIN = ["optim.epochs=2", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
                  "trainer.eval_every=1", "trainer.projector_samples=20"]
 

@@ -19,7 +19,7 @@ from ntp_ssl.config import SweepConfig
 from ntp_ssl.evaluate.sweep import ModelUnderTest, run_sweep, scratch_accuracy
 from ntp_ssl.protect.projections import project_topk_per_layer
 
-from conftest import event_tags, tensorboard_image_size, toy_domain
+from conftest import SMALL_SEARCH, event_tags, tensorboard_image_size, toy_domain
 from test_protect import encoder_checkpoint  # noqa: F401  (module fixture)
 
 SETTINGS = SweepConfig(fractions=[0.2, 1.0], seeds=[0], attacks=["linear", "knn", "finetune_masked",
@@ -134,7 +134,7 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
 
     result = cli("evaluate", *TINY_DATA, f"checkpoints=[{encoder_checkpoint}]", "names=[ssl]",
                  "data.targets=[optdigits]", "sweep.fractions=[0.05,1.0]", "sweep.seeds=[0,1]", "sweep.steps=3",
-                 "sweep.batch_size=16", "sweep.attacks=[linear,knn,finetune_dense]", "run_name=ev")
+                 "sweep.batch_size=16", "sweep.attacks=[linear,knn,finetune_dense]", *SMALL_SEARCH, "run_name=ev")
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = tmp_path / "runs" / "evaluate" / "ev"
     lines = (run_dir / "results.csv").read_text().splitlines()

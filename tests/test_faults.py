@@ -27,24 +27,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATA, TINY_PRETRAIN, assert_same_tensors, toy_domain
+from conftest import SMALL_SEARCH, TINY_DATA, TINY_PRETRAIN, assert_same_tensors, toy_domain
 from ntp_ssl.shared.checkpoint import load_checkpoint, load_training_state, pending_path, save_checkpoint, sha256_file
 from ntp_ssl.errors import CheckpointError, NumericalError
 from test_pretrain import compose_pretrain
 
 EXE = str(Path(sys.executable).parent / "ntp-ssl")
 
-# Two learning rates and two l2 values: the search (split, choose, refit) runs at every point that
-# can carry one, at under half the cost of the presets' five-value grids.
-SMALL_GRIDS = ["sweep.lr_grid=[1e-3,1e-2]", "sweep.probe_l2_grid=[1e-3,1e-1]"]
 PRETRAIN_ARGS = ["pretrain", *TINY_DATA, *TINY_PRETRAIN, "optim.epochs=3", "trainer.projector=false", "data.targets=[optdigits]",
                  "run_name=crash"]
-PROTECT_ARGS = ["protect", *TINY_DATA, *SMALL_GRIDS, "data.targets=[optdigits]", "admm.iterations=2", "admm.steps_per_iteration=3",
-                "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8",
+PROTECT_ARGS = ["protect", *TINY_DATA, *SMALL_SEARCH, "data.targets=[optdigits]", "admm.iterations=2",
+                "admm.steps_per_iteration=3", "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8",
                 "evaluate=true", "sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4",
                 "sweep.batch_size=16", "run_name=crash"]
-EVALUATE_ARGS = ["evaluate", *TINY_DATA, *SMALL_GRIDS, "names=[ssl]", "data.targets=[optdigits]", "sweep.fractions=[0.05,0.2,1.0]",
-                 "sweep.seeds=[0,1]", "sweep.steps=4", "sweep.batch_size=16", "run_name=crash"]
+EVALUATE_ARGS = ["evaluate", *TINY_DATA, *SMALL_SEARCH, "names=[ssl]", "data.targets=[optdigits]",
+                 "sweep.fractions=[0.05,0.2,1.0]", "sweep.seeds=[0,1]", "sweep.steps=4", "sweep.batch_size=16", "run_name=crash"]
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_DATA, assert_same_tensors, event_tags
+from conftest import SMALL_SEARCH, TINY_DATA, assert_same_tensors, event_tags
 from test_pretrain import compose_pretrain
 
 TINY_PROTECT = [*TINY_DATA, "data.targets=[optdigits,mnistm]", "admm.iterations=2", "admm.steps_per_iteration=3",
                 "admm.retrain_steps=3", "admm.batch_size=32", "prune.sparsity=0.8"]
-TINY_SWEEP = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4", "sweep.batch_size=16"]
+TINY_SWEEP = ["sweep.fractions=[0.05,1.0]", "sweep.seeds=[0]", "sweep.steps=4", "sweep.batch_size=16", *SMALL_SEARCH]
 
 
 @pytest.fixture(scope="module")
