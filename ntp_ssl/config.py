@@ -31,6 +31,12 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 #: the attacker's arithmetic (sweep.precision): auto is bf16-mixed where the device has native
 #: bfloat16 kernels, else 32 (ntp_ssl/shared/train.resolve_precision)
 SWEEP_PRECISIONS = ("32", "bf16-mixed", "auto")
+#: The reference attacker's arithmetic, the one every result before 2026-12-06 was measured
+#: with: float32 fine-tunes, validation and test forwards of 512 images. Off these values the
+#: scratch cache key names the value, and a run directory made before the options existed is
+#: read as made with these (shared/runs.LEGACY_VALUES).
+REFERENCE_PRECISION = "32"
+REFERENCE_EVAL_BATCH = 512
 RHO_SCHEDULES = ("geometric", "balanced")
 
 
@@ -331,11 +337,11 @@ class SweepConfig:
     # the fine-tunes' forward passes (training, validation, test accuracy): 32 | bf16-mixed |
     # auto (bf16-mixed where the device has native bfloat16 kernels); frozen features and the
     # linear probe stay float32. Part of the protocol: scratch is cached per precision.
-    precision: str = "32"
+    precision: str = REFERENCE_PRECISION
     # the batch of the fine-tunes' validation and test forwards: 128 runs 1.7-2.2x faster per
     # image than 512 on 2 cores (docs/BENCHMARKS.md); it changes only the float rounding, but
     # every result before 2026-12-06 used 512, so 512 stays the reference attacker's
-    eval_batch_size: int = 512
+    eval_batch_size: int = REFERENCE_EVAL_BATCH
     probe_l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # linear probe
     probe_l2: float = 1e-2  # the linear probe's l2 when no validation split can be carved
     batch_size: int = 64

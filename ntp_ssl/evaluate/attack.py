@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ntp_ssl.config import REFERENCE_EVAL_BATCH, REFERENCE_PRECISION
 from ntp_ssl.evaluate.probe import stratified_split
 from ntp_ssl.shared.masking import apply_masks_
 from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy, resolve_precision
@@ -102,13 +103,13 @@ def _start(encoder: nn.Module, masks, x, y, *, head: nn.Module | None, num_class
                         eval_every=_eval_every(steps) if val is not None else 0,
                         patience=int(getattr(settings, "patience", 0)) if val is not None else 0,
                         precision=attack_precision(settings, device),
-                        eval_batch_size=int(getattr(settings, "eval_batch_size", 512)))
+                        eval_batch_size=int(getattr(settings, "eval_batch_size", REFERENCE_EVAL_BATCH)))
     return model, head, fit
 
 
 def attack_precision(settings: Any, device) -> str:
     """``sweep.precision`` resolved for ``device`` (``auto`` -> ``bf16-mixed`` or ``32``)."""
-    return resolve_precision(str(getattr(settings, "precision", "32")), device)
+    return resolve_precision(str(getattr(settings, "precision", REFERENCE_PRECISION)), device)
 
 
 def _eval_every(steps: int) -> int:

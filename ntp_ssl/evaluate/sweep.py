@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ntp_ssl.config import SweepConfig
+from ntp_ssl.config import REFERENCE_EVAL_BATCH, REFERENCE_PRECISION, SweepConfig
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.encoders.layout import channels_last_enabled
@@ -169,7 +169,7 @@ def linear_probe(train_features, y_train, test_features, y_test, *, num_classes:
 
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
-                settings: SweepConfig, precision: str = "32") -> str:
+                settings: SweepConfig, precision: str = REFERENCE_PRECISION) -> str:
     """Hash of everything the from-scratch accuracy depends on: the domain's content (not only
     its name: a file replaced under the same name must miss), the draw and the protocol."""
     key = {
@@ -180,10 +180,10 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         **{k: int(getattr(settings, k)) for k in SPEED_KEYS if getattr(settings, k, 0)},
         # in the key only when on: the entries cached before it existed were made in NCHW
         **({"channels_last": True} if channels_last_enabled() else {}),
-        # the attacker's resolved arithmetic, in the key only when not float32 (as above)
-        **({"precision": precision} if precision != "32" else {}),
+        # the attacker's resolved arithmetic, in the key only off the reference attacker's (as above)
+        **({"precision": precision} if precision != REFERENCE_PRECISION else {}),
         **({"eval_batch_size": int(settings.eval_batch_size)}
-           if int(getattr(settings, "eval_batch_size", 512)) != 512 else {}),
+           if int(getattr(settings, "eval_batch_size", REFERENCE_EVAL_BATCH)) != REFERENCE_EVAL_BATCH else {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -378,7 +378,7 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     fractions, work = validate_grid(list(settings.fractions)), work if work is not None else SweepWork()
     precision = attack_precision(settings, device)
     log.info("sweep: the fine-tunes compute in %s (sweep.precision=%s)", precision,
-             getattr(settings, "precision", "32"))
+             getattr(settings, "precision", REFERENCE_PRECISION))
     warning = precision_warning(precision, device)
     if warning:
         log.warning("sweep.%s", warning)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ntp_ssl.config import to_plain
+from ntp_ssl.config import REFERENCE_EVAL_BATCH, REFERENCE_PRECISION, to_plain
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
 from ntp_ssl.shared.machine import MACHINE_FILE
@@ -62,10 +62,10 @@ def without_new_nulls(current: Any, previous: Any) -> Any:
 #: Options added after runs existed whose absence from an older run's config means another
 #: value than today's default (dotted key -> the value such a run was made with). Unlike a
 #: null default (above), these change the numbers: channels-last came on by default. A run
-#: made before ``sweep.precision`` and ``sweep.eval_batch_size`` existed ran its attacker in
-#: float32 with validation and test forwards of 512 images.
-LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False, "sweep.precision": "32",
-                                 "sweep.eval_batch_size": 512}
+#: made before ``sweep.precision`` and ``sweep.eval_batch_size`` existed ran the reference
+#: attacker (float32, validation and test forwards of 512 images).
+LEGACY_VALUES: dict[str, Any] = {"trainer.channels_last": False, "sweep.precision": REFERENCE_PRECISION,
+                                 "sweep.eval_batch_size": REFERENCE_EVAL_BATCH}
 
 
 def _legacy_slots(tree: Any):
