@@ -99,7 +99,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def precheck(stage: str, overrides: list[str]) -> str | None:
-    """Compose the config as Hydra will and create the run directory; a problem becomes one line.
+    """Compose the config as Hydra will, check its values, and create the run directory; a problem
+    becomes one line.
 
     Hydra itself reports a bad override in several lines (exit 1) and fails on an unusable run
     directory with a traceback; checked here first, both are one ``error:`` line (exit 2).
@@ -108,15 +109,23 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
     if any(arg.split("=")[0] in HYDRA_FLAGS for arg in overrides):
         return None
     from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
 
     from ntp_ssl.checks import check_run_name
+    from ntp_ssl.config import STAGE_VALIDATORS
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
             cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=True)
             check_run_name(cfg.run_name)  # before the run directory below is made
             run_dir = Path(str(cfg.hydra.run.dir))
-    except Exception as exc:  # Hydra's composition and override-parsing errors
+        if stage in STAGE_VALIDATORS:
+            # the stage's own checks (it runs them again): a bad value is one line within a
+            # second, not after the 5-7 s of importing torch, and no run directory is made for it
+            with open_dict(cfg):
+                del cfg["hydra"]
+            STAGE_VALIDATORS[stage](cfg)
+    except Exception as exc:  # Hydra's composition and override-parsing errors, the stage's checks
         message = _first_line(exc)
         if exc.__cause__ is not None:
             message = f"{message.rstrip('.')}: {_first_line(exc.__cause__)}"

@@ -693,3 +693,8 @@ def validate_evaluate(cfg: Any) -> None:
         _check(len(cfg.names) == len(cfg.checkpoints),
                f"names has {len(cfg.names)} entries but checkpoints has {len(cfg.checkpoints)}; give one name per checkpoint")
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; give at least one target domain")
+
+
+#: The checks each stage runs on its config, by stage name; the command line runs them too,
+#: before torch is imported and before the run directory exists (ntp_ssl/cli.precheck).
+STAGE_VALIDATORS = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}

@@ -56,6 +56,29 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["pretrain", "seed=-3"], "seed=-3"),
+    (["protect", "prune.sparsity=1.5"], "prune.sparsity"),
+    (["evaluate", "checkpoints=[x.safetensors]", "sweep.fractions=[2]"], "sweep.fractions"),
+])
+def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_directory_is_made(tmp_path, args,
+                                                                                          fragment):
+    """The command line runs the stage's checks on the composed config first: a typo costs a
+    second, not the seconds of importing torch, and leaves nothing behind."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from ntp_ssl.cli import main; code = main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe, *args, "trainer.progress=false"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout.strip() == "torch not imported"
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder, no run directory
+
+
 def test_batch_larger_than_dataset_is_refused(cli):
     result = cli("pretrain", *TINY_DATA, "optim.epochs=1", "optim.batch_size=4096")
     assert result.returncode == 2
