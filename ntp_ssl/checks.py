@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from pathlib import Path
 
-from ntp_ssl.errors import ConfigError
+from ntp_ssl.errors import CheckpointError, ConfigError
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
 
@@ -60,3 +60,21 @@ def check_source_and_targets(source: object, targets, key: str = "data.targets")
         if name in seen:
             raise ConfigError(f"{key} lists {seen[name]!r} and {target!r}, the same domain twice; list it once")
         seen[name] = target
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """Accept a .safetensors file, its .json, or a run directory holding encoder.safetensors.
+
+    Path logic only (no torch): the command line checks its input checkpoints with it before
+    importing anything heavy, and every stage again before reading them."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("protected.safetensors", "encoder.safetensors"):
+            if (path / name).exists():
+                return path / name
+        raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
+    return path

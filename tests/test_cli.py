@@ -60,11 +60,14 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     (["pretrain", "seed=-3"], "seed=-3"),
     (["protect", "prune.sparsity=1.5"], "prune.sparsity"),
     (["evaluate", "checkpoints=[x.safetensors]", "sweep.fractions=[2]"], "sweep.fractions"),
+    (["evaluate", "checkpoints=[nope.safetensors]"], "checkpoint 'nope.safetensors' does not exist"),
+    (["protect", "checkpoint=no/such/run"], "checkpoint 'no/such/run' does not exist"),
 ])
 def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_directory_is_made(tmp_path, args,
                                                                                           fragment):
-    """The command line runs the stage's checks on the composed config first: a typo costs a
-    second, not the seconds of importing torch, and leaves nothing behind."""
+    """The command line runs the stage's checks on the composed config, and looks for its input
+    checkpoints, first: a typo costs a second, not the seconds of importing torch, and leaves
+    nothing behind."""
     import subprocess
     import sys
 

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ntp_ssl import __version__
 from ntp_ssl.encoders import build_encoder
+from ntp_ssl.checks import resolve_checkpoint_path
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.io import atomic_path, atomic_write_json
 
@@ -127,21 +128,6 @@ def _roll_forward(path: Path, expected: str | None) -> Path | None:
         return path if path.exists() else None
     except OSError:  # a read-only folder: read the committed tensors where they are
         return pending
-    return path
-
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """Accept a .safetensors file, its .json, or a run directory holding encoder.safetensors."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for name in ("protected.safetensors", "encoder.safetensors"):
-            if (path / name).exists():
-                return path / name
-        raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
-    if path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
     return path
 
 
