@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntp_ssl import __version__
-from ntp_ssl.encoders import build_encoder
 from ntp_ssl.checks import resolve_checkpoint_path
+from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
 from ntp_ssl.io import atomic_path, atomic_write_json
 
