@@ -98,15 +98,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0].strip() if text else type(exc).__name__
 
 
-def _input_checkpoints(stage: str, cfg) -> list[str]:
-    """The checkpoint files a stage reads, as the config names them."""
-    if stage == "evaluate":
-        return [str(path) for path in cfg.checkpoints]
-    if stage == "protect" and cfg.checkpoint:
-        return [str(cfg.checkpoint)]
-    return []
-
-
 def precheck(stage: str, overrides: list[str]) -> str | None:
     """Compose the config as Hydra will, check its values, and create the run directory; a problem
     becomes one line.
@@ -121,7 +112,7 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
     from omegaconf import open_dict
 
     from ntp_ssl.checks import check_run_name, resolve_checkpoint_path
-    from ntp_ssl.config import STAGE_VALIDATORS
+    from ntp_ssl.config import STAGE_VALIDATORS, input_checkpoints
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=stage):
@@ -134,7 +125,7 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
             with open_dict(cfg):
                 del cfg["hydra"]
             STAGE_VALIDATORS[stage](cfg)
-            for checkpoint in _input_checkpoints(stage, cfg):
+            for checkpoint in input_checkpoints(stage, cfg):
                 resolve_checkpoint_path(checkpoint)  # a mistyped path, likewise
     except Exception as exc:  # Hydra's composition and override-parsing errors, the stage's checks
         message = _first_line(exc)

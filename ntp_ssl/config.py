@@ -698,3 +698,13 @@ def validate_evaluate(cfg: Any) -> None:
 #: The checks each stage runs on its config, by stage name; the command line runs them too,
 #: before torch is imported and before the run directory exists (ntp_ssl/cli.precheck).
 STAGE_VALIDATORS = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}
+
+
+def input_checkpoints(stage: str, cfg: Any) -> list[str]:
+    """The checkpoint files a stage reads, as its config names them: the command line looks for
+    them before anything heavy is imported, the stage hashes them into its run's inputs."""
+    if stage == "evaluate":
+        return [str(path) for path in cfg.checkpoints]
+    if stage == "protect" and cfg.checkpoint:
+        return [str(cfg.checkpoint)]
+    return []

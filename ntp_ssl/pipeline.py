@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ntp_ssl.config import PretrainConfig, to_plain, validate_protect
+from ntp_ssl.config import PretrainConfig, input_checkpoints, to_plain, validate_protect
 from ntp_ssl.data import domain_spec, load_domains_for
 from ntp_ssl.evaluate.stage import evaluate_models
 from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_INIT_OFFSET, ModelUnderTest, sparse_scratch_model
@@ -97,7 +97,7 @@ def run_main_job(cfg: Any, run_dir: Path) -> dict[str, Any]:
     validate_protect(cfg)
     started = time.perf_counter()
     domains = [cfg.data.source, *cfg.data.targets, *(cfg.eval_targets or [])]
-    ctx = start_stage(cfg, run_dir, inputs=input_digests([cfg.checkpoint] if cfg.checkpoint else [], domains))
+    ctx = start_stage(cfg, run_dir, inputs=input_digests(input_checkpoints("protect", cfg), domains))
     checkpoint = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_encoder(cfg, ctx.cache_dir)
     seed_everything(cfg.seed)  # protection starts from its own seed, wherever the encoder came from
     protected = run_protect(cfg, checkpoint, ctx)

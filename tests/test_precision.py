@@ -14,9 +14,9 @@ from torch import nn
 from conftest import toy_domain as _domain
 
 from ntp_ssl.config import SWEEP_PRESETS, SweepConfig
-from ntp_ssl.data import to_float_tensor
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.evaluate.attack import attack_precision, fine_tune_attack
+from ntp_ssl.evaluate.sweep import _tensors
 from ntp_ssl.shared import machine
 from ntp_ssl.shared.train import (autocast_context, classifier_accuracy, fit_classifier, precision_warning,
                                   resolve_precision)
@@ -111,8 +111,7 @@ def test_a_bf16_fit_runs_its_forward_in_bfloat16_and_learns_like_float32():
 
 def test_the_fine_tune_attack_uses_sweep_precision():
     domain = _domain()
-    x_train, y_train = to_float_tensor(domain.train_images), torch.tensor(domain.train_labels)
-    x_test, y_test = to_float_tensor(domain.test_images), torch.tensor(domain.test_labels)
+    x_train, y_train, x_test, y_test = _tensors(domain)  # as the sweep converts a domain
     seen = []
     torch.manual_seed(0)
     encoder = build_encoder("small_cnn", in_channels=3, image_size=16)
@@ -146,8 +145,7 @@ def test_the_evaluation_batch_changes_no_choice_on_a_float32_attack():
     """The validation and test forwards in batches of 7 instead of 512: the same accuracies
     up to float rounding, so on this tiny problem the same choices and numbers."""
     domain = _domain()
-    x_train, y_train = to_float_tensor(domain.train_images), torch.tensor(domain.train_labels)
-    x_test, y_test = to_float_tensor(domain.test_images), torch.tensor(domain.test_labels)
+    x_train, y_train, x_test, y_test = _tensors(domain)  # as the sweep converts a domain
     results = []
     for batch in (512, 7):
         torch.manual_seed(0)
@@ -164,8 +162,7 @@ def test_scratch_is_cached_apart_per_resolved_precision(tmp_path, monkeypatch):
     from ntp_ssl.evaluate.sweep import scratch_accuracy
 
     domain = _domain()
-    tensors = (to_float_tensor(domain.train_images), torch.tensor(domain.train_labels),
-               to_float_tensor(domain.test_images), torch.tensor(domain.test_labels))
+    tensors = _tensors(domain)
     idx = np.arange(60)
     monkeypatch.setattr(machine, "native_bf16", lambda: True)
 

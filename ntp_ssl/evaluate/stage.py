@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ntp_ssl.checks import check_run_name
-from ntp_ssl.config import SweepConfig, validate_evaluate
+from ntp_ssl.config import SweepConfig, input_checkpoints, validate_evaluate
 from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.attack import attack_precision
@@ -119,7 +119,7 @@ def sparse_scratch_controls(models: Sequence[ModelUnderTest], names: Sequence[st
 
 def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
     validate_evaluate(cfg)
-    ctx = start_stage(cfg, run_dir, inputs=input_digests(list(cfg.checkpoints),
+    ctx = start_stage(cfg, run_dir, inputs=input_digests(input_checkpoints("evaluate", cfg),
                                                           [cfg.data.source or "", *cfg.data.targets]))
     models = load_models(cfg.checkpoints, cfg.names)
     for model, path in zip(models, cfg.checkpoints):
