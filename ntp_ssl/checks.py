@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 from pathlib import Path
 
 from ntp_ssl.errors import CheckpointError, ConfigError
+from ntp_ssl.io import pending_path, roll_forward
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
 
@@ -66,15 +68,39 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """Accept a .safetensors file, its .json, or a run directory holding encoder.safetensors.
 
     Path logic only (no torch): the command line checks its input checkpoints with it before
-    importing anything heavy, and every stage again before reading them."""
+    importing anything heavy, and every stage again before reading them. A save killed after
+    its commit (see ntp_ssl/shared/checkpoint.py) is finished here, so that every stage, not
+    only the loader, finds the checkpoint that was committed."""
     path = Path(path).expanduser()
     if path.is_dir():
         for name in ("protected.safetensors", "encoder.safetensors"):
-            if (path / name).exists():
+            if _finish_committed_save(path / name).exists():
                 return path / name
         raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
-    if not path.exists():
+    if not _finish_committed_save(path).exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
+    return path
+
+
+MAX_METADATA_BYTES = 64 << 20  # a checkpoint's .json; the loader refuses a bigger one too
+
+
+def _finish_committed_save(path: Path) -> Path:
+    """``path``, after renaming ``NAME.pending`` onto it where its ``.json`` names the pending
+    file's hash (a save killed between its commit and its rename). Anything else is left for
+    the loader to judge: it checks every hash again and names what is wrong."""
+    meta_path = path.with_suffix(".json")
+    if not pending_path(path).is_file() or not meta_path.is_file():
+        return path
+    try:
+        if meta_path.stat().st_size > MAX_METADATA_BYTES:
+            return path
+        expected = json.loads(meta_path.read_text()).get("sha256")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return path
+    if roll_forward(path, expected if isinstance(expected, str) else None) == pending_path(path):
+        raise CheckpointError(f"checkpoint {str(path)!r} was saved up to its last rename and its folder is read-only; "
+                              f"rename {pending_path(path).name} to {path.name} to finish it")
     return path

@@ -8,6 +8,7 @@ new one, never half of one, and a crash leaves at most a ``.tmp-*`` file nobody 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -63,6 +64,36 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pending_path(path: Path) -> Path:
+    """Where the tensors of a checkpoint wait while its ``.json`` is being committed."""
+    return path.with_name(path.name + ".pending")
+
+
+def roll_forward(path: Path, expected: str | None) -> Path | None:
+    """Finish a checkpoint save killed between its commit (the ``.json`` naming the new hash)
+    and the rename of ``NAME.pending`` onto ``path``: when ``.pending`` has the ``expected``
+    hash, rename it; return the file that now holds the committed tensors (``.pending`` itself
+    in a read-only folder; None: there is no committed save to finish)."""
+    pending = pending_path(path)
+    if expected is None or not pending.is_file() or sha256_file(pending) != expected:
+        return None
+    try:
+        os.replace(pending, path)
+    except FileNotFoundError:  # someone else finished it meanwhile
+        return path if path.exists() else None
+    except OSError:  # a read-only folder: the committed tensors stay where they are
+        return pending
+    return path
 
 
 def _json_default(value: Any) -> Any:

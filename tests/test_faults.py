@@ -318,6 +318,69 @@ def test_a_checkpoint_save_killed_at_any_step_leaves_the_old_or_the_new_one(tmp_
     assert meta_again["epoch"] == expected and torch.equal(again["w"], tensors["w"])
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["overwrite", "first-write"])
+@pytest.mark.parametrize("named", ["file", "json", "folder"])
+def test_every_stage_finds_a_checkpoint_whose_save_was_killed_after_its_commit(tmp_path, monkeypatch, fresh, named):
+    """A save killed between the commit of its .json and the rename of its tensors is the new
+    checkpoint. The stages look it up (input digests, the command line's precheck) before they
+    load it: the lookup finishes the rename, so they neither call it missing (first write) nor
+    hash the old tensors under the new .json (overwrite)."""
+    from ntp_ssl.checks import resolve_checkpoint_path
+    from ntp_ssl.shared import checkpoint as ckpt
+    from ntp_ssl.shared.stage import input_digests
+
+    path = tmp_path / "run" / "encoder.safetensors"
+    if not fresh:
+        save_checkpoint(path, {"w": torch.zeros(4)}, {"epoch": 1})
+    _crash_on(monkeypatch, ckpt.os, "replace", lambda src, dst: str(src).endswith(".pending"))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.ones(4)}, {"epoch": 2})
+    monkeypatch.undo()
+    committed = json.loads(path.with_suffix(".json").read_text())["sha256"]
+    assert pending_path(path).exists() and path.exists() != fresh
+
+    given = {"file": path, "json": path.with_suffix(".json"), "folder": path.parent}[named]
+    assert resolve_checkpoint_path(given) == path
+    assert not pending_path(path).exists() and sha256_file(path) == committed
+    assert input_digests([str(given)], []) == {f"checkpoint {given}": committed}
+    tensors, meta = load_checkpoint(given)
+    assert meta["epoch"] == 2 and torch.equal(tensors["w"], torch.ones(4))
+
+
+def test_a_pending_file_the_json_does_not_name_is_left_alone_by_the_lookup(tmp_path):
+    from ntp_ssl.checks import resolve_checkpoint_path
+
+    path = tmp_path / "encoder.safetensors"
+    pending_path(path).write_bytes(b"tensors of a save killed before its commit")
+    save_json = path.with_suffix(".json")
+    save_json.write_text(json.dumps({"sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint_path(path)
+    assert pending_path(path).read_bytes() == b"tensors of a save killed before its commit" and not path.exists()
+
+
+def test_a_committed_save_in_a_read_only_folder_is_one_clear_error(tmp_path, monkeypatch):
+    """The lookup cannot finish the rename there (simulated: the tests may run as root): it says
+    which file to rename rather than calling the checkpoint missing or damaged."""
+    from ntp_ssl import io as ntp_io
+    from ntp_ssl.checks import resolve_checkpoint_path
+    from ntp_ssl.shared import checkpoint as ckpt
+
+    path = tmp_path / "encoder.safetensors"
+    _crash_on(monkeypatch, ckpt.os, "replace", lambda src, dst: str(src).endswith(".pending"))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.ones(2)}, {"epoch": 1})
+    monkeypatch.undo()
+
+    def read_only(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ntp_io.os, "replace", read_only)
+    with pytest.raises(CheckpointError, match="read-only; rename encoder.safetensors.pending to encoder.safetensors"):
+        resolve_checkpoint_path(path)
+    assert pending_path(path).exists() and not path.exists()
+
+
 def test_a_stale_pending_file_is_never_trusted(tmp_path):
     path = save_checkpoint(tmp_path / "encoder", {"w": torch.arange(3.0)}, {"epoch": 1})
     pending_path(path).write_bytes(b"garbage from a crashed save")

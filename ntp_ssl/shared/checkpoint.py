@@ -10,8 +10,9 @@ Both are written atomically (temporary name, then rename), in an order that make
 ``.json`` the commit point, so that a crash at any moment leaves either the old pair or the
 new one, never a mix: the tensors go to ``NAME.safetensors.pending`` first, then the
 ``.json`` (with the new hash) replaces the old one, then the pending file is renamed onto
-``NAME.safetensors``. A loader that finds a ``.json`` whose hash matches the pending file
-rather than the ``.safetensors`` (a crash between the last two steps) finishes the rename.
+``NAME.safetensors``. Whoever next looks the checkpoint up (``resolve_checkpoint_path``:
+the loader, every stage's input digests, the command line's precheck) and finds a ``.json``
+whose hash matches the pending file (a crash between the last two steps) finishes the rename.
 A ``.safetensors`` without its ``.json`` is an unfinished write and is never trusted.
 Loading checks the hash. Nested training state (optimizer, scheduler, RNG) goes through
 :func:`flatten_state`, which keeps the tensors for safetensors and the rest for JSON.
@@ -34,17 +35,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntp_ssl import __version__
-from ntp_ssl.checks import resolve_checkpoint_path
+from ntp_ssl.checks import MAX_METADATA_BYTES, resolve_checkpoint_path
 from ntp_ssl.encoders import build_encoder
 from ntp_ssl.errors import CheckpointError, ConfigError
-from ntp_ssl.io import atomic_path, atomic_write_json
+from ntp_ssl.io import atomic_path, atomic_write_json, pending_path, sha256_file
 
 log = logging.getLogger("ntp_ssl")
 
 FORMAT_VERSION = 1
 LEGACY_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 MAX_CHECKPOINT_BYTES = 8 << 30  # no encoder this tool builds comes near; a bigger file is not one of ours
-MAX_METADATA_BYTES = 64 << 20
 
 
 def check_regular_file(path: Path, what: str, limit: int) -> None:
@@ -61,14 +61,6 @@ def check_regular_file(path: Path, what: str, limit: int) -> None:
         raise CheckpointError(f"{what} {str(path)!r} is {info.st_size} bytes, over the {limit} bytes accepted")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 META_DIGEST_KEY = "meta_sha256"
 
 
@@ -78,11 +70,6 @@ def meta_digest(meta: dict[str, Any]) -> str:
     setting in the ``.json`` is refused like an edited tensor."""
     body = {k: v for k, v in meta.items() if k != META_DIGEST_KEY}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def pending_path(path: Path) -> Path:
-    """Where the tensors of a checkpoint wait while its ``.json`` is being committed."""
-    return path.with_name(path.name + ".pending")
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -116,21 +103,6 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     return path
 
 
-def _roll_forward(path: Path, expected: str | None) -> Path | None:
-    """Finish an interrupted save: when the .json names the hash of ``.pending``, rename it onto
-    ``path``; return the file that now holds the committed tensors (None: no committed save)."""
-    pending = pending_path(path)
-    if expected is None or not pending.is_file() or sha256_file(pending) != expected:
-        return None
-    try:
-        os.replace(pending, path)
-    except FileNotFoundError:  # someone else finished it meanwhile
-        return path if path.exists() else None
-    except OSError:  # a read-only folder: read the committed tensors where they are
-        return pending
-    return path
-
-
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load tensors and metadata, refusing anything that could run code or was half written."""
     raw = Path(path).expanduser()
@@ -138,23 +110,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return _load_legacy(raw)
     if raw.suffix == ".json":
         raw = raw.with_suffix(".safetensors")
-    source = None
-    if not raw.exists() and raw.suffix == ".safetensors" and raw.with_suffix(".json").exists():
-        # a save killed between its commit and its rename: finish it
-        source = _roll_forward(raw, _read_meta(raw.with_suffix(".json")).get("sha256"))
-    path = raw if source is not None else resolve_checkpoint_path(raw)
+    path = resolve_checkpoint_path(raw)  # also finishes a save killed between its commit and its rename
     meta_path = path.with_suffix(".json")
     if not meta_path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {meta_path.name}; it is incomplete or not an ntp-ssl checkpoint")
     check_regular_file(path, "checkpoint", MAX_CHECKPOINT_BYTES)
     meta = _read_meta(meta_path)
-    expected = meta.get("sha256")
-    if source is None and expected is not None:
-        source = path if sha256_file(path) == expected else _roll_forward(path, expected)
-    if source is None:
+    if meta.get("sha256") is None or sha256_file(path) != meta["sha256"]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match the SHA-256 in {meta_path.name}; it is corrupted or was changed")
     try:
-        tensors = load_file(str(source))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
     return tensors, meta
