@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import numbers
 from pathlib import Path
 
-from ntp_ssl.errors import CheckpointError, ConfigError
+from ntp_ssl.errors import CheckpointError, ConfigError, DataError
 from ntp_ssl.io import pending_path, roll_forward
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
@@ -39,6 +40,30 @@ def check_channels(value: object, key: str = "channels") -> int:
     if not is_int(value) or value not in (1, 3):
         raise ConfigError(f"{key}={value!r} must be 1 or 3 (grey or RGB)")
     return int(value)
+
+
+#: The domain names ``load_domain`` knows (ntp_ssl/data/load.py), here so that a config's
+#: domains are checked before torch is imported.
+EMBEDDED_DOMAINS = ("mnist", "optdigits", "syndigits", "mnistm")
+TORCHVISION_DOMAINS = ("tv-mnist", "usps", "svhn", "cifar10", "stl10")
+PATH_FORMS = ("folder:/path/to/images", "npz:/path/to/file.npz")
+ALL_FORMS = EMBEDDED_DOMAINS + TORCHVISION_DOMAINS + PATH_FORMS
+
+
+def check_domain_spec(spec: object, key: str | None = None) -> str:
+    """``spec`` stripped, when it names a domain ``load_domain`` can read: an embedded or
+    torchvision name (any case) or ``folder:PATH`` / ``npz:PATH``; otherwise a DataError naming
+    it (and ``key``, the config entry it came from), with the closest name when there is one."""
+    where = f"{key}: " if key else ""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"{where}domain must be a non-empty string, got {spec!r}; valid: {', '.join(ALL_FORMS)}")
+    spec = spec.strip()
+    kind, _, rest = spec.partition(":")
+    if (rest and kind.lower() in ("folder", "npz")) or spec.lower() in EMBEDDED_DOMAINS + TORCHVISION_DOMAINS:
+        return spec
+    close = difflib.get_close_matches(spec.lower(), EMBEDDED_DOMAINS + TORCHVISION_DOMAINS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(f"{where}unknown domain {spec!r}{hint}; valid: {', '.join(ALL_FORMS)}")
 
 
 def domain_key(spec: object) -> str:

@@ -18,7 +18,14 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ntp_ssl.checks import check_channels, check_image_size, check_run_name, check_source_and_targets, is_int
+from ntp_ssl.checks import (
+    check_channels,
+    check_domain_spec,
+    check_image_size,
+    check_run_name,
+    check_source_and_targets,
+    is_int,
+)
 from ntp_ssl.errors import ConfigError
 
 PAPER_GRID: tuple[float, ...] = (0.001, 0.002, 0.005, 0.008, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)  # the paper's fractions
@@ -27,6 +34,10 @@ ATTACKS = ("linear", "finetune_masked", "finetune_dense", "lpft_masked", "lpft_d
 #: weights with a fresh initialisation) is opt-in until it is measured as a stronger attacker
 ALL_ATTACKS = (*ATTACKS, "finetune_refill")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# The registries' names (ntp_ssl.encoders.BACKBONES, ntp_ssl.pretrain.methods.METHODS, which
+# import torch), so that the command line refuses a mistyped one first; a test keeps them equal.
+BACKBONE_NAMES = ("small_cnn", "small_cnn_wide", "resnet18", "resnet50", "vgg11_bn")
+METHOD_NAMES = ("simclr", "moco", "supervised")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 #: the attacker's arithmetic (sweep.precision): auto is bf16-mixed where the device has native
 #: bfloat16 kernels, else 32 (ntp_ssl/shared/train.resolve_precision)
@@ -487,6 +498,9 @@ def validate_data(data: Any) -> None:
     _check_positive("data.test_limit", data.test_limit, allow_zero=True)
     split = getattr(data, "split", None)
     _check(split in DATA_SPLITS, f"data.split={split!r} is not one of: test, validation (or null: test)")
+    check_domain_spec(data.source, "data.source")
+    for target in data.targets:
+        check_domain_spec(target, "data.targets")
 
 
 def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
@@ -542,6 +556,12 @@ def validate_trainer(trainer: Any) -> None:
         _check_positive("trainer.projector_samples", trainer.projector_samples)
 
 
+def validate_encoder_and_method(encoder: Any, method: Any, prefix: str = "") -> None:
+    """The backbone's and the method's names (under ``prefix``: ``pretrain.`` in protect)."""
+    _check_choice(f"{prefix}encoder.backbone", encoder.backbone, BACKBONE_NAMES)
+    _check_choice(f"{prefix}method.name", method.name, METHOD_NAMES)
+
+
 def validate_optim_and_method(optim: Any, method: Any) -> None:
     _check_choice("optim.name", optim.name, OPTIMIZERS)
     _check(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum!r} must be in [0, 1)")
@@ -566,7 +586,10 @@ def validate_pretrain(cfg: Any) -> None:
     validate_data(cfg.data)
     validate_trainer(cfg.trainer)
     _check_seed("seed", cfg.seed)
+    validate_encoder_and_method(cfg.encoder, cfg.method)
     validate_optim_and_method(cfg.optim, cfg.method)
+    for name in cfg.domains or []:
+        check_domain_spec(name, "domains")
 
 
 def validate_sweep(sweep: Any) -> None:
@@ -659,6 +682,7 @@ def validate_loss(loss: Any) -> None:
 
 def validate_default_encoder(node: Any) -> None:
     _check_seed("pretrain.seed", node.seed)
+    validate_encoder_and_method(node.encoder, node.method, "pretrain.")
     validate_optim_and_method(node.optim, node.method)
 
 
@@ -675,6 +699,8 @@ def validate_protect(cfg: Any) -> None:
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; protect needs at least one unauthorized target domain")
     check_source_and_targets(cfg.data.source, cfg.data.targets)
     if cfg.eval_targets:
+        for target in cfg.eval_targets:
+            check_domain_spec(target, "eval_targets")
         check_source_and_targets(cfg.data.source, cfg.eval_targets, "eval_targets")
     if cfg.evaluate:
         validate_sweep(cfg.sweep)

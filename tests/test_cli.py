@@ -62,6 +62,10 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     (["evaluate", "checkpoints=[x.safetensors]", "sweep.fractions=[2]"], "sweep.fractions"),
     (["evaluate", "checkpoints=[nope.safetensors]"], "checkpoint 'nope.safetensors' does not exist"),
     (["protect", "checkpoint=no/such/run"], "checkpoint 'no/such/run' does not exist"),
+    (["pretrain", "data.source=imagenet"], "data.source: unknown domain 'imagenet'"),
+    (["protect", "data.targets=[optdigts]"], "data.targets: unknown domain 'optdigts' (did you mean 'optdigits'?)"),
+    (["pretrain", "encoder.backbone=resnet999"], "encoder.backbone='resnet999' is not one of: small_cnn,"),
+    (["protect", "pretrain.method.name=byol"], "pretrain.method.name='byol' is not one of: simclr, moco, supervised"),
 ])
 def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_directory_is_made(tmp_path, args,
                                                                                           fragment):

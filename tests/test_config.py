@@ -97,6 +97,54 @@ def test_wrong_type_is_rejected():
 @pytest.mark.parametrize(
     "stage,override,fragment",
     [
+        ("pretrain", "data.source=imagenet", "data.source: unknown domain 'imagenet'; valid: mnist,"),
+        ("pretrain", "data.source=MNIST_M", "data.source: unknown domain 'MNIST_M' (did you mean 'mnistm'?)"),
+        ("pretrain", "data.source=folder:", "data.source: unknown domain 'folder:'"),
+        ("pretrain", "domains=[mnist,svhnn]", "domains: unknown domain 'svhnn' (did you mean 'svhn'?)"),
+        ("pretrain", "encoder.backbone=resnet999", "encoder.backbone='resnet999' is not one of: small_cnn, "),
+        ("pretrain", "method.name=byol", "method.name='byol' is not one of: simclr, moco, supervised"),
+        ("protect", "data.targets=[optdigits,mnist-m]", "data.targets: unknown domain 'mnist-m'"),
+        ("protect", "eval_targets=[usps,cifar]", "eval_targets: unknown domain 'cifar' (did you mean 'cifar10'?)"),
+        ("protect", "pretrain.encoder.backbone=vgg", "pretrain.encoder.backbone='vgg' is not one of"),
+        ("protect", "pretrain.method.name=simsiam", "pretrain.method.name='simsiam' is not one of"),
+        ("evaluate", "data.targets=[SVHN,stl]", "data.targets: unknown domain 'stl' (did you mean 'stl10'?)"),
+    ],
+)
+def test_unknown_domain_backbone_and_method_names_are_refused_by_the_config_checks(stage, override, fragment):
+    """The command line runs these checks before torch is imported (tests/test_cli.py), so the
+    names must be known here, not only to the torch-importing registries."""
+    from ntp_ssl.errors import NtpSslError
+
+    overrides = [override]
+    if stage == "evaluate":
+        overrides.append("checkpoints=[x.safetensors]")
+    cfg = _compose(stage, overrides)
+    validate = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}[stage]
+    with pytest.raises(NtpSslError) as info:
+        validate(cfg)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_config_knows_every_registered_backbone_method_and_domain(tmp_path):
+    from ntp_ssl.config import BACKBONE_NAMES, METHOD_NAMES
+    from ntp_ssl.data.embedded import BUILDERS
+    from ntp_ssl.data.external import _tv_split
+    from ntp_ssl.data.load import EMBEDDED_DOMAINS, TORCHVISION_DOMAINS
+    from ntp_ssl.encoders import BACKBONES
+    from ntp_ssl.pretrain.methods import METHODS
+
+    assert sorted(BACKBONE_NAMES) == sorted(BACKBONES)
+    assert sorted(METHOD_NAMES) == sorted(METHODS)
+    assert sorted(EMBEDDED_DOMAINS) == sorted(BUILDERS)
+    for name in TORCHVISION_DOMAINS:  # each has a reader: missing data, not an unknown name
+        with pytest.raises(Exception) as info:
+            _tv_split(name, str(tmp_path), True, False)
+        assert not isinstance(info.value, AssertionError), name
+
+
+@pytest.mark.parametrize(
+    "stage,override,fragment",
+    [
         ("pretrain", "data.image_size=0", "data.image_size=0"),
         ("pretrain", "data.channels=2", "data.channels=2"),
         ("pretrain", "optim.name=lion", "optim.name='lion'"),
