@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision import models
-
 from ntp_ssl.encoders.layout import to_encoder_layout
+
+if TYPE_CHECKING:
+    from torchvision import models
 
 
 class ResNetEncoder(nn.Module):
@@ -38,7 +39,12 @@ class ResNetEncoder(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def _resnet(factory: Callable[..., models.ResNet], in_channels: int) -> ResNetEncoder:
+def _resnet(name: str, in_channels: int) -> ResNetEncoder:
+    # imported here: torchvision costs about 1.7 s of every command's start on 2 cores, and the
+    # default small CNN does not need it
+    from torchvision import models
+
+    factory: Callable[..., models.ResNet] = getattr(models, name)
     return ResNetEncoder(factory(weights=None), in_channels=in_channels)
 
 
@@ -46,10 +52,10 @@ def resnet18(*, in_channels: int = 3, image_size: int = 32) -> ResNetEncoder:
     """ResNet-18 with a CIFAR stem (512-d features). ``image_size`` is accepted for a
     uniform signature; the network is fully convolutional up to the global pool."""
     del image_size
-    return _resnet(models.resnet18, in_channels)
+    return _resnet("resnet18", in_channels)
 
 
 def resnet50(*, in_channels: int = 3, image_size: int = 32) -> ResNetEncoder:
     """ResNet-50 with a CIFAR stem (2048-d features)."""
     del image_size
-    return _resnet(models.resnet50, in_channels)
+    return _resnet("resnet50", in_channels)

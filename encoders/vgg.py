@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import vgg
 
 from ntp_ssl.encoders.layout import to_encoder_layout
 
-#: torchvision's VGG configuration "A" (VGG-11): channel counts, "M" = 2x2 max-pool.
-VGG11_CONFIG = vgg.cfgs["A"]
+#: The key of torchvision's VGG configuration for VGG-11 ("A": channel counts, "M" = 2x2 max-pool).
+VGG11_CONFIG = "A"
 
 
 class VGGEncoder(nn.Module):
@@ -25,7 +24,9 @@ class VGGEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 3, image_size: int = 32) -> None:
         super().__init__()
-        features = vgg.make_layers(VGG11_CONFIG, batch_norm=True)
+        from torchvision.models import vgg  # here, not at import: see resnet.py
+
+        features = vgg.make_layers(vgg.cfgs[VGG11_CONFIG], batch_norm=True)
         first = features[0]
         assert isinstance(first, nn.Conv2d)
         if in_channels != first.in_channels:
