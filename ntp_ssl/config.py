@@ -721,9 +721,19 @@ def validate_evaluate(cfg: Any) -> None:
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; give at least one target domain")
 
 
+def validate_domains(cfg: Any) -> None:
+    _check_stage(cfg, DomainsConfig, "domains")
+    validate_data(cfg.data)
+    _check(len(cfg.names) > 0, "names=[] is empty; pass names=[mnist,optdigits,...] (any domain load_domain accepts)")
+    for name in cfg.names:
+        check_domain_spec(name, "names")
+    _check(is_int(cfg.per_class) and cfg.per_class >= 1, f"per_class={cfg.per_class!r} must be an integer >= 1")
+
+
 #: The checks each stage runs on its config, by stage name; the command line runs them too,
 #: before torch is imported and before the run directory exists (ntp_ssl/cli.precheck).
-STAGE_VALIDATORS = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}
+STAGE_VALIDATORS = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate,
+                    "domains": validate_domains}
 
 
 def input_checkpoints(stage: str, cfg: Any) -> list[str]:

@@ -11,7 +11,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import REPO, load_benchmark
 from ntp_ssl.cli import STAGES, config_dir
-from ntp_ssl.config import register_schemas, validate_evaluate, validate_pretrain, validate_protect
+from ntp_ssl.config import STAGE_VALIDATORS, register_schemas, validate_evaluate, validate_pretrain, validate_protect
 from ntp_ssl.errors import ConfigError
 
 
@@ -108,6 +108,9 @@ def test_wrong_type_is_rejected():
         ("protect", "pretrain.encoder.backbone=vgg", "pretrain.encoder.backbone='vgg' is not one of"),
         ("protect", "pretrain.method.name=simsiam", "pretrain.method.name='simsiam' is not one of"),
         ("evaluate", "data.targets=[SVHN,stl]", "data.targets: unknown domain 'stl' (did you mean 'stl10'?)"),
+        ("domains", "names=[mnist,mnits]", "names: unknown domain 'mnits' (did you mean 'mnist'?)"),
+        ("domains", "names=[]", "names=[] is empty"),
+        ("domains", "per_class=0", "per_class=0 must be an integer >= 1"),
     ],
 )
 def test_unknown_domain_backbone_and_method_names_are_refused_by_the_config_checks(stage, override, fragment):
@@ -119,7 +122,7 @@ def test_unknown_domain_backbone_and_method_names_are_refused_by_the_config_chec
     if stage == "evaluate":
         overrides.append("checkpoints=[x.safetensors]")
     cfg = _compose(stage, overrides)
-    validate = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate}[stage]
+    validate = STAGE_VALIDATORS[stage]
     with pytest.raises(NtpSslError) as info:
         validate(cfg)
     assert fragment in str(info.value) and "\n" not in str(info.value)

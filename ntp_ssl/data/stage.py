@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ntp_ssl.checks import check_run_name
+from ntp_ssl.config import validate_domains
 from ntp_ssl.data.contact_sheet import write_contact_sheet
 from ntp_ssl.data.load import load_domains_for
-from ntp_ssl.errors import ConfigError
 from ntp_ssl.io import atomic_write_json
 
 
@@ -29,10 +28,8 @@ def domains_table(infos: list[dict[str, Any]]) -> str:
 
 def run_domains(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Load ``cfg.names`` with ``cfg.data``'s settings; write domains.json and contact_sheet.png in ``run_dir``."""
-    check_run_name(cfg.run_name)
+    validate_domains(cfg)
     names = list(cfg.names)
-    if not names:
-        raise ConfigError("names=[] is empty; pass names=[mnist,optdigits,...] (any domain load_domain accepts)")
     data = cfg.data
     domains = load_domains_for(cfg, names)
     run_dir = Path(run_dir)
