@@ -109,6 +109,16 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def resolve_results_path(run: str | Path) -> Path:
+    """The results.csv a report gathers: a run directory's, or the file itself; a ConfigError
+    naming ``run`` when there is none (checked by the command line before torch is imported)."""
+    path = Path(run).expanduser()
+    results = path / "results.csv" if path.is_dir() else path
+    if not results.is_file():
+        raise ConfigError(f"run {str(run)!r} has no results.csv; give run directories written by evaluate or protect")
+    return results
+
+
 MAX_METADATA_BYTES = 64 << 20  # a checkpoint's .json; the loader refuses a bigger one too
 
 

@@ -25,6 +25,7 @@ from ntp_ssl.checks import (
     check_run_name,
     check_source_and_targets,
     is_int,
+    resolve_results_path,
 )
 from ntp_ssl.errors import ConfigError
 
@@ -730,10 +731,17 @@ def validate_domains(cfg: Any) -> None:
     _check(is_int(cfg.per_class) and cfg.per_class >= 1, f"per_class={cfg.per_class!r} must be an integer >= 1")
 
 
+def validate_report(cfg: Any) -> None:
+    _check_stage(cfg, ReportConfig, "report")
+    _check(len(cfg.runs) > 0, "runs=[] is empty; pass runs=[runs/evaluate/NAME,runs/protect/NAME,...]")
+    for run in cfg.runs:
+        resolve_results_path(run)
+
+
 #: The checks each stage runs on its config, by stage name; the command line runs them too,
 #: before torch is imported and before the run directory exists (ntp_ssl/cli.precheck).
 STAGE_VALIDATORS = {"pretrain": validate_pretrain, "protect": validate_protect, "evaluate": validate_evaluate,
-                    "domains": validate_domains}
+                    "domains": validate_domains, "report": validate_report}
 
 
 def input_checkpoints(stage: str, cfg: Any) -> list[str]:

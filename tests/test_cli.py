@@ -67,6 +67,7 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     (["pretrain", "encoder.backbone=resnet999"], "encoder.backbone='resnet999' is not one of: small_cnn,"),
     (["protect", "pretrain.method.name=byol"], "pretrain.method.name='byol' is not one of: simclr, moco, supervised"),
     (["domains", "names=[mnits]"], "names: unknown domain 'mnits' (did you mean 'mnist'?)"),
+    (["report", "runs=[runs/evaluate/nope]"], "run 'runs/evaluate/nope' has no results.csv"),
 ])
 def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_directory_is_made(tmp_path, args,
                                                                                           fragment):
@@ -78,7 +79,7 @@ def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_direct
 
     probe = ("import sys; from ntp_ssl.cli import main; code = main(sys.argv[1:]); "
              "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
-    quiet = [] if args[0] == "domains" else ["trainer.progress=false"]  # domains has no trainer
+    quiet = [] if args[0] in ("domains", "report") else ["trainer.progress=false"]  # they have no trainer
     result = subprocess.run([sys.executable, "-c", probe, *args, *quiet], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]

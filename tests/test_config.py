@@ -111,6 +111,8 @@ def test_wrong_type_is_rejected():
         ("domains", "names=[mnist,mnits]", "names: unknown domain 'mnits' (did you mean 'mnist'?)"),
         ("domains", "names=[]", "names=[] is empty"),
         ("domains", "per_class=0", "per_class=0 must be an integer >= 1"),
+        ("report", "runs=[]", "runs=[] is empty"),
+        ("report", "runs=[no/such/run]", "run 'no/such/run' has no results.csv"),
     ],
 )
 def test_unknown_domain_backbone_and_method_names_are_refused_by_the_config_checks(stage, override, fragment):

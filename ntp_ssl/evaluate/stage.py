@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ntp_ssl.checks import check_run_name
-from ntp_ssl.config import SweepConfig, input_checkpoints, validate_evaluate
+from ntp_ssl.checks import resolve_results_path
+from ntp_ssl.config import SweepConfig, input_checkpoints, validate_evaluate, validate_report
 from ntp_ssl.data import Domain, domain_spec, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.evaluate.attack import attack_precision
@@ -139,17 +139,13 @@ def run_evaluate(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
 def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Gather several runs' results.csv into one table (summary.md) and one figure."""
-    check_run_name(cfg.run_name)
-    if not cfg.runs:
-        raise ConfigError("runs=[] is empty; pass runs=[runs/evaluate/NAME,runs/protect/NAME,...]")
+    validate_report(cfg)
     run_dir = Path(run_dir)
     claim_run_dir(run_dir, cfg)  # like every stage: one config and one process write here
     all_rows: list[dict] = []
     for run in cfg.runs:
+        results = resolve_results_path(run)
         path = Path(run).expanduser()
-        results = path / "results.csv" if path.is_dir() else path
-        if not results.exists():
-            raise ConfigError(f"run {run!r} has no results.csv; give run directories written by evaluate or protect")
         label = path.name if path.is_dir() else path.parent.name
         for row in read_results(results):
             if row["model"] != "scratch":
