@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
+
 from ntp_ssl.encoders.layout import to_encoder_layout
 
 if TYPE_CHECKING:
