@@ -13,6 +13,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -719,7 +720,22 @@ def validate_evaluate(cfg: Any) -> None:
     if cfg.names is not None:
         _check(len(cfg.names) == len(cfg.checkpoints),
                f"names has {len(cfg.names)} entries but checkpoints has {len(cfg.checkpoints)}; give one name per checkpoint")
+        repeated = _first_repeat([str(name) for name in cfg.names])
+        _check(repeated is None, f"names={list(cfg.names)} gives {repeated!r} twice; give each checkpoint its own name")
+    # The same file twice would be attacked twice under two names: hours of work for a copy.
+    repeated = _first_repeat([str(Path(str(path)).expanduser().resolve()) for path in cfg.checkpoints])
+    _check(repeated is None, f"checkpoints lists {repeated!r} twice; list each checkpoint once")
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; give at least one target domain")
+
+
+def _first_repeat(items: list[str]) -> str | None:
+    """The first item that appears a second time in ``items``, or None."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def validate_domains(cfg: Any) -> None:

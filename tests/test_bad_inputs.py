@@ -10,6 +10,7 @@ run the real command to show exit code 2, one `error:` line and no traceback.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +254,24 @@ def test_evaluate_with_one_channel_data_and_a_three_channel_checkpoint(tmp_path,
 
 
 def test_evaluate_with_two_checkpoints_of_the_same_name(tmp_path, cache_dir, pretrained):
-    path = pretrained / "encoder.safetensors"
+    copy = tmp_path / "copy"  # another file whose name (its stem) is also 'encoder'
+    copy.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(pretrained / f"encoder{suffix}", copy / f"encoder{suffix}")
     with pytest.raises(ConfigError) as info:
-        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{path}]")
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained / 'encoder.safetensors'},{copy / 'encoder.safetensors'}]")
     _one_line(info, "model names ['encoder', 'encoder'] are not unique", "names=[...]")
+
+
+def test_evaluate_refuses_one_checkpoint_listed_twice_or_a_name_given_twice(tmp_path, cache_dir, pretrained):
+    path = pretrained / "encoder.safetensors"
+    with pytest.raises(ConfigError) as info:  # under two names it would be attacked twice
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{path}]", "names=[a,b]")
+    _one_line(info, f"checkpoints lists {str(path)!r} twice", "list each checkpoint once")
+    with pytest.raises(ConfigError) as info:
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{tmp_path / 'other.safetensors'}]", "names=[a,a]")
+    _one_line(info, "names=['a', 'a'] gives 'a' twice", "its own name")
+    assert not (tmp_path / "evaluate-run").exists()  # refused before the run directory is made
 
 
 def test_a_training_state_is_not_an_encoder(tmp_path, cache_dir, pretrained):

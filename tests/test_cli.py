@@ -61,6 +61,7 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     (["protect", "prune.sparsity=1.5"], "prune.sparsity"),
     (["evaluate", "checkpoints=[x.safetensors]", "sweep.fractions=[2]"], "sweep.fractions"),
     (["evaluate", "checkpoints=[nope.safetensors]"], "checkpoint 'nope.safetensors' does not exist"),
+    (["evaluate", "checkpoints=[a.safetensors,b.safetensors]", "names=[m,m]"], "names=['m', 'm'] gives 'm' twice"),
     (["protect", "checkpoint=no/such/run"], "checkpoint 'no/such/run' does not exist"),
     (["pretrain", "data.source=imagenet"], "data.source: unknown domain 'imagenet'"),
     (["protect", "data.targets=[optdigts]"], "data.targets: unknown domain 'optdigts' (did you mean 'optdigits'?)"),
