@@ -10,6 +10,7 @@ run the real command to show exit code 2, one `error:` line and no traceback.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -353,6 +354,19 @@ def test_protect_with_another_image_size_than_the_checkpoint(tmp_path, cache_dir
     with pytest.raises(ConfigError) as info:
         _run_protect(tmp_path, cache_dir, f"checkpoint={pretrained / 'encoder.safetensors'}", "data.image_size=32")
     _one_line(info, "built for 16x16 images", "data.image_size=32")
+
+
+def test_protect_for_another_source_than_the_encoders_pretraining_one_says_so(tmp_path, cache_dir, pretrained, caplog):
+    checkpoint = f"checkpoint={pretrained / 'encoder.safetensors'}"
+    with caplog.at_level(logging.WARNING, logger="ntp_ssl"):
+        _run_protect(tmp_path, cache_dir, checkpoint, "data.source=syndigits")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "pretrained on" in r.getMessage()]
+    assert said == ["the encoder was pretrained on 'mnist'; it is protected for data.source='syndigits', which the "
+                    "source-side numbers measure"], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ntp_ssl"):  # its own source, spelt otherwise: nothing to say
+        _run_protect(tmp_path / "again", cache_dir, checkpoint, "data.source=' MNIST '")
+    assert not [r for r in caplog.records if "pretrained on" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------- report

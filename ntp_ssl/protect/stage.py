@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ntp_ssl.checks import domain_key
 from ntp_ssl.data import Domain, load_domains_for
 from ntp_ssl.errors import ConfigError
 from ntp_ssl.pretrain.methods import load_method
@@ -50,6 +51,11 @@ def run_protect(cfg: Any, checkpoint: Path, ctx: StageContext) -> Protected:
     check_compatible(meta, cfg.data.image_size, cfg.data.channels, f"checkpoint {str(checkpoint)!r}")
     if old_masks:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} is already protected; protect an unprotected encoder")
+    pretrained_on = meta.get("source")
+    if pretrained_on and domain_key(pretrained_on) != domain_key(cfg.data.source):
+        # Legitimate (the licensed domain need not be the pretraining one), but easy to do by mistake.
+        log.warning("the encoder was pretrained on %r; it is protected for data.source=%r, which the source-side "
+                    "numbers measure", pretrained_on, cfg.data.source)
     unprotected = copy.deepcopy(method.encoder).cpu()
     source = load_domains_for(cfg, [cfg.data.source])[0]
     targets = load_domains_for(cfg, list(cfg.data.targets))
