@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -98,6 +99,20 @@ def _first_line(exc: BaseException) -> str:
     return text[0].strip() if text else type(exc).__name__
 
 
+def _with_list_hint(message: str) -> str:
+    """Hydra's refusal of ``KEY=value`` or ``KEY=a,b`` for a list, with the spelling it wanted
+    (``checkpoints=a.safetensors`` is the usual slip for ``checkpoints=[a.safetensors]``)."""
+    found = re.search(r"override (\S+?)=(\S*?):? Invalid value assigned: str is not a ListConfig", message)
+    if found:
+        key, value = found.groups()
+        return f"{message.rstrip('.')}; a list is written in brackets: {key}=[{value}]"
+    found = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)  # KEY=a,b (Hydra says more, on more lines)
+    if found:
+        key, value = found.groups()
+        return f"{message}; for a list write {key}=[{value}]; to sweep over the values, add -m"
+    return message
+
+
 def precheck(stage: str, overrides: list[str]) -> str | None:
     """Compose the config as Hydra will, check its values, and create the run directory; a problem
     becomes one line.
@@ -131,7 +146,7 @@ def precheck(stage: str, overrides: list[str]) -> str | None:
         message = _first_line(exc)
         if exc.__cause__ is not None:
             message = f"{message.rstrip('.')}: {_first_line(exc.__cause__)}"
-        return message
+        return _with_list_hint(message)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

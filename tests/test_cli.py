@@ -69,6 +69,10 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, fragment):
     (["protect", "pretrain.method.name=byol"], "pretrain.method.name='byol' is not one of: simclr, moco, supervised"),
     (["domains", "names=[mnits]"], "names: unknown domain 'mnits' (did you mean 'mnist'?)"),
     (["report", "runs=[runs/evaluate/nope]"], "run 'runs/evaluate/nope' has no results.csv"),
+    # a list given without its brackets: Hydra's words, then the spelling it wanted
+    (["evaluate", "checkpoints=a.safetensors"], "a list is written in brackets: checkpoints=[a.safetensors]"),
+    (["protect", "data.targets=usps,optdigits"],
+     "for a list write data.targets=[usps,optdigits]; to sweep over the values, add -m"),
 ])
 def test_a_bad_value_is_refused_before_torch_is_imported_and_before_a_run_directory_is_made(tmp_path, args,
                                                                                           fragment):
