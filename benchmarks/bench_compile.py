@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_precision import medians, paired_speedups  # noqa: E402
 
 MODES = ("eager", "compiled")
 
@@ -95,14 +98,12 @@ def main() -> None:
             runs[mode]["step_ms"].append(step_ms)
             runs[mode]["first_step_s"].append(first_step_s)
             runs[mode]["eval_ms_per_image_b128"].append(eval_ms_per_image(mode))
-    medians = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in runs.items()}
     result = {
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-        "repeats": runs, "medians": medians,
-        # paired: eager over compiled within each repeat, then their median (above 1: compiled is faster)
-        "speedup_step": statistics.median(a / b for a, b in zip(runs["eager"]["step_ms"], runs["compiled"]["step_ms"])),
-        "speedup_eval": statistics.median(a / b for a, b in zip(runs["eager"]["eval_ms_per_image_b128"],
-                                                                runs["compiled"]["eval_ms_per_image_b128"])),
+        "repeats": runs, "medians": medians(runs),
+        # eager / compiled within each repeat, their median: above 1, compiled is faster
+        **paired_speedups(runs, "eager", "compiled", {"speedup_step": "step_ms",
+                                                      "speedup_eval": "eval_ms_per_image_b128"}),
     }
     print(json.dumps(result, indent=2))
     if args.out is not None:

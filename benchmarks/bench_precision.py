@@ -66,6 +66,20 @@ def eval_ms_per_image(precision: str, images: int = 2048, batch_size: int = 512)
     return (time.perf_counter() - start) / 3 / images * 1000
 
 
+def medians(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Each variant's median of each measure over the repeats."""
+    return {variant: {key: statistics.median(values) for key, values in measures.items()}
+            for variant, measures in runs.items()}
+
+
+def paired_speedups(runs: dict[str, dict[str, list[float]]], base: str, other: str,
+                    names: dict[str, str]) -> dict[str, float]:
+    """For each ``name: measure``, the median over repeats of base / other within the same repeat
+    (paired, so a drift of the machine's speed cancels); above 1, ``other`` is faster."""
+    return {name: statistics.median(a / b for a, b in zip(runs[base][measure], runs[other][measure]))
+            for name, measure in names.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -81,14 +95,10 @@ def main() -> None:
             runs[precision]["step_ms"].append(train_step_ms(precision, args.steps))
             runs[precision]["eval_ms_per_image"].append(eval_ms_per_image(precision))
             runs[precision]["eval_ms_per_image_b128"].append(eval_ms_per_image(precision, batch_size=128))
-    medians = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in runs.items()}
     result = {
         "cpu": cpu_model(), "native_bf16": native_bf16(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "steps": args.steps, "repeats": runs, "medians": medians,
-        # paired: the ratio within each repeat, then their median
-        "speedup_step": statistics.median(a / b for a, b in zip(runs["32"]["step_ms"], runs["bf16-mixed"]["step_ms"])),
-        "speedup_eval": statistics.median(a / b for a, b in zip(runs["32"]["eval_ms_per_image"],
-                                                                runs["bf16-mixed"]["eval_ms_per_image"])),
+        "torch": torch.__version__, "steps": args.steps, "repeats": runs, "medians": medians(runs),
+        **paired_speedups(runs, "32", "bf16-mixed", {"speedup_step": "step_ms", "speedup_eval": "eval_ms_per_image"}),
     }
     print(json.dumps(result, indent=2))
     if args.out is not None:
