@@ -89,6 +89,10 @@ def check_source_and_targets(source: object, targets, key: str = "data.targets")
         seen[name] = target
 
 
+#: What a run directory given as a checkpoint holds, in the order it is looked for.
+RUN_CHECKPOINT_NAMES = ("protected.safetensors", "encoder.safetensors")
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """Accept a .safetensors file, its .json, or a run directory holding encoder.safetensors.
 
@@ -98,7 +102,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     only the loader, finds the checkpoint that was committed."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("protected.safetensors", "encoder.safetensors"):
+        for name in RUN_CHECKPOINT_NAMES:
             if _finish_committed_save(path / name).exists():
                 return path / name
         raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
@@ -107,6 +111,20 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if not _finish_committed_save(path).exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
     return path
+
+
+def checkpoint_key(path: str | Path) -> str:
+    """The file a checkpoint argument names, resolved, for telling two arguments apart: a run
+    directory, the file in it and its .json give one key. No side effects, and no error for a
+    path that does not exist (the lookup above judges that)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        present = [path / name for name in RUN_CHECKPOINT_NAMES
+                   if (path / name).exists() or pending_path(path / name).exists()]
+        path = present[0] if present else path
+    elif path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    return str(path.resolve())
 
 
 def resolve_results_path(run: str | Path) -> Path:

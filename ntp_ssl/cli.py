@@ -106,7 +106,8 @@ def _with_list_hint(message: str) -> str:
     if found:
         key, value = found.groups()
         return f"{message.rstrip('.')}; a list is written in brackets: {key}=[{value}]"
-    found = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)  # KEY=a,b (Hydra says more, on more lines)
+    # KEY=a,b: Hydra's advice (brackets, quotes or -m) is on lines the one-line error drops
+    found = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)
     if found:
         key, value = found.groups()
         return f"{message}; for a list write {key}=[{value}]; to sweep over the values, add -m"

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -25,6 +24,7 @@ from ntp_ssl.checks import (
     check_image_size,
     check_run_name,
     check_source_and_targets,
+    checkpoint_key,
     is_int,
     resolve_results_path,
 )
@@ -723,7 +723,7 @@ def validate_evaluate(cfg: Any) -> None:
         repeated = _first_repeat([str(name) for name in cfg.names])
         _check(repeated is None, f"names={list(cfg.names)} gives {repeated!r} twice; give each checkpoint its own name")
     # The same file twice would be attacked twice under two names: hours of work for a copy.
-    repeated = _first_repeat([str(Path(str(path)).expanduser().resolve()) for path in cfg.checkpoints])
+    repeated = _first_repeat([checkpoint_key(str(path)) for path in cfg.checkpoints])
     _check(repeated is None, f"checkpoints lists {repeated!r} twice; list each checkpoint once")
     _check(len(cfg.data.targets) > 0, "data.targets=[] is empty; give at least one target domain")
 

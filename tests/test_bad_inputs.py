@@ -260,7 +260,8 @@ def test_evaluate_with_two_checkpoints_of_the_same_name(tmp_path, cache_dir, pre
     for suffix in (".safetensors", ".json"):
         shutil.copy(pretrained / f"encoder{suffix}", copy / f"encoder{suffix}")
     with pytest.raises(ConfigError) as info:
-        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained / 'encoder.safetensors'},{copy / 'encoder.safetensors'}]")
+        _run_evaluate(tmp_path, cache_dir,
+                      f"checkpoints=[{pretrained / 'encoder.safetensors'},{copy / 'encoder.safetensors'}]")
     _one_line(info, "model names ['encoder', 'encoder'] are not unique", "names=[...]")
 
 
@@ -269,6 +270,9 @@ def test_evaluate_refuses_one_checkpoint_listed_twice_or_a_name_given_twice(tmp_
     with pytest.raises(ConfigError) as info:  # under two names it would be attacked twice
         _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{path}]", "names=[a,b]")
     _one_line(info, f"checkpoints lists {str(path)!r} twice", "list each checkpoint once")
+    with pytest.raises(ConfigError) as info:  # a run directory and the file in it are one checkpoint
+        _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained},{pretrained / 'encoder.json'}]", "names=[a,b]")
+    _one_line(info, f"checkpoints lists {str(path.resolve())!r} twice")
     with pytest.raises(ConfigError) as info:
         _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{tmp_path / 'other.safetensors'}]", "names=[a,a]")
     _one_line(info, "names=['a', 'a'] gives 'a' twice", "its own name")

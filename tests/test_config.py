@@ -211,6 +211,23 @@ def test_domain_specs_compare_by_what_they_name(tmp_path, monkeypatch):
     assert domain_key("folder:Data") != domain_key("folder:data")  # paths keep their case
 
 
+def test_checkpoint_arguments_compare_by_the_file_they_name(tmp_path, monkeypatch):
+    from ntp_ssl.checks import checkpoint_key, resolve_checkpoint_path
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "encoder.safetensors").write_bytes(b"x")
+    (run / "encoder.json").write_text("{}")
+    same = ["run", "run/", str(run), "run/encoder.safetensors", "run/encoder.json", "./run/../run/encoder.safetensors"]
+    assert {checkpoint_key(p) for p in same} == {str(resolve_checkpoint_path(run).resolve())}
+    (run / "protected.safetensors.pending").write_bytes(b"y")  # a save not yet finished: the folder means it
+    assert checkpoint_key("run") == str((run / "protected.safetensors").resolve()) != checkpoint_key(
+        "run/encoder.safetensors")
+    assert checkpoint_key("nope.safetensors") == str((tmp_path / "nope.safetensors").resolve())  # the lookup judges it
+    assert checkpoint_key("nope.json") == checkpoint_key("nope.safetensors") != checkpoint_key("nope2.safetensors")
+
+
 def test_bench_reuses_an_evaluate_run_only_under_the_same_attacker_and_split(bench_efficacy, tmp_path):
     """A recorded evaluate run counts as "attacked before" only when its attacker words (split
     included) are exactly this benchmark's: a validation-split run must not stand in for a
