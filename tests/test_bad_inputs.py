@@ -269,7 +269,7 @@ def test_evaluate_refuses_one_checkpoint_listed_twice_or_a_name_given_twice(tmp_
     path = pretrained / "encoder.safetensors"
     with pytest.raises(ConfigError) as info:  # under two names it would be attacked twice
         _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{path},{path}]", "names=[a,b]")
-    _one_line(info, f"checkpoints lists {str(path)!r} twice", "list each checkpoint once")
+    _one_line(info, f"checkpoints lists {str(path.resolve())!r} twice", "list each checkpoint once")
     with pytest.raises(ConfigError) as info:  # a run directory and the file in it are one checkpoint
         _run_evaluate(tmp_path, cache_dir, f"checkpoints=[{pretrained},{pretrained / 'encoder.json'}]", "names=[a,b]")
     _one_line(info, f"checkpoints lists {str(path.resolve())!r} twice")
