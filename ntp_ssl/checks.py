@@ -101,16 +101,14 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     its commit (see ntp_ssl/shared/checkpoint.py) is finished here, so that every stage, not
     only the loader, finds the checkpoint that was committed."""
     path = Path(path).expanduser()
+    candidates = _candidate_files(path)
+    for candidate in candidates:
+        if _finish_committed_save(candidate).exists():
+            return candidate
     if path.is_dir():
-        for name in RUN_CHECKPOINT_NAMES:
-            if _finish_committed_save(path / name).exists():
-                return path / name
         raise CheckpointError(f"checkpoint folder {str(path)!r} holds no encoder.safetensors or protected.safetensors")
-    if path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if not _finish_committed_save(path).exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a .safetensors file or a run directory")
-    return path
+    raise CheckpointError(f"checkpoint {str(candidates[0])!r} does not exist; give a .safetensors file or a run "
+                          "directory")
 
 
 def checkpoint_key(path: str | Path) -> str:
@@ -118,13 +116,18 @@ def checkpoint_key(path: str | Path) -> str:
     directory, the file in it and its .json give one key. No side effects, and no error for a
     path that does not exist (the lookup above judges that)."""
     path = Path(path).expanduser()
+    candidates = _candidate_files(path)
+    present = [c for c in candidates if c.exists() or pending_path(c).exists()]
+    named = present[0] if present else path if path.is_dir() else candidates[0]
+    return str(named.resolve())
+
+
+def _candidate_files(path: Path) -> list[Path]:
+    """The .safetensors files a checkpoint argument may name, in the order they are looked for:
+    a run directory's (RUN_CHECKPOINT_NAMES), or the file itself (its .json names it too)."""
     if path.is_dir():
-        present = [path / name for name in RUN_CHECKPOINT_NAMES
-                   if (path / name).exists() or pending_path(path / name).exists()]
-        path = present[0] if present else path
-    elif path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    return str(path.resolve())
+        return [path / name for name in RUN_CHECKPOINT_NAMES]
+    return [path.with_suffix(".safetensors") if path.suffix == ".json" else path]
 
 
 def resolve_results_path(run: str | Path) -> Path:
