@@ -23,63 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precision import medians, paired_speedups  # noqa: E402
+from bench_thread_scaling import forward_ms_per_image, sweep_model, time_train_steps  # noqa: E402
 
 MODES = ("eager", "compiled")
 
 
 def _model(mode: str) -> torch.nn.Module:
-    from ntp_ssl.encoders import build_encoder
-    from ntp_ssl.encoders.layout import channels_last_enabled
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(build_encoder("small_cnn", in_channels=3, image_size=32), torch.nn.Linear(256, 10))
-    if channels_last_enabled():
-        model = model.to(memory_format=torch.channels_last)
+    """A fresh instance of the sweep's network, compiled or not (each fine-tune of a sweep
+    would compile its own)."""
+    model = sweep_model(torch.get_num_threads())
     return torch.compile(model) if mode == "compiled" else model
-
-
-def _images(n: int) -> torch.Tensor:
-    from ntp_ssl.encoders.layout import channels_last_enabled
-
-    x = torch.randn(n, 3, 32, 32)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last_enabled() else x
-
-
-def train_step_ms(mode: str, steps: int) -> tuple[float, float]:
-    """(milliseconds per step after 10 warm-up steps, seconds of the first step)."""
-    model = _model(mode)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    x, y = _images(64), torch.randint(0, 10, (64,))
-    begin = time.perf_counter()
-    for i in range(10 + steps):
-        if i == 1:
-            first_step_s = time.perf_counter() - begin
-        if i == 10:
-            start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps * 1000, first_step_s
-
-
-def eval_ms_per_image(mode: str, images: int = 2048, batch_size: int = 128) -> float:
-    model = _model(mode).eval()
-    x = _images(images)
-    with torch.no_grad():
-        for repeat in range(4):
-            if repeat == 1:  # the first pass compiles
-                start = time.perf_counter()
-            for i in range(0, images, batch_size):
-                model(x[i:i + batch_size])
-    return (time.perf_counter() - start) / 3 / images * 1000
 
 
 def main() -> None:
@@ -94,10 +53,12 @@ def main() -> None:
                                                for m in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
-            step_ms, first_step_s = train_step_ms(mode, args.steps)
+            step_ms, first_step_s = time_train_steps(_model(mode), args.steps)
             runs[mode]["step_ms"].append(step_ms)
             runs[mode]["first_step_s"].append(first_step_s)
-            runs[mode]["eval_ms_per_image_b128"].append(eval_ms_per_image(mode))
+            # one pass over the images first: for the compiled model, the compile
+            runs[mode]["eval_ms_per_image_b128"].append(
+                forward_ms_per_image(_model(mode), batch_size=128, images=2048, warmup=1, timed=3))
     result = {
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
         "repeats": runs, "medians": medians(runs),

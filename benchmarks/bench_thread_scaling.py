@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 
-def _model(threads: int):
+def sweep_model(threads: int) -> torch.nn.Module:
+    """The sweep's fine-tuned network (the default encoder and a linear head) in the sweep's
+    memory layout, on ``threads`` torch threads."""
     from ntp_ssl.encoders import build_encoder
     from ntp_ssl.encoders.layout import channels_last_enabled
 
@@ -38,13 +40,16 @@ def _model(threads: int):
     return model
 
 
-def train_step_ms(threads: int, steps: int, barrier=None) -> float:
-    """Milliseconds per fine-tune step (batch 64) with ``threads`` threads, after 10 warm-up
-    steps (and, with ``barrier``, once every process has warmed up: the timed windows overlap)."""
-    model = _model(threads)
+def time_train_steps(model: torch.nn.Module, steps: int, barrier=None) -> tuple[float, float]:
+    """(milliseconds per fine-tune step of ``model`` (batch 64, Adam) after 10 warm-up steps,
+    seconds of the first step); with ``barrier``, timed once every process has warmed up, so
+    that the timed windows overlap."""
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    begin = time.perf_counter()
     for i in range(10 + steps):
+        if i == 1:
+            first_step_s = time.perf_counter() - begin
         if i == 10:
             if barrier is not None:
                 barrier.wait()
@@ -53,7 +58,12 @@ def train_step_ms(threads: int, steps: int, barrier=None) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps * 1000
+    return (time.perf_counter() - start) / steps * 1000, first_step_s
+
+
+def train_step_ms(threads: int, steps: int, barrier=None) -> float:
+    """Milliseconds per fine-tune step (batch 64) with ``threads`` threads (time_train_steps)."""
+    return time_train_steps(sweep_model(threads), steps, barrier)[0]
 
 
 def _worker(steps: int, barrier, results) -> None:
@@ -73,16 +83,23 @@ def concurrent_step_ms(processes: int, steps: int) -> list[float]:
     return times
 
 
-def eval_ms_per_image(batch_size: int, threads: int, images: int = 1024) -> float:
-    model = _model(threads).eval()
+def forward_ms_per_image(model: torch.nn.Module, batch_size: int, images: int = 1024, warmup: int = 2,
+                         timed: int = 5) -> float:
+    """Milliseconds per image of ``model``'s forward in eval mode without grad, in batches of
+    ``batch_size``: ``warmup`` passes over the images, then the mean of ``timed`` passes."""
+    model.eval()
     x = torch.rand(images, 3, 32, 32)
     with torch.no_grad():
-        for repeat in range(7):
-            if repeat == 2:
+        for repeat in range(warmup + timed):
+            if repeat == warmup:
                 start = time.perf_counter()
             for i in range(0, images, batch_size):
                 model(x[i:i + batch_size])
-    return (time.perf_counter() - start) / 5 / images * 1000
+    return (time.perf_counter() - start) / timed / images * 1000
+
+
+def eval_ms_per_image(batch_size: int, threads: int, images: int = 1024) -> float:
+    return forward_ms_per_image(sweep_model(threads), batch_size, images)
 
 
 def main() -> None:
