@@ -208,6 +208,21 @@ def test_summary_tables_contain_the_rows():
     assert summary_markdown([]).count("\n") == 2
 
 
+def test_one_seed_gives_no_interval():
+    """A 95% interval needs a spread: one seed's line says the mean alone, not [v, v]."""
+    one_seed = [r for r in hand_rows() if r["seed"] == 0]
+    summary = summarize(one_seed)
+    ft = next(s for s in summary if s["attack"] == "ft")
+    assert ft["n_seeds"] == 1 and ft["slc_auc"] == pytest.approx(-0.05 * LN2, abs=1e-12)
+    assert (ft["slc_auc_ci_low"], ft["slc_auc_ci_high"]) == (None, None)
+    assert (ft["slc_auc_norm_ci_low"], ft["slc_auc_norm_ci_high"]) == (None, None)
+    markdown = summary_markdown(summary)
+    assert "| m | d | ft | 1 | -0.035 | -0.017 |" in markdown  # -0.05 ln2; / ln 8
+    assert "[" not in markdown.split("\n", 2)[2]  # no interval cell in any row
+    text_lines = summary_text(summary).strip().splitlines()
+    assert len({len(line) for line in text_lines[1:]}) == 1
+
+
 # --------------------------------------------------------------------------- plots
 
 

@@ -252,7 +252,7 @@ def test_mean_ci95_known_values():
 
 
 def test_mean_ci95_single_value_constant_and_empty():
-    assert mean_ci95([0.42]) == (0.42, 0.42, 0.42)
+    assert mean_ci95([0.42]) == (0.42, None, None)  # one seed: no interval, not a zero-width one
     assert mean_ci95([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3, 0.3), abs=1e-15)
     with pytest.raises(ConfigError):
         mean_ci95([])

@@ -214,8 +214,8 @@ def summarize(
     Per seed, on the fractions that the model's curve has (the scratch curve of that
     domain and seed, attack "scratch", must have them all):
     ``slc_auc = AUC(model) - AUC(scratch)`` and its value normalised by ``ln(r_max/r_min)``.
-    Over seeds: mean and Student-t 95% interval of both, the mean accuracy of model and
-    scratch at the largest fraction, and the source accuracy when given as
+    Over seeds: mean and Student-t 95% interval of both (``None`` with one seed), the mean
+    accuracy of model and scratch at the largest fraction, and the source accuracy when given as
     ``{model: {attack: acc}}`` or ``{model: acc}``. Sorted by (domain, model, attack).
     """
     curves = _curves(rows)
@@ -280,14 +280,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _with_interval(line: dict, key: str) -> str:
+    """``mean [low, high]``; the mean alone where one seed gave no interval."""
+    low, high = line[f"{key}_ci_low"], line[f"{key}_ci_high"]
+    if low is None or high is None:
+        return _fmt(line[key])
+    return f"{_fmt(line[key])} [{_fmt(low)}, {_fmt(high)}]"
+
+
 def _cells(line: dict) -> list[str]:
     return [
         str(line["model"]),
         str(line["domain"]),
         str(line["attack"]),
         str(line["n_seeds"]),
-        f"{_fmt(line['slc_auc'])} [{_fmt(line['slc_auc_ci_low'])}, {_fmt(line['slc_auc_ci_high'])}]",
-        f"{_fmt(line['slc_auc_norm'])} [{_fmt(line['slc_auc_norm_ci_low'])}, {_fmt(line['slc_auc_norm_ci_high'])}]",
+        _with_interval(line, "slc_auc"),
+        _with_interval(line, "slc_auc_norm"),
         _fmt(line["accuracy_at_max_fraction"]),
         _fmt(line["scratch_accuracy_at_max_fraction"]),
         _fmt(line.get("source_accuracy")),

@@ -153,17 +153,18 @@ def student_t_quantile(p: float, df: float) -> float:
     return math.sqrt(df) * math.tan((lo + hi) / 2)
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
+def mean_ci95(values: Sequence[float]) -> tuple[float, float | None, float | None]:
     """Mean and Student-t 95% interval: ``mean -/+ t_{0.975, n-1} * s / sqrt(n)``.
 
     ``s`` is the sample standard deviation (ddof=1). Returns ``(mean, low, high)``; one
-    value gives ``(v, v, v)``.
+    value gives ``(v, None, None)``: with one seed there is no spread to estimate, and a
+    zero-width interval would read as certainty.
     """
     x = np.asarray([float(v) for v in values], dtype=np.float64)
     if x.size == 0:
         raise ConfigError("mean_ci95 got no values; accepted: at least one number")
     mean = float(np.mean(x))
     if x.size == 1:
-        return mean, mean, mean
+        return mean, None, None
     half = student_t_quantile(0.975, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
     return mean, mean - half, mean + half
