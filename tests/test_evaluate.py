@@ -96,6 +96,10 @@ def test_sweep_rows_resume_and_fallback(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ntp_ssl.evaluate"):
         rows = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress, progress=False)
     assert "plain has no pruning mask" in caplog.text
+    # a log file sees the sweep advance: one line per grid point (the bar is for terminals only)
+    points = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sweep point ")]
+    assert [m.split(":")[0] for m in points] == ["sweep point 1/2", "sweep point 2/2"]
+    assert all(f"{_domain().name} seed 0 n=" in m for m in points)
     # 2 fractions x (scratch + 2 models x 4 attacks)
     assert len(rows) == 2 * (1 + 2 * 4)
     plain = {r["attack"]: r["accuracy"] for r in rows if r["model"] == "plain" and r["fraction"] == 1.0}
@@ -108,11 +112,15 @@ def test_sweep_rows_resume_and_fallback(tmp_path, caplog):
 
     original = sweep_module.fine_tune_attack
     sweep_module.fine_tune_attack = must_not_train
+    caplog.clear()
     try:
-        again = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress, progress=False)
+        with caplog.at_level(logging.INFO, logger="ntp_ssl.evaluate"):
+            again = run_sweep(models, [_domain()], SETTINGS, cache_dir=tmp_path, progress_path=progress,
+                              progress=False)
     finally:
         sweep_module.fine_tune_attack = original
     assert again == rows
+    assert "sweep point" not in caplog.text  # resumed points did no work: nothing to report
 
 
 def test_same_settings_same_rows(tmp_path):

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -385,11 +386,14 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
     state = _Progress(progress_path, on_row)
     for model in models:  # features are extracted where the attacks run
         model.encoder.to(device)
-    bar = progress_bar(total=len(targets) * len(settings.seeds) * len(fractions), desc="evaluate", enabled=progress)
+    total_points = len(targets) * len(settings.seeds) * len(fractions)
+    bar = progress_bar(total=total_points, desc="evaluate", enabled=progress)
+    point, started = 0, time.perf_counter()
     for domain in targets:
         target = _Target(domain, _tensors(domain))
         for seed in settings.seeds:
             for fraction in fractions:
+                point, point_started, rows_before = point + 1, time.perf_counter(), len(state.rows)
                 n = samples_for_fraction(fraction, len(domain.train_labels), domain.num_classes)
                 idx = draw_subset(domain.train_labels, n, seed=seed, num_classes=domain.num_classes)
                 bar.set_postfix_str(f"{domain.name} seed={seed} n={n}")
@@ -416,6 +420,10 @@ def run_sweep(models: Sequence[ModelUnderTest], targets: Sequence[Domain], setti
                     state.record([_row(model.name, domain.name, a, seed, fraction, n, results[a])
                                   for a in settings.attacks if a in results])
                 bar.update(1)
+                if len(state.rows) > rows_before:  # a log file's progress: the bar is shown on a terminal only
+                    log.info("sweep point %d/%d: %s seed %d n=%d in %.1f s (%.1f min so far)", point, total_points,
+                             domain.name, seed, n, time.perf_counter() - point_started,
+                             (time.perf_counter() - started) / 60)
     bar.close()
     log.info("sweep work: %s", work)
     return state.rows
