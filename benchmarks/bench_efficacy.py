@@ -404,8 +404,8 @@ def _cell(values: list[float]) -> str:
     values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
         return "-"
-    mean, low, high = mean_ci95(values)
-    return f"{mean:+.3f}" if len(values) == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    mean, low, high = mean_ci95(values)  # one value: no interval (None bounds)
+    return f"{mean:+.3f}" if low is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _acc(values: list[float | None]) -> str:

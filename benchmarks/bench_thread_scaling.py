@@ -27,8 +27,11 @@ import torch
 
 
 def sweep_model(threads: int) -> torch.nn.Module:
-    """The sweep's fine-tuned network (the default encoder and a linear head) in the sweep's
-    memory layout, on ``threads`` torch threads."""
+    """The sweep's fine-tuned network (the default encoder and a linear head) on ``threads``
+    torch threads. With channels-last on, its weights are converted too, where the sweep moves
+    only each input batch (the encoder does that on entry): the weights' layout alone was
+    measured at 1.02-1.06x per step on the AVX2 CPU (docs/BENCHMARKS.md), so these timings
+    may read a few percent faster than the sweep's steps."""
     from ntp_ssl.encoders import build_encoder
     from ntp_ssl.encoders.layout import channels_last_enabled
 
