@@ -297,3 +297,9 @@ def test_verdicts_take_the_best_attack_on_the_source_and_against_the_targets():
     assert alone[0]["source_minus_reference"] is None
     assert verdict_text(alone).startswith("protected: source linear 0.900, kNN 0.800, best SLC-AUC -0.100; target")
     assert "vs unprotected" not in verdict_text(alone)
+    # source measures the run did not make are left out, not printed as dashes
+    no_curve = verdicts([row for row in summary if row["domain"] != "mnist"], source_accuracy=kept, source=None)
+    assert verdict_text(no_curve).splitlines()[1].startswith(
+        "protected: source linear 0.900 (-0.050 vs unprotected), kNN 0.800 (-0.100 vs unprotected); target")
+    nothing = verdicts([row for row in summary if row["domain"] != "mnist"], source_accuracy=None, source=None)
+    assert verdict_text(nothing).splitlines()[1].startswith("protected: source not measured; target SLC-AUC")

@@ -393,10 +393,13 @@ def verdict_text(lines: Sequence[dict], *, reference: str = "unprotected") -> st
     text = []
     for line in lines:
         delta = line["source_minus_reference"] or {}
+        # a source measure the run did not make (sweep.source_accuracy / sweep.source_curve off,
+        # or no source domain) is left out, not printed as a dash with a dash of a difference
         source = ", ".join(
             f"{name} {_fmt(line['source'][key]) if key != 'slc_auc' else signed(line['source'][key])}"
             + (f" ({signed(delta.get(key))} vs {reference})" if delta else "")
-            for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "best SLC-AUC")))
+            for key, name in (("linear", "linear"), ("knn", "kNN"), ("slc_auc", "best SLC-AUC"))
+            if line["source"].get(key) is not None) or "not measured"
         targets = ", ".join(f"{attack} {signed(value)}" for attack, value in line["target_slc_auc"].items())
         selective = ", ".join(f"{attack} {signed(value)}" for attack, value in line["selectivity"].items())
         text.append(f"{line['model']}: source {source}; target SLC-AUC {targets}"
