@@ -291,8 +291,11 @@ def test_npz_domain_with_its_own_test_split(tmp_path):
         ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.zeros(2, int), "x_test": np.zeros((1, 8, 8), np.uint8)},
          "x_test / y_test"),
         ("not an npz", "cannot read"),
+        ({"x": np.array([np.zeros((8, 8)), np.zeros((9, 9))], dtype=object), "y": np.zeros(2, int)},
+         "holds object arrays (pickled Python objects), which are never loaded"),
     ],
-    ids=["missing-file", "no-x", "no-y", "length-mismatch", "float", "4-channels", "negative", "half-test", "not-zip"],
+    ids=["missing-file", "no-x", "no-y", "length-mismatch", "float", "4-channels", "negative", "half-test", "not-zip",
+         "object-array"],
 )
 def test_npz_bad_inputs_are_data_errors(tmp_path, arrays, fragment):
     path = tmp_path / "bad.npz"
