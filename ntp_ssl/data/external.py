@@ -204,13 +204,11 @@ def load_npz(path: str | Path, image_size: int, channels: int, seed: int, name: 
     try:
         with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as npz:  # own handle: closed on any error
             arrays = {key: npz[key] for key in npz.files}
-    except ValueError as exc:
-        if "Object arrays" not in str(exc):  # numpy's words for an object array inside the archive
-            raise DataError(f"cannot read {str(file)!r} as an .npz of arrays: {_one_line(exc)}") from exc
-        # object arrays are pickles, which are never loaded (they can run code): say what to save instead
-        raise DataError(f"{str(file)!r} holds object arrays (pickled Python objects), which are never loaded; "
-                        "save x (N, H, W[, C]) uint8 and y (N,) integers as plain arrays") from exc
-    except Exception as exc:  # not a zip, truncated, ...
+    except Exception as exc:  # not a zip, truncated, object arrays, ...
+        if isinstance(exc, ValueError) and "Object arrays" in str(exc):  # numpy's words for an object array
+            # object arrays are pickles, which are never loaded (they can run code): say what to save instead
+            raise DataError(f"{str(file)!r} holds object arrays (pickled Python objects), which are never loaded; "
+                            "save x (N, H, W[, C]) uint8 and y (N,) integers as plain arrays") from exc
         raise DataError(f"cannot read {str(file)!r} as an .npz of arrays: {_one_line(exc)}") from exc
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
