@@ -16,7 +16,9 @@ protection seed 0 and sweep seed 0 (on their test splits, before the attacker ex
 
 Outputs in --root (default benchmarks/results/efficacy_v2/): protect/<setup>-seed<p>/ and
 evaluate/<run>/ run directories (resumable: a finished run is not redone), <table>.md and
-<table>.json. Sequential on purpose: on a 2-core machine parallel runs only compete. On a
+<table>.json. --protect-root and --reference-root share the protections and the unprotected
+encoder's attacks between roots; a finished run is reused only for the same command, config
+and attacked file (its SHA-256). Sequential on purpose: on a 2-core machine parallel runs only compete. On a
 cluster the protect grid runs as a Hydra multirun, e.g.
     ntp-ssl protect -m experiment=protect_label_free,protect_magnitude seed=1,2,3 evaluate=false hydra/launcher=submitit_slurm
 """
@@ -37,6 +39,7 @@ from ntp_ssl.config import PruneConfig
 from ntp_ssl.evaluate.results import read_results, summarize
 from ntp_ssl.evaluate.slc import mean_ci95
 from ntp_ssl.evaluate.sweep import SPARSE_SCRATCH_SUFFIX
+from ntp_ssl.shared.runs import INPUTS_KEY
 
 # The ADMM schedules measured, pinned so that a setup keeps meaning what was measured when the
 # defaults move: converged (the defaults since issue 13) and the 5-iteration one before it
@@ -245,7 +248,7 @@ def protect(name: str, overrides: list[str], seed: int, root: Path, extra: list[
     wall = _once(run_dir, "protected.safetensors", args)
     meta = json.loads((run_dir / "protected.json").read_text())
     return {"setup": name, "seed": seed, "run_dir": str(run_dir), "protect_wall_s": wall, "command": args,
-            "sparsity": meta["sparsity"]["prunable"]["sparsity"]}
+            "sparsity": meta["sparsity"]["prunable"]["sparsity"], "sha256": meta.get("sha256")}
 
 
 def evaluate(run_name: str, checkpoints: list[str], names: list[str], sparse: list[str], root: Path,
@@ -279,16 +282,30 @@ def _without_seeds(words: list[str]) -> list[str]:
     return [w for w in words if not w.startswith("sweep.seeds=")]
 
 
+def attacked_file(run_dir: Path, name: str) -> str | None:
+    """The SHA-256 of the checkpoint an evaluate run attacked as ``name``: the stage hashes
+    every checkpoint it reads into its run_config.json's inputs, keyed by the path its config
+    gives (``checkpoints[i]`` for ``names[i]``). None for a run that recorded none."""
+    path = run_dir / "run_config.json"
+    made = json.loads(path.read_text()) if path.exists() else {}
+    inputs, checkpoints, names = made.get(INPUTS_KEY) or {}, made.get("checkpoints") or [], made.get("names") or []
+    if name not in names or len(checkpoints) != len(names):
+        return None
+    return inputs.get(f"checkpoint {checkpoints[names.index(name)]}")
+
+
 _CHECKED: set[Path] = set()  # evaluate runs whose config was compared with today's (once each: ~1 s apiece)
 
 
-def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
-                     sweep: list[str]) -> tuple[dict | None, list[int]]:
+def evaluated_before(root: Path, prefix: str, name: str, sparse: bool, sweep: list[str],
+                     sha256: str | None = None) -> tuple[dict | None, list[int]]:
     """Finished evaluate runs ``root/evaluate/<prefix>*`` under this attacker (``sweep``, its
     seeds aside) that already attacked ``name`` (and its sparse scratch when asked), so that
     adding a setup, or a sweep seed, later does not redo the others: their result rows merged,
     each sweep seed from the first run (by name) that has it, and the sweep seeds of ``sweep``
-    that none has. (None, all seeds) when there is none."""
+    that none has. (None, all seeds) when there is none. With ``sha256``, a run that attacked
+    another file as ``name`` (:func:`attacked_file`) is refused: its numbers are another
+    encoder's."""
     wanted = _sweep_seeds(sweep) or []
     found: dict[int, tuple[Path, dict | None]] = {}
     rows_of: dict[Path, list[dict]] = {}  # each run's result rows, read once
@@ -304,6 +321,10 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool,
         models = {r["model"] for r in rows}
         if name not in models or sparse and name + SPARSE_SCRATCH_SUFFIX not in models:
             continue
+        made_on = attacked_file(run_dir, name) if sha256 is not None else None
+        if made_on is not None and made_on != sha256:
+            raise SystemExit(f"{run_dir} attacked another file as {name!r} (sha256 {made_on[:12]}) than this "
+                             f"benchmark's (sha256 {sha256[:12]}); give this one its own --root")
         held = set(_sweep_seeds(words) or []) if words is not None else {int(r["seed"]) for r in rows}
         for seed in wanted:
             if seed in held and seed not in found:
@@ -330,15 +351,18 @@ def attacker(protocol: list[str], sweep_seeds: list[int]) -> list[str]:
 
 
 def attacked(root: Path, prefix: str, names: list[str], checkpoints: list[str], sparse: list[str],
-             protocol: list[str], sweep_seeds: list[int], *, name_run, label: str | None = None) -> dict[str, dict]:
+             protocol: list[str], sweep_seeds: list[int], *, name_run, label: str | None = None,
+             sha256s: list[str | None] | None = None) -> dict[str, dict]:
     """{name: its evaluate results on ``sweep_seeds``}: what earlier runs under ``prefix`` hold
-    (``evaluated_before``), and one new run for the (name, sweep seed) pairs none holds, the
-    names missing the same seeds together (the scratch baselines are cached). ``name_run(tag,
-    names)`` names a new run, ``tag`` being its sweep seeds joined by "-"."""
+    (``evaluated_before``, each held to its checkpoint's ``sha256s`` entry when given), and one
+    new run for the (name, sweep seed) pairs none holds, the names missing the same seeds
+    together (the scratch baselines are cached). ``name_run(tag, names)`` names a new run,
+    ``tag`` being its sweep seeds joined by "-"."""
     done: dict[str, dict] = {}
     missing: dict[tuple[int, ...], list[int]] = {}  # missing sweep seeds -> indices of the names missing them
     for index, name in enumerate(names):
-        found, todo_seeds = evaluated_before(root, prefix, name, name in sparse, attacker(protocol, sweep_seeds))
+        found, todo_seeds = evaluated_before(root, prefix, name, name in sparse, attacker(protocol, sweep_seeds),
+                                             sha256s[index] if sha256s else None)
         if found is not None:
             done[name] = found
         if todo_seeds:
@@ -543,11 +567,14 @@ def main() -> None:
     parser.add_argument("--root", default="benchmarks/results/efficacy_v2")
     parser.add_argument("--protect-root", help="where protect/<setup>-seed<p>/ runs are found or made (default: "
                         "--root): another attacker of the same protected encoders gets its own --root")
+    parser.add_argument("--reference-root", help="where the unprotected encoder's evaluate/unprotected-sweep*/ "
+                        "runs are found or made (default: --root): roots that differ only in --extra share one")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every protect run")
     parser.add_argument("--table", default="efficacy", help="name of the table files written in --root")
     args = parser.parse_args()
     root = Path(args.root).resolve()
     protect_root = Path(args.protect_root).resolve() if args.protect_root else root
+    reference_root = Path(args.reference_root).resolve() if args.reference_root else root
     sweep = attacker(args.sweep, args.sweep_seeds)
     grid = [(name, SETUPS[name]) for name in args.setups]
     if args.sparsity_sweep:
@@ -560,13 +587,17 @@ def main() -> None:
             print(f"protected: {name} seed {seed} ({protect_runs[-1]['protect_wall_s'] / 60:.1f} min)", flush=True)
     first = json.loads((Path(protect_runs[0]["run_dir"]) / "protected.json").read_text())
     source, reference_checkpoint = first["source"], first["protected_from"]["path"]
+    reference_sha256 = first["protected_from"]["sha256"]
     for run in protect_runs:  # one unprotected reference for all: setups on another encoder go in their own run
         meta = json.loads((Path(run["run_dir"]) / "protected.json").read_text())
         if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
-    reference = attacked(root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep,
-                         args.sweep_seeds, name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}")[REFERENCE]
+    # the unprotected encoder is attacked once per attacker: a reference run attacked another
+    # file (another default encoder, another CPU's) is refused, not reused
+    reference = attacked(reference_root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep,
+                         args.sweep_seeds, name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}",
+                         sha256s=[reference_sha256])[REFERENCE]
     records = [per_seed_record(REFERENCE, None, reference, REFERENCE, args.sweep_seeds, source)]
     for seed in args.seeds:
         runs = [p for p in protect_runs if p["seed"] == seed]
@@ -575,7 +606,7 @@ def main() -> None:
         # a run that adds a sparse scratch says so in its name: the same setup attacked before
         # without one keeps its run directory
         done = attacked(root, f"seed{seed}-sweep", names, [p["run_dir"] for p in runs], sparse, args.sweep,
-                        args.sweep_seeds, label=f"protection seed {seed}",
+                        args.sweep_seeds, label=f"protection seed {seed}", sha256s=[p["sha256"] for p in runs],
                         name_run=lambda tag, todo: f"seed{seed}-sweep{tag}_"
                         + "+".join(n + ("+sparse" if n in sparse else "") for n in todo))
         for name in names:
@@ -585,8 +616,8 @@ def main() -> None:
                                            source))
     text = table(records, protect_runs)
     (root / f"{args.table}.md").write_text(text + "\n")
-    (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records,
-                                                         "sweep": sweep}, indent=2) + "\n")
+    (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records, "sweep": sweep,
+                                                         "reference_root": str(reference_root)}, indent=2) + "\n")
     print(text)
 
 

@@ -280,6 +280,70 @@ def _recorded_evaluate_run(bench_efficacy, root, name: str, sweep: list[str], se
     assert bench_efficacy.attacker_words(" ".join(command)) == sweep
 
 
+def test_bench_refuses_an_evaluate_run_that_attacked_another_file_under_the_name(bench_efficacy, tmp_path):
+    """A run found under the same attacker but made on another file as the same name (the
+    default encoder pretrained again, or on another CPU) is refused, not reused: its numbers are
+    another encoder's. The file is read from the digests the stage recorded in run_config.json."""
+    from ntp_ssl.shared.runs import INPUTS_KEY
+
+    sweep = ["sweep=main_job", "sweep.seeds=[0]"]
+    _recorded_evaluate_run(bench_efficacy, tmp_path, "seed0-sweep0_lf", sweep, [0])
+    run_dir = tmp_path / "evaluate" / "seed0-sweep0_lf"
+    made = {"checkpoints": ["/x/mag-seed0", "/x/lf-seed0"], "names": ["mag", "lf"],
+            INPUTS_KEY: {"checkpoint /x/mag-seed0": "b" * 64, "checkpoint /x/lf-seed0": "a" * 64}}
+    (run_dir / "run_config.json").write_text(json.dumps(made))
+    bench_efficacy._CHECKED.add(run_dir)  # this run_config.json holds no whole config: its check is not tested here
+    try:
+        assert bench_efficacy.attacked_file(run_dir, "lf") == "a" * 64
+        assert bench_efficacy.attacked_file(run_dir, "mag") == "b" * 64
+        assert bench_efficacy.attacked_file(run_dir, "other") is None
+        found, missing = bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, sweep, "a" * 64)
+        assert found is not None and missing == []
+        # the other model's file under this name: refused, naming the run and both digests
+        with pytest.raises(SystemExit, match=r"seed0-sweep0_lf attacked another file as 'lf' "
+                                             r"\(sha256 aaaaaaaaaaaa\) than this benchmark's \(sha256 bbbbbbbbbbbb\)"):
+            bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, sweep, "b" * 64)
+        # a run that recorded no inputs (made before they were) counts, as before
+        (run_dir / "run_config.json").write_text(json.dumps({"checkpoints": ["/x/lf-seed0"], "names": ["lf"]}))
+        assert bench_efficacy.evaluated_before(tmp_path, "seed0-sweep", "lf", False, sweep, "b" * 64)[0] is not None
+    finally:
+        bench_efficacy._CHECKED.discard(run_dir)
+
+
+def test_bench_finds_the_unprotected_reference_in_the_reference_root(bench_efficacy, tmp_path, monkeypatch):
+    """--reference-root: the unprotected encoder's runs are looked up (and made) there, the
+    protected encoders' in --root, each held to its own checkpoint's digest."""
+    import sys
+
+    calls = []
+
+    def fake_protect(name, overrides, seed, root, extra):
+        run_dir = root / "protect" / f"{name}-seed{seed}"
+        run_dir.mkdir(parents=True)
+        meta = {"source": "mnist", "protected_from": {"path": "/x/unprotected.safetensors", "sha256": "u" * 64},
+                "sha256": f"{seed}" * 64}
+        (run_dir / "protected.json").write_text(json.dumps(meta))
+        return {"setup": name, "seed": seed, "run_dir": str(run_dir), "protect_wall_s": 1.0, "sparsity": 0.9,
+                "sha256": meta["sha256"]}
+
+    def fake_attacked(root, prefix, names, checkpoints, sparse, protocol, sweep_seeds, *, name_run, label=None,
+                      sha256s=None):
+        calls.append((root, prefix, names, sha256s))
+        return {name: {"rows": [], "source_accuracy": {}, "wall_s": 1.0} for name in names}
+
+    monkeypatch.setattr(bench_efficacy, "protect", fake_protect)
+    monkeypatch.setattr(bench_efficacy, "attacked", fake_attacked)
+    monkeypatch.setattr(bench_efficacy, "table", lambda records, runs: "table")
+    root, reference_root = tmp_path / "sparsity50", tmp_path / "sparsity99"
+    monkeypatch.setattr(sys, "argv", ["bench_efficacy.py", "--setups", "label_free", "--seeds", "1", "2",
+                                      "--root", str(root), "--reference-root", str(reference_root)])
+    bench_efficacy.main()
+    assert calls == [(reference_root, "unprotected-sweep", ["unprotected"], ["u" * 64]),
+                     (root, "seed1-sweep", ["label_free"], ["1" * 64]),
+                     (root, "seed2-sweep", ["label_free"], ["2" * 64])]
+    assert json.loads((root / "efficacy.json").read_text())["reference_root"] == str(reference_root)
+
+
 def test_bench_adds_a_sweep_seed_without_redoing_the_first(bench_efficacy, tmp_path, monkeypatch):
     """Sweep seeds 1 2 asked, seed 1 attacked before: the old rows are kept, one new run attacks
     seed 2 alone, and the record holds each seed once, from the run that measured it."""

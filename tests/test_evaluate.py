@@ -158,6 +158,11 @@ def test_evaluate_command_writes_csv_plot_and_events(cli, tmp_path, encoder_chec
     assert (run_dir / "slc_curves.png").stat().st_size > 5000
     machines = json.loads((run_dir / "machine.json").read_text())  # which CPU and torch made these numbers
     assert len(machines) == 1 and machines[0]["torch"] == torch.__version__ and machines[0]["device"] == "cpu"
+    # the efficacy benchmark reads back which file the run attacked as "ssl" (to refuse a run of another encoder)
+    from conftest import load_benchmark
+
+    attacked_file = load_benchmark("bench_efficacy").attacked_file
+    assert attacked_file(run_dir, "ssl") == json.loads(encoder_checkpoint.with_suffix(".json").read_text())["sha256"]
     tags = event_tags(run_dir / "tb")
     assert "slc/optdigits/linear/ssl" in tags and "slc_auc/optdigits/linear/ssl" in tags
     # TensorBoard shows the very figure of slc_curves.png (logged from the file, not drawn twice)
