@@ -1,12 +1,18 @@
 """docs/RESULTS.md stays navigable: its contents list matches its headings, and every
-``section "..."`` it cites names a heading that exists (sections get renamed as results move)."""
+``section "..."`` it cites names a heading that exists (sections get renamed as results move);
+the citations of one document by another (``BENCHMARKS.md, "The main job"``), in the docs,
+the code's comments and the configs, name a heading or a bold paragraph of it."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "RESULTS.md"
+CITED_DOCS = ("RESULTS", "BENCHMARKS", "RELIABILITY", "ARCHITECTURE")
+# RESULTS "Heading", BENCHMARKS.md, "Heading", `docs/RESULTS.md`, section "Heading"
+CROSS_CITATION = re.compile(r'\b(' + "|".join(CITED_DOCS) + r')(?:\.md)?`?,?\s+(?:section\s+)?"([^"]{3,200})"')
 
 
 def _words(text: str) -> str:
@@ -49,6 +55,28 @@ def test_every_cited_section_exists():
     missing = sorted(name for name in cited
                      if not name.startswith("...") and not any(name.rstrip(".,") in h for h in headings))
     assert len(cited) > 20 and missing == []
+
+
+def _citing_files() -> list[Path]:
+    return [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("benchmarks/**/*.md"),
+            *REPO.glob("benchmarks/*.py"), *REPO.glob("ntp_ssl/**/*.py"), *REPO.glob("encoders/**/*.py"),
+            *REPO.glob("configs/**/*.yaml"), *(p for p in REPO.glob("tests/*.py") if p.name != Path(__file__).name)]
+
+
+def test_every_citation_of_another_document_names_a_heading_or_bold_paragraph_of_it():
+    texts = {name: (REPO / "docs" / f"{name}.md").read_text(encoding="utf-8") for name in CITED_DOCS}
+    targets = {name: [_words(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, re.M)]
+               + [_words(bold) for bold in re.findall(r"\*\*(.+?)\*\*", text, re.S)]
+               for name, text in texts.items()}
+    cited, missing = 0, []
+    for path in _citing_files():
+        text = re.sub(r"\s*\n\s*#\s*", " ", path.read_text(encoding="utf-8"))  # a comment's wrapped lines
+        for match in CROSS_CITATION.finditer(text):
+            document, name = match.group(1), _words(match.group(2)).rstrip(".,")
+            cited += 1
+            if not name.startswith("...") and not any(name in target for target in targets[document]):
+                missing.append(f"{path.relative_to(REPO)}: {document} {name!r}")
+    assert cited > 20 and missing == []
 
 
 if __name__ == "__main__":
