@@ -617,7 +617,8 @@ def main() -> None:
     text = table(records, protect_runs)
     (root / f"{args.table}.md").write_text(text + "\n")
     (root / f"{args.table}.json").write_text(json.dumps({"protect": protect_runs, "records": records, "sweep": sweep,
-                                                         "reference_root": str(reference_root)}, indent=2) + "\n")
+                                                         "reference_root": str(reference_root),
+                                                         "reference_sha256": reference_sha256}, indent=2) + "\n")
     print(text)
 
 

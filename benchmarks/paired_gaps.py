@@ -3,7 +3,8 @@
 One setup's records (``--own``, from ``--own-json``) minus each of ``--against`` (from
 ``--against-json``), paired by protection seed, under the main fine-tunes and the best
 attack, with 95% intervals over the seeds both tables hold. Only meaningful when both tables
-were measured with the same sweep seeds and attacker: this script refuses otherwise.
+were measured with the same sweep seeds and attacker, and protect the same encoder (where both
+record its SHA-256, tables made since 2026-12-07): this script refuses otherwise.
 
     .venv/bin/python benchmarks/paired_gaps.py --own-json benchmarks/results/efficacy_v2/random_mask_seeded.json \\
         --own label_free_random_mask_seeded --against-json benchmarks/results/efficacy_v2/efficacy_admm.json \\
@@ -33,6 +34,10 @@ def main() -> None:
     own_table, other_table = (json.loads(p.read_text()) for p in (args.own_json, args.against_json))
     if own_table["sweep"] != other_table["sweep"]:
         raise SystemExit(f"the two tables used other attackers: {own_table['sweep']} and {other_table['sweep']}")
+    encoders = own_table.get("reference_sha256"), other_table.get("reference_sha256")
+    if None not in encoders and encoders[0] != encoders[1]:
+        raise SystemExit(f"the two tables protect other encoders (sha256 {encoders[0][:12]} and {encoders[1][:12]}): "
+                         "their protection seeds do not pair")
     own = records_by_seed(own_table["records"], args.own)
     if not own:
         raise SystemExit(f"no records of {args.own!r} in {args.own_json}")

@@ -341,7 +341,8 @@ def test_bench_finds_the_unprotected_reference_in_the_reference_root(bench_effic
     assert calls == [(reference_root, "unprotected-sweep", ["unprotected"], ["u" * 64]),
                      (root, "seed1-sweep", ["label_free"], ["1" * 64]),
                      (root, "seed2-sweep", ["label_free"], ["2" * 64])]
-    assert json.loads((root / "efficacy.json").read_text())["reference_root"] == str(reference_root)
+    table = json.loads((root / "efficacy.json").read_text())
+    assert (table["reference_root"], table["reference_sha256"]) == (str(reference_root), "u" * 64)
 
 
 def test_bench_adds_a_sweep_seed_without_redoing_the_first(bench_efficacy, tmp_path, monkeypatch):
@@ -408,7 +409,7 @@ def test_bench_table_keeps_sparse_scratch_apart_and_pairs_gaps_by_seed(bench_eff
 
 def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     """benchmarks/paired_gaps.py: own minus control per protection seed over the seeds both hold,
-    mean and interval; tables of another attacker are refused."""
+    mean and interval; tables of another attacker, or of another protected encoder, are refused."""
     import json
     import subprocess
     import sys
@@ -434,6 +435,16 @@ def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     paths["other"].write_text(json.dumps(other))
     failed = subprocess.run(args, capture_output=True, text=True)
     assert failed.returncode != 0 and "other attackers" in failed.stderr
+    # the same attacker on another encoder (another CPU's default, say): refused when both tables record it
+    other["sweep"] = own["sweep"]
+    own["reference_sha256"], other["reference_sha256"] = "a" * 64, "b" * 64
+    for name, table in (("own", own), ("other", other)):
+        paths[name].write_text(json.dumps(table))
+    failed = subprocess.run(args, capture_output=True, text=True)
+    assert failed.returncode != 0 and "protect other encoders (sha256 aaaaaaaaaaaa and bbbbbbbbbbbb)" in failed.stderr
+    other["reference_sha256"] = "a" * 64
+    paths["other"].write_text(json.dumps(other))
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
