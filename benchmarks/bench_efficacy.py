@@ -18,8 +18,8 @@ Outputs in --root (default benchmarks/results/efficacy_v2/): protect/<setup>-see
 evaluate/<run>/ run directories (resumable: a finished run is not redone), <table>.md and
 <table>.json. --protect-root and --reference-root share the protections and the unprotected
 encoder's attacks between roots; a finished run is reused only for the same command, config
-and attacked file (its SHA-256). Sequential on purpose: on a 2-core machine parallel runs only compete. On a
-cluster the protect grid runs as a Hydra multirun, e.g.
+and attacked file (its SHA-256). Sequential on purpose: on a 2-core machine parallel runs only
+compete. On a cluster the protect grid runs as a Hydra multirun, e.g.
     ntp-ssl protect -m experiment=protect_label_free,protect_magnitude seed=1,2,3 evaluate=false hydra/launcher=submitit_slurm
 """
 
@@ -593,8 +593,8 @@ def main() -> None:
         if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
-    # the unprotected encoder is attacked once per attacker: a reference run attacked another
-    # file (another default encoder, another CPU's) is refused, not reused
+    # the unprotected encoder is attacked once per attacker: a reference run that attacked
+    # another file (another default encoder, another CPU's draw) is refused, not reused
     reference = attacked(reference_root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep,
                          args.sweep_seeds, name_run=lambda tag, names: f"{REFERENCE}-sweep{tag}",
                          sha256s=[reference_sha256])[REFERENCE]
