@@ -324,7 +324,7 @@ def evaluated_before(root: Path, prefix: str, name: str, sparse: bool, sweep: li
         made_on = attacked_file(run_dir, name) if sha256 is not None else None
         if made_on is not None and made_on != sha256:
             raise SystemExit(f"{run_dir} attacked another file as {name!r} (sha256 {made_on[:12]}) than this "
-                             f"benchmark's (sha256 {sha256[:12]}); give this one its own --root")
+                             f"benchmark's (sha256 {sha256[:12]}); give this one its own --root (or --reference-root)")
         held = set(_sweep_seeds(words) or []) if words is not None else {int(r["seed"]) for r in rows}
         for seed in wanted:
             if seed in held and seed not in found:
