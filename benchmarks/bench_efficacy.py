@@ -18,8 +18,9 @@ Outputs in --root (default benchmarks/results/efficacy_v2/): protect/<setup>-see
 evaluate/<run>/ run directories (resumable: a finished run is not redone), <table>.md and
 <table>.json. --protect-root and --reference-root share the protections and the unprotected
 encoder's attacks between roots; a finished run is reused only for the same command, config
-and attacked file (its SHA-256). Sequential on purpose: on a 2-core machine parallel runs only
-compete. On a cluster the protect grid runs as a Hydra multirun, e.g.
+and attacked file (its SHA-256), and the unprotected encoder at the path the protections
+record must still be the file they were made from. Sequential on purpose: on a 2-core machine
+parallel runs only compete. On a cluster the protect grid runs as a Hydra multirun, e.g.
     ntp-ssl protect -m experiment=protect_label_free,protect_magnitude seed=1,2,3 evaluate=false hydra/launcher=submitit_slurm
 """
 
@@ -553,6 +554,24 @@ def table(records: list[dict], protect_runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_reference_file(path: str, sha256: str | None) -> None:
+    """Stop unless ``path`` still holds the encoder the protections were made from: the default
+    encoder's cache path is keyed by its config, so another cache or another CPU puts another
+    file there, and attacking it as the reference would pair protections of one encoder with
+    another's numbers. (No check for a protection that recorded no digest.)"""
+    from ntp_ssl.io import sha256_file
+
+    if sha256 is None:
+        return
+    if not Path(path).is_file():
+        raise SystemExit(f"the unprotected encoder {path} the protections were made from is gone; "
+                         "give this one its own --root")
+    held = sha256_file(path)
+    if held != sha256:
+        raise SystemExit(f"{path} is not the encoder the protections were made from (sha256 {held[:12]}, "
+                         f"theirs {sha256[:12]}: another cache or CPU); give this one its own --root")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=["label_free", "supervised", "magnitude", "random_mask"],
@@ -593,6 +612,7 @@ def main() -> None:
         if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
+    check_reference_file(reference_checkpoint, reference_sha256)
     # the unprotected encoder is attacked once per attacker: a reference run that attacked
     # another file (another default encoder, another CPU's draw) is refused, not reused
     reference = attacked(reference_root, f"{REFERENCE}-sweep", [REFERENCE], [reference_checkpoint], [], args.sweep,

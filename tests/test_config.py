@@ -333,6 +333,7 @@ def test_bench_finds_the_unprotected_reference_in_the_reference_root(bench_effic
 
     monkeypatch.setattr(bench_efficacy, "protect", fake_protect)
     monkeypatch.setattr(bench_efficacy, "attacked", fake_attacked)
+    monkeypatch.setattr(bench_efficacy, "check_reference_file", lambda path, sha256: None)  # tested below
     monkeypatch.setattr(bench_efficacy, "table", lambda records, runs: "table")
     root, reference_root = tmp_path / "sparsity50", tmp_path / "sparsity99"
     monkeypatch.setattr(sys, "argv", ["bench_efficacy.py", "--setups", "label_free", "--seeds", "1", "2",
@@ -343,6 +344,25 @@ def test_bench_finds_the_unprotected_reference_in_the_reference_root(bench_effic
                      (root, "seed2-sweep", ["label_free"], ["2" * 64])]
     table = json.loads((root / "efficacy.json").read_text())
     assert (table["reference_root"], table["reference_sha256"]) == (str(reference_root), "u" * 64)
+
+
+def test_bench_refuses_a_reference_file_that_is_not_the_protected_encoder(bench_efficacy, tmp_path):
+    """The protections record the digest of the encoder they were made from; the file at its
+    path (a cache path keyed by config) may since hold another CPU's or another cache's draw."""
+    import hashlib
+
+    encoder = tmp_path / "encoder.safetensors"
+    encoder.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    bench_efficacy.check_reference_file(str(encoder), digest)  # the same file: nothing to say
+    bench_efficacy.check_reference_file(str(encoder), None)  # a protection that recorded no digest
+    encoder.write_bytes(b"other weights")
+    with pytest.raises(SystemExit, match=rf"encoder.safetensors is not the encoder the protections were made from "
+                                         rf"\(sha256 [0-9a-f]{{12}}, theirs {digest[:12]}: another cache or CPU\)"):
+        bench_efficacy.check_reference_file(str(encoder), digest)
+    encoder.unlink()
+    with pytest.raises(SystemExit, match="the protections were made from is gone"):
+        bench_efficacy.check_reference_file(str(encoder), digest)
 
 
 def test_bench_adds_a_sweep_seed_without_redoing_the_first(bench_efficacy, tmp_path, monkeypatch):
