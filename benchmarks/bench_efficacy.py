@@ -558,15 +558,19 @@ def check_reference_file(path: str, sha256: str | None) -> None:
     """Stop unless ``path`` still holds the encoder the protections were made from: the default
     encoder's cache path is keyed by its config, so another cache or another CPU puts another
     file there, and attacking it as the reference would pair protections of one encoder with
-    another's numbers. (No check for a protection that recorded no digest.)"""
+    another's numbers. ``path`` as the protections record it: a file, or a run directory
+    holding one. (No check for a protection that recorded no digest.)"""
+    from ntp_ssl.checks import resolve_checkpoint_path
+    from ntp_ssl.errors import CheckpointError
     from ntp_ssl.io import sha256_file
 
     if sha256 is None:
         return
-    if not Path(path).is_file():
+    try:
+        held = sha256_file(resolve_checkpoint_path(path))
+    except CheckpointError:
         raise SystemExit(f"the unprotected encoder {path} the protections were made from is gone; "
-                         "give this one its own --root")
-    held = sha256_file(path)
+                         "give this one its own --root") from None
     if held != sha256:
         raise SystemExit(f"{path} is not the encoder the protections were made from (sha256 {held[:12]}, "
                          f"theirs {sha256[:12]}: another cache or CPU); give this one its own --root")

@@ -356,6 +356,10 @@ def test_bench_refuses_a_reference_file_that_is_not_the_protected_encoder(bench_
     digest = hashlib.sha256(b"weights").hexdigest()
     bench_efficacy.check_reference_file(str(encoder), digest)  # the same file: nothing to say
     bench_efficacy.check_reference_file(str(encoder), None)  # a protection that recorded no digest
+    run_dir = tmp_path / "pretrain_run"  # protect was given a run directory: the file in it is compared
+    run_dir.mkdir()
+    (run_dir / "encoder.safetensors").write_bytes(b"weights")
+    bench_efficacy.check_reference_file(str(run_dir), digest)
     encoder.write_bytes(b"other weights")
     with pytest.raises(SystemExit, match=rf"encoder.safetensors is not the encoder the protections were made from "
                                          rf"\(sha256 [0-9a-f]{{12}}, theirs {digest[:12]}: another cache or CPU\)"):
