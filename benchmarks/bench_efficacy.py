@@ -559,18 +559,18 @@ def check_reference_file(path: str, sha256: str | None) -> None:
     encoder's cache path is keyed by its config, so another cache or another CPU puts another
     file there, and attacking it as the reference would pair protections of one encoder with
     another's numbers. ``path`` as the protections record it: a file, or a run directory
-    holding one. (No check for a protection that recorded no digest.)"""
-    from ntp_ssl.checks import resolve_checkpoint_path
+    holding one, hashed as the evaluate stage hashes its inputs (the digest its run records).
+    (No check for a protection that recorded no digest.)"""
     from ntp_ssl.errors import CheckpointError
-    from ntp_ssl.io import sha256_file
+    from ntp_ssl.shared.stage import input_digests
 
     if sha256 is None:
         return
     try:
-        held = sha256_file(resolve_checkpoint_path(path))
-    except CheckpointError:
-        raise SystemExit(f"the unprotected encoder {path} the protections were made from is gone; "
-                         "give this one its own --root") from None
+        (held,) = input_digests([path], []).values()
+    except CheckpointError as exc:
+        raise SystemExit(f"the unprotected encoder {path} the protections were made from is gone or unreadable "
+                         f"({exc}); give this one its own --root") from None
     if held != sha256:
         raise SystemExit(f"{path} is not the encoder the protections were made from (sha256 {held[:12]}, "
                          f"theirs {sha256[:12]}: another cache or CPU); give this one its own --root")
@@ -613,7 +613,7 @@ def main() -> None:
     reference_sha256 = first["protected_from"]["sha256"]
     for run in protect_runs:  # one unprotected reference for all: setups on another encoder go in their own run
         meta = json.loads((Path(run["run_dir"]) / "protected.json").read_text())
-        if meta["protected_from"]["sha256"] != first["protected_from"]["sha256"]:
+        if meta["protected_from"]["sha256"] != reference_sha256:
             raise SystemExit(f"{run['setup']} protects another encoder than {protect_runs[0]['setup']}; "
                              "benchmark it with --setups on its own")
     check_reference_file(reference_checkpoint, reference_sha256)
