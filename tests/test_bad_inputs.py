@@ -403,6 +403,29 @@ def test_report_of_a_damaged_results_file(tmp_path):
     _one_line(info, "results.csv", "is not a results table")
 
 
+def test_report_refuses_runs_with_different_scratch_baselines(tmp_path):
+    """report scores every gathered model against one scratch curve per domain: runs whose
+    baselines differ (another protocol or machine) are refused, not silently mixed."""
+    from ntp_ssl.evaluate.stage import run_report
+
+    header = "model,domain,attack,seed,fraction,n,accuracy\n"
+
+    def run(name: str, scratch_at_half: float) -> Path:
+        (tmp_path / name).mkdir()
+        curves = (("ssl", "linear", (0.5, 0.7)), ("scratch", "scratch", (scratch_at_half, 0.9)))
+        rows = "".join(f"{model},optdigits,{attack},0,{r},{int(r * 100)},{acc}\n"
+                       for model, attack, accs in curves for r, acc in zip((0.5, 1.0), accs))
+        (tmp_path / name / "results.csv").write_text(header + rows)
+        return tmp_path / name
+
+    a, same, other = run("a", 0.6), run("same", 0.6), run("other", 0.4)
+    result = run_report(_compose("report", f"runs=[{a},{same}]"), tmp_path / "report-same")
+    assert {line["model"] for line in result["summary"]} == {"a/ssl", "same/ssl"}
+    with pytest.raises(ConfigError) as info:
+        run_report(_compose("report", f"runs=[{a},{other}]"), tmp_path / "report-other")
+    _one_line(info, str(a), str(other), "different from-scratch baselines", "optdigits", "0.6", "0.4")
+
+
 # ----------------------------------------------------------------------------- the real command: exit 2, one line
 
 

@@ -143,6 +143,7 @@ def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     claim_run_dir(run_dir, cfg)  # like every stage: one config and one process write here
     all_rows: list[dict] = []
+    scratch: dict[tuple, tuple[float, str]] = {}  # (domain, seed, fraction) -> (accuracy, the run it came from)
     for run in cfg.runs:
         results = resolve_results_path(run)
         path = Path(run).expanduser()
@@ -150,9 +151,21 @@ def run_report(cfg: Any, run_dir: Path) -> dict[str, Any]:
         for row in read_results(results):
             if row["model"] != "scratch":
                 row["model"] = f"{label}/{row['model']}"
-            elif any(r["model"] == "scratch" and r["domain"] == row["domain"] and r["seed"] == row["seed"]
-                     and r["fraction"] == row["fraction"] for r in all_rows):
-                continue  # one scratch curve per domain: the cached baseline is shared
+            else:
+                # one scratch curve per domain, shared by every run's models: only right when the
+                # runs trained the same baseline (one protocol, one machine: then the cache gives
+                # the very numbers); another baseline would silently score the later runs' models
+                key = (row["domain"], row["seed"], row["fraction"])
+                if key in scratch:
+                    kept, first = scratch[key]
+                    if row["accuracy"] != kept:
+                        raise ConfigError(
+                            f"runs {first!r} and {run!r} have different from-scratch baselines on {row['domain']} "
+                            f"(seed {row['seed']}, fraction {row['fraction']}: {kept} and {row['accuracy']}), so "
+                            "their SLC-AUCs are not on one scale; accepted: runs of one attacker protocol on one "
+                            "machine (report the others separately)")
+                    continue
+                scratch[key] = (row["accuracy"], str(run))
             all_rows.append(row)
     summary = summarize(all_rows)
     write_results(all_rows, run_dir)
