@@ -454,3 +454,29 @@ def test_simulated_attack_runs_each_mode_and_skips_off_steps():
     penalties = objective.simulated_attack_(masks, step=2)
     assert set(penalties) == {"sim_masked", "sim_dense"} and all(v >= 0 for v in penalties.values())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters() if p.dim() == 4)
+
+
+def test_simulated_attack_masked_gradient_is_zero_where_the_mask_prunes():
+    """Masked mode: the adapted copy depends on W only through W * M, so the first-order
+    gradient added to W is M * d penalty / d(W * M): zero at every pruned position, and at
+    the kept ones that of the masked model computed directly (zero inner learning rate)."""
+    import copy
+
+    objective, x = _simulator(modes=("masked",))
+    encoder = objective.method.encoder
+    masks = {k: torch.rand_like(p) > 0.5 for k, p in encoder.named_parameters() if p.dim() == 4}
+    reference = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+    objective.simulated_attack_(masks, step=3)
+    torch.manual_seed(3)
+    head = torch.nn.Linear(encoder.feature_dim, 4)
+    penalty = -F.log_softmax(head(reference(x[4:])), dim=1).mean(dim=1).mean() - math.log(4)
+    penalty.backward()
+    for (name, p), (_, q) in zip(encoder.named_parameters(), reference.named_parameters()):
+        expected = 2.0 * q.grad * masks[name] if name in masks else 2.0 * q.grad
+        assert torch.allclose(p.grad, expected, atol=1e-6), name
+        if name in masks:
+            assert torch.all(p.grad[~masks[name]] == 0), name

@@ -176,6 +176,9 @@ class NonTransferableObjective:
                 log_probs = nn.functional.log_softmax(head(adapted(x[half:])), dim=1)
                 penalty = -log_probs.mean(dim=1).mean() - math.log(classes)  # CE to uniform - ln C
             penalty.backward()
+            # the copy saw W only through W * M (masked mode), so the first-order gradient
+            # with respect to W is M * grad: nothing at the pruned positions
+            mask_gradients_(named, keep)
             for name, param in encoder.named_parameters():
                 grad = named[name].grad
                 if grad is None:
