@@ -165,8 +165,10 @@ def test_update_matches_hand_computation_and_rho_schedule():
         assert stats[f"dual/{k}"] == pytest.approx(0.1 * torch.linalg.vector_norm(z_new[k] - z_old[k]).item(), rel=1e-6)
     assert stats["primal_total"] == pytest.approx(sum(stats[f"primal/{k}"] ** 2 for k in params) ** 0.5)
     assert stats["dual_total"] == pytest.approx(sum(stats[f"dual/{k}"] ** 2 for k in params) ** 0.5)
-    assert stats["rho"] == pytest.approx(0.3)
-    assert pruner.update()["rho"] == pytest.approx(0.5)  # capped
+    assert stats["rho_w_step"] == pytest.approx(0.1)  # the W-step's rho, which scaled the dual residual
+    assert stats["rho"] == pytest.approx(0.3)  # the next W-step's
+    second = pruner.update()
+    assert (second["rho_w_step"], second["rho"]) == (pytest.approx(0.3), pytest.approx(0.5))  # capped
     assert pruner.update()["rho"] == pytest.approx(0.5)
     assert pruner.iterations == 3
 

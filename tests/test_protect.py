@@ -78,6 +78,9 @@ def test_label_free_protect_then_evaluate_through_the_command(cli, tmp_path, enc
     assert len(diagnostics["iterations"]) == 2
     for iteration in diagnostics["iterations"]:
         assert iteration["primal_relative"] > 0 and 0 <= iteration["support_overlap"] <= 1
+        assert iteration["lr"] > 0 and iteration["rho"] > iteration["rho_w_step"] > 0  # geometric schedule
+    first, second = diagnostics["iterations"]
+    assert second["rho_w_step"] == first["rho"]  # the rho set after one iteration runs the next W-step
     assert 0 < diagnostics["hard_prune"]["magnitude_overlap"] <= 1
     assert set(diagnostics["hard_prune"]["knn_before"]) == {"mnist", "optdigits", "mnistm"}
     report = json.loads((run_dir / "sparsity.json").read_text())

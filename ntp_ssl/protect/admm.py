@@ -185,11 +185,12 @@ class ADMMPruner:
     def update(self) -> dict[str, float]:
         """Z-step, U-step, rho schedule. Returns ``primal/<name> = ||W - Z||``,
         ``dual/<name> = rho * ||Z - Z_prev||``, their root-sum-square totals
-        ``primal_total``/``dual_total``, and ``rho`` (the value for the next W-step)."""
+        ``primal_total``/``dual_total``, ``rho_w_step`` (the rho of the W-step just run, which
+        scales its penalty and this dual residual) and ``rho`` (the value for the next W-step)."""
         self._follow_devices()
         weights = {n: p.detach() for n, p in self.params.items()}
         z_new, self._masks = self._project({n: w + self.U[n] for n, w in weights.items()})
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = {"rho_w_step": self.rho}
         primal_sq = dual_sq = 0.0
         for name, w in weights.items():
             primal = torch.linalg.vector_norm((w - z_new[name]).double()).item()

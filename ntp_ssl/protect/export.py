@@ -42,9 +42,12 @@ def write_sparsity_files(run_dir: Path, report: dict, *, writer, encoder: nn.Mod
 
 def write_admm_diagnostics(run_dir: Path, metrics: dict) -> None:
     """admm_diagnostics.json: per iteration ||W - Z|| / ||W||, the overlap of consecutive Z
-    supports, rho and the residuals; at the hard prune the kNN just before and after it and
-    the overlap of the final mask with the magnitude mask of the unprotected weights."""
-    keys = ("iteration", "rho", "primal_total", "dual_total", "primal_relative", "support_overlap", "knn")
+    supports, the W-step's learning rate (``lr``) and rho (``rho_w_step``: its penalty's, and
+    the dual residual's scale), ``rho`` the schedule set for the next W-step, and the
+    residuals; at the hard prune the kNN just before and after it and the overlap of the
+    final mask with the magnitude mask of the unprotected weights."""
+    keys = ("iteration", "lr", "rho_w_step", "rho", "primal_total", "dual_total", "primal_relative",
+            "support_overlap", "knn")
     atomic_write_json(run_dir / "admm_diagnostics.json", {
         "iterations": [{k: it.get(k) for k in keys} for it in metrics.get("iterations", [])],
         "hard_prune": metrics.get("hard_prune"), "knn_before": metrics.get("knn_before"),

@@ -241,7 +241,8 @@ def admm_iteration(run: ProtectionRun, iteration: int) -> dict[str, float]:
     kept = sum(int(m.sum()) for m in z_masks.values())
     run.writer.add_scalar("protect/z_sparsity", 1 - kept / sum(m.numel() for m in z_masks.values()), step)
     run.metrics["iterations"].append({"iteration": step, **terms, "knn": knn, **{
-        key: residuals[key] for key in ("rho", "primal_total", "dual_total", "primal_relative", "support_overlap")},
+        key: residuals[key] for key in ("rho_w_step", "rho", "primal_total", "dual_total", "primal_relative",
+                                        "support_overlap")},
         "lr": lr})
     log.info("ADMM %d/%d: %s; kNN %s", step, iterations, ", ".join(f"{k}={v:.4g}" for k, v in terms.items()),
              ", ".join(f"{k}={v:.3f}" for k, v in knn.items()))
