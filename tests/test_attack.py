@@ -260,3 +260,28 @@ def test_lpft_starts_from_the_probe_and_an_unmasked_model_trains_it_once():
     for fraction in settings.fractions:
         assert by_attack[("lpft_masked", fraction)] == {**by_attack[("lpft_dense", fraction)], "attack": "lpft_masked"}
     assert {r["attack"] for r in rows} == {"linear", "lpft_masked", "lpft_dense"}
+
+
+def test_lpft_head_never_sees_the_validation_samples_that_choose_its_rate(monkeypatch):
+    """The reported probe is refitted on all n; LP-FT's starting head must be fitted on the
+    fine-tune's fit samples alone (the very split attacker_split carves), or its validation
+    accuracy is that of samples its head was trained on."""
+    from ntp_ssl.evaluate import sweep as sweep_module
+    from ntp_ssl.evaluate.attack import attacker_split
+
+    calls = []
+    real = sweep_module.linear_probe
+
+    def recording(train_features, y_train, *args, **kwargs):
+        calls.append((train_features.clone(), y_train.clone()))
+        return real(train_features, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "linear_probe", recording)
+    model = ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
+    settings = dataclasses.replace(TINY, attacks=["lpft_dense"], scratch=False, seeds=[3])
+    run_sweep([model], [_domain()], settings, progress=False)
+    assert len(calls) == 2 * len(settings.fractions)  # per point: the reported probe, then LP-FT's head
+    for (all_n, labels), (lpft_rows, lpft_labels) in zip(calls[::2], calls[1::2]):
+        fit, val = attacker_split(labels.numpy(), settings, 3)
+        assert len(val) > 0
+        assert torch.equal(lpft_rows, all_n[torch.as_tensor(fit)]) and torch.equal(lpft_labels, labels[fit])

@@ -72,6 +72,16 @@ def can_search(labels: np.ndarray, settings: Any, grid) -> bool:
     return len(grid) > 0 and len(labels) >= settings.search_min_n and counts[counts > 0].min() >= 2
 
 
+def attacker_split(labels: np.ndarray, settings: Any, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (fit, val) indices a fine-tune carves from its n samples (stratified, seeded), or
+    None when it cannot search (:func:`can_search`) and trains on all n. LP-FT fits its
+    starting head on the fit part alone with these very indices, so the validation samples
+    that choose its learning rate and stopping step are unseen by the head too."""
+    if not can_search(labels, settings, [float(lr) for lr in settings.lr_grid]):
+        return None
+    return stratified_split(np.asarray(labels), settings.val_fraction, seed=seed)
+
+
 def halving_rungs(steps: int, eval_every: int, candidates: int, eta: int) -> list[int]:
     """The steps at which successive halving compares the ``candidates`` (the last is
     ``steps``): ``steps / eta**k`` for k = R..0 with R = ceil(log_eta(candidates)), each
@@ -120,7 +130,8 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
                      num_classes: int, settings: Any, seed: int, device, head: nn.Module | None = None) -> AttackResult:
     """Fine-tune ``encoder`` (with ``masks`` kept, if given) on (x_train, y_train) as the module doc says."""
     grid = [float(lr) for lr in settings.lr_grid]
-    if not can_search(y_train.numpy(), settings, grid):
+    split = attacker_split(y_train.numpy(), settings, seed)
+    if split is None:
         steps = budget_steps(len(y_train), settings)
         model, fitted_head, fit = _start(encoder, masks, x_train, y_train, head=head, num_classes=num_classes,
                                          lr=settings.lr_finetune, steps=steps, settings=settings, seed=seed,
@@ -129,8 +140,7 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
         return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
                                                 precision=fit.precision, batch_size=fit.eval_batch_size),
                             steps=steps)
-    fit_idx, val_idx = (torch.as_tensor(i) for i in stratified_split(y_train.numpy(), settings.val_fraction,
-                                                                     seed=seed))
+    fit_idx, val_idx = (torch.as_tensor(i) for i in split)
     steps = budget_steps(len(fit_idx), settings)
     val = (x_train[val_idx], y_train[val_idx])
     eta = int(getattr(settings, "halving", 0))

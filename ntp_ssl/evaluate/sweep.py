@@ -12,7 +12,9 @@ fresh copy of the model under test and a fresh linear head:
 - ``finetune_dense``: full fine-tune with no mask (pruned weights may regrow);
 - ``lpft_masked`` / ``lpft_dense``: LP-FT, the fine-tune started from the converged linear
   probe's head instead of a fresh one (a standard transfer recipe that often beats plain
-  fine-tuning), mask kept or not;
+  fine-tuning), mask kept or not; that head is fitted on the fine-tune's fit samples alone
+  (before 2026-12-07 on all n, so the validation samples choosing LP-FT's rate and stopping
+  step had been seen by its head: a weaker LP-FT, docs/RESULTS.md);
 - ``finetune_refill`` (opt-in): a dense fine-tune from scratch's own initialisation with the
   model's kept weights pasted in, i.e. its pruned (zero) weights refilled with fresh random
   values. An attacker who sees the zeros can do this; it asks whether a dense protection
@@ -52,7 +54,7 @@ from ntp_ssl.encoders import build_encoder
 from ntp_ssl.encoders.layout import channels_last_enabled
 from ntp_ssl.errors import ConfigError, NtpSslError
 from ntp_ssl.data.subsets import draw_subset
-from ntp_ssl.evaluate.attack import AttackResult, attack_precision, fine_tune_attack
+from ntp_ssl.evaluate.attack import AttackResult, attack_precision, attacker_split, fine_tune_attack
 from ntp_ssl.evaluate.probe import converged_linear_probe
 from ntp_ssl.evaluate.results import normalize_row, row_key
 from ntp_ssl.evaluate.slc import samples_for_fraction, validate_grid
@@ -327,6 +329,14 @@ def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torc
         if {"linear", "lpft_masked", "lpft_dense"} & set(todo):
             results["linear"], head = linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test,
                                                    num_classes=num_classes, settings=settings, seed=seed)
+        wants_lpft = bool({"lpft_masked", "lpft_dense"} & set(todo))
+        split = attacker_split(y_train[idx_t].numpy(), settings, seed) if wants_lpft else None
+        if split is not None:
+            # LP-FT's head on the fine-tune's fit samples only: the reported probe was refitted
+            # on all n, the validation samples that choose LP-FT's rate and stop included
+            fit_t = idx_t[torch.as_tensor(split[0])]
+            _, head = linear_probe(f_train[fit_t], y_train[fit_t], f_test, y_test, num_classes=num_classes,
+                                   settings=settings, seed=seed)
         if "knn" in todo:
             results["knn"] = AttackResult(knn_top1(f_train[idx_t], y_train[idx_t], f_test, y_test,
                                                    num_classes=num_classes, k=settings.knn_k))
