@@ -4,6 +4,7 @@ that no choice ever reads a test split."""
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -285,3 +286,43 @@ def test_lpft_head_never_sees_the_validation_samples_that_choose_its_rate(monkey
         fit, val = attacker_split(labels.numpy(), settings, 3)
         assert len(val) > 0
         assert torch.equal(lpft_rows, all_n[torch.as_tensor(fit)]) and torch.equal(lpft_labels, labels[fit])
+
+
+def test_successive_halving_breaks_ties_by_grid_order_as_the_full_search_does(monkeypatch):
+    """Scripted validation scores: at the first rung b leads a; at the second they tie. The
+    full search keeps the earlier learning rate of the grid on a tie, so halving must pick a,
+    not b (the previous rung's order)."""
+    from types import SimpleNamespace
+
+    from ntp_ssl.evaluate import attack as attack_module
+
+    grid = [1e-3, 2e-3, 3e-3, 4e-3]  # a, b, c, d
+    steps = 16
+    rungs = halving_rungs(steps, max(1, math.ceil(steps / 10)), len(grid), 2)
+    assert len(rungs) == 3, rungs
+    script = {rungs[0]: [0.8, 0.9, 0.5, 0.4], rungs[1]: [0.7, 0.7, 0.0, 0.0], rungs[2]: [0.7, 0.7, 0.0, 0.0]}
+
+    class ScriptedFit:
+        precision, eval_batch_size = "32", 128
+
+        def __init__(self, lr):
+            self.index, self.at = grid.index(lr), 0
+
+        def advance(self, rung):
+            self.at = rung
+            return self
+
+        @property
+        def val_accuracy(self):
+            return script[self.at][self.index]
+
+        def finish(self):
+            return SimpleNamespace(val_accuracy=self.val_accuracy, best_step=self.at)
+
+    monkeypatch.setattr(attack_module, "_start", lambda *args, lr, **kwargs: (None, None, ScriptedFit(lr)))
+    monkeypatch.setattr(attack_module, "classifier_accuracy", lambda *args, **kwargs: 0.5)
+    settings = dataclasses.replace(TINY, lr_grid=grid, halving=2, min_steps=steps, max_steps=steps)
+    y = torch.arange(40) % 4
+    x = torch.zeros(40, 3, 16, 16)
+    result = fine_tune_attack(None, None, x, y, x[:4], y[:4], num_classes=4, settings=settings, seed=0, device="cpu")
+    assert result.choice == grid[0]

@@ -162,8 +162,9 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
         for rung in rungs:
             for candidate in alive:
                 candidate[3].advance(rung)
-            # sorted() is stable: ties keep the earlier learning rate
-            alive = sorted(alive, key=lambda c: -c[3].val_accuracy)
+            # ties keep the earlier learning rate of the grid, as without halving (a sort on
+            # the score alone would keep the previous rung's order instead)
+            alive = sorted(alive, key=lambda c: (-c[3].val_accuracy, grid.index(c[0])))
             if rung < steps:
                 alive = alive[:max(1, len(alive) // eta)]
         best = alive[0]
