@@ -326,3 +326,33 @@ def test_successive_halving_breaks_ties_by_grid_order_as_the_full_search_does(mo
     x = torch.zeros(40, 3, 16, 16)
     result = fine_tune_attack(None, None, x, y, x[:4], y[:4], num_classes=4, settings=settings, seed=0, device="cpu")
     assert result.choice == grid[0]
+
+
+@pytest.mark.parametrize("halving", [0, 2])
+def test_a_diverging_learning_rate_drops_out_of_the_search(halving, caplog):
+    """lr 1e30 turns the loss NaN: that rate leaves the search (a warning) and the others
+    compete as if it were not in the grid (with halving, whose rungs depend on the grid's
+    size, one of them wins); only a grid that diverges everywhere is an error."""
+    from ntp_ssl.errors import NumericalError
+
+    domain = _domain()
+    x, xt = to_float_tensor(domain.train_images), to_float_tensor(domain.test_images)
+    y, yt = torch.tensor(domain.train_labels), torch.tensor(domain.test_labels)
+    encoder = build_encoder("small_cnn", image_size=16)
+    settings = dataclasses.replace(TINY, halving=halving)
+
+    def attack(grid):
+        return fine_tune_attack(encoder, None, x, y, xt, yt, num_classes=10, seed=0, device="cpu",
+                                settings=dataclasses.replace(settings, lr_grid=grid))
+
+    with caplog.at_level("WARNING", logger="ntp_ssl.evaluate"):
+        with_diverging = attack([1e30, 1e-3, 3e-3])
+    assert "learning rate 1e+30 diverged and drops out" in caplog.text
+    if halving:
+        assert with_diverging.choice in (1e-3, 3e-3)
+    else:
+        without = attack([1e-3, 3e-3])
+        assert (with_diverging.choice, with_diverging.accuracy, with_diverging.val_accuracy) == (
+            without.choice, without.accuracy, without.val_accuracy)
+    with pytest.raises(NumericalError, match="every learning rate of sweep.lr_grid diverged: 1e"):
+        attack([1e30, 1e31])

@@ -12,8 +12,10 @@ initialisation) trains a fresh linear head on the encoder's features, the encode
   of every class, a stratified ``sweep.val_fraction`` of them is held out; one model is
   trained per learning rate of ``sweep.lr_grid``, each keeps the weights of its best
   validation step (early stopping), and the learning rate with the best validation accuracy
-  wins. The reported number is the test accuracy of that model. With fewer samples, the
-  attack trains on all of them with ``sweep.lr_finetune`` and reports the last step;
+  wins. The reported number is the test accuracy of that model. A learning rate whose loss
+  turns NaN or infinite drops out of the search with a warning (a practitioner drops a
+  diverged run); only when every one does is it an error. With fewer samples, the attack
+  trains on all of them with ``sweep.lr_finetune`` and reports the last step;
 - **precision**: ``sweep.precision`` = ``bf16-mixed`` runs the fine-tunes' forward passes in
   bfloat16 autocast (weights, gradients and Adam stay float32); ``auto`` does so where the
   device has native bfloat16 kernels; ``sweep.eval_batch_size`` is the batch of the validation
@@ -32,6 +34,7 @@ The test split is read once, for the reported accuracy; no choice depends on it.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +44,12 @@ import torch
 from torch import nn
 
 from ntp_ssl.config import REFERENCE_EVAL_BATCH, REFERENCE_PRECISION
+from ntp_ssl.errors import NumericalError
 from ntp_ssl.evaluate.probe import stratified_split
 from ntp_ssl.shared.masking import apply_masks_
 from ntp_ssl.shared.train import ClassifierFit, classifier_accuracy, resolve_precision
+
+log = logging.getLogger("ntp_ssl.evaluate")
 
 
 @dataclass
@@ -150,24 +156,42 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
         return _start(encoder, masks, x_train[fit_idx], y_train[fit_idx], head=head, num_classes=num_classes, lr=lr,
                       steps=steps, settings=settings, seed=seed, device=device, val=val)
 
+    diverged: list[str] = []
+
+    def advanced(candidate, to_step: int) -> bool:
+        """Train ``candidate`` on to ``to_step``; False when its loss turned NaN or infinite:
+        that learning rate drops out of the search, as a practitioner drops a diverged run."""
+        try:
+            candidate[3].advance(to_step)
+            return True
+        except NumericalError as error:
+            diverged.append(f"{candidate[0]:g} ({error})")
+            log.warning("evaluate fine-tune: learning rate %g diverged and drops out of the search: %s",
+                        candidate[0], error)
+            return False
+
     if len(rungs) == 1:  # every learning rate to the full budget, one at a time (one model in memory)
         best = None
         for lr in grid:
-            model, fitted_head, fit = start(lr)
-            fit.advance(steps)
-            if best is None or fit.val_accuracy > best[3].val_accuracy:  # ties keep the earlier learning rate
-                best = (lr, model, fitted_head, fit)
+            candidate = (lr, *start(lr))
+            if not advanced(candidate, steps):
+                continue
+            if best is None or candidate[3].val_accuracy > best[3].val_accuracy:  # ties keep the earlier rate
+                best = candidate
     else:  # successive halving: all candidates to each rung, the best 1/eta of them on
         alive = [(lr, *start(lr)) for lr in grid]
         for rung in rungs:
-            for candidate in alive:
-                candidate[3].advance(rung)
+            alive = [candidate for candidate in alive if advanced(candidate, rung)]
+            if not alive:
+                break
             # ties keep the earlier learning rate of the grid, as without halving (a sort on
             # the score alone would keep the previous rung's order instead)
             alive = sorted(alive, key=lambda c: (-c[3].val_accuracy, grid.index(c[0])))
             if rung < steps:
                 alive = alive[:max(1, len(alive) // eta)]
-        best = alive[0]
+        best = alive[0] if alive else None
+    if best is None:
+        raise NumericalError(f"evaluate fine-tune: every learning rate of sweep.lr_grid diverged: {'; '.join(diverged)}")
     lr, model, fitted_head, fit = best
     result = fit.finish()
     return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
