@@ -191,7 +191,8 @@ def fine_tune_attack(encoder: nn.Module, masks: dict[str, torch.Tensor] | None, 
                 alive = alive[:max(1, len(alive) // eta)]
         best = alive[0] if alive else None
     if best is None:
-        raise NumericalError(f"evaluate fine-tune: every learning rate of sweep.lr_grid diverged: {'; '.join(diverged)}")
+        raise NumericalError("evaluate fine-tune: every learning rate of sweep.lr_grid diverged: "
+                             + "; ".join(diverged))
     lr, model, fitted_head, fit = best
     result = fit.finish()
     return AttackResult(classifier_accuracy(model, fitted_head, x_test, y_test, device=device,
