@@ -228,6 +228,16 @@ def test_channels_last_enters_the_scratch_key_only_when_on():
     assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY) != nchw
 
 
+def test_the_device_type_enters_the_scratch_key_only_off_the_cpu():
+    """Scratch cached by a CPU run keeps its key; a GPU run of the same protocol misses it."""
+    from ntp_ssl.evaluate.sweep import scratch_key
+
+    domain = _domain()
+    cpu = scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY)
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY, device_type="cpu") == cpu
+    assert scratch_key("small_cnn", domain, {}, fraction=1.0, n=60, seed=0, settings=TINY, device_type="cuda") != cpu
+
+
 @pytest.mark.parametrize("key,value", [("val_fraction", 1.0), ("max_steps", 1), ("lr_grid", [0.0]),
                                        ("halving", 1), ("patience", -1)])
 def test_bad_protocol_values_are_one_line_errors(key, value):

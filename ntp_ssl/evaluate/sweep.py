@@ -172,9 +172,11 @@ def linear_probe(train_features, y_train, test_features, y_test, *, num_classes:
 
 
 def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: float, n: int, seed: int,
-                settings: SweepConfig, precision: str = REFERENCE_PRECISION) -> str:
+                settings: SweepConfig, precision: str = REFERENCE_PRECISION, device_type: str = "cpu") -> str:
     """Hash of everything the from-scratch accuracy depends on: the domain's content (not only
-    its name: a file replaced under the same name must miss), the draw and the protocol."""
+    its name: a file replaced under the same name must miss), the draw, the protocol and the
+    kind of device (a GPU's kernels round otherwise; a cache shared by a CPU and a GPU run must
+    not pair one's scratch with the other's models)."""
     key = {
         "version": SCRATCH_CACHE_VERSION, "backbone": backbone, "domain": domain.name, "spec": domain_spec,
         "content": domain.content_digest(),
@@ -187,6 +189,8 @@ def scratch_key(backbone: str, domain: Domain, domain_spec: dict, *, fraction: f
         **({"precision": precision} if precision != REFERENCE_PRECISION else {}),
         **({"eval_batch_size": int(settings.eval_batch_size)}
            if int(getattr(settings, "eval_batch_size", REFERENCE_EVAL_BATCH)) != REFERENCE_EVAL_BATCH else {}),
+        # in the key only off the CPU, where every entry before it was made
+        **({"device_type": device_type} if device_type != "cpu" else {}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -208,7 +212,7 @@ def scratch_accuracy(backbone: str, domain: Domain, domain_spec: dict, tensors, 
     An entry is trusted only when it is well formed, stored under this key and matches its
     own checksum; anything else is retrained (with a warning) and overwritten."""
     key = scratch_key(backbone, domain, domain_spec, fraction=fraction, n=len(idx), seed=seed, settings=settings,
-                      precision=attack_precision(settings, device))
+                      precision=attack_precision(settings, device), device_type=torch.device(device).type)
     path = (cache_dir / "scratch" / f"{key}.json") if cache_dir is not None else None
     if path is not None and path.exists():
         cached, problem = read_scratch_entry(path, key)
