@@ -163,6 +163,11 @@ def test_a_supervised_checkpoint_is_protected_with_its_own_classifier(tmp_path, 
     result = run_main_job(supervised, tmp_path / "protected")
     tensors, meta = load_checkpoint(result["checkpoint"])
     assert any(k.startswith("classifier.") for k in tensors) and meta["method"] == "supervised"
+    # loss=none (the source task alone) trains the checkpoint's classifier with the encoder too
+    pretrained, _ = load_checkpoint(checkpoint)
+    source_only = run_main_job(_compose_protect(cache_dir, checkpoint, "loss=none"), tmp_path / "none")
+    retrained, _ = load_checkpoint(source_only["checkpoint"])
+    assert any(not torch.equal(retrained[k], pretrained[k]) for k in retrained if k.startswith("classifier."))
     with pytest.raises(ConfigError, match="loss=ssl needs an encoder with an SSL projection head"):
         run_main_job(label_free, tmp_path / "label_free")
 

@@ -82,6 +82,9 @@ class NonTransferableObjective:
         self.source_head.to(device)
         self.target_heads.to(device)
         self.needs_heads = self.kind in ("supervised", "ntl")
+        # the classification path (_with_heads) trains its source head with the encoder: the
+        # heads' losses, and loss=none on a checkpoint without an SSL head (its own classifier)
+        self.trains_source_head = self.needs_heads or (self.kind == "none" and not self.has_ssl_head)
         # The teacher: a frozen copy of the encoder as it is now, before any protection step
         # (the objective is built before a resume loads the protected state).
         self.w_distill = float(getattr(loss, "w_source_distill", 0.0))
@@ -96,8 +99,9 @@ class NonTransferableObjective:
                 p.requires_grad_(False)
 
     def trainable_heads(self) -> list[nn.Parameter]:
-        """The source head learns with the encoder (it is part of the source task); target heads stay fixed."""
-        return list(self.source_head.parameters()) if self.needs_heads else []
+        """The source head learns with the encoder wherever the loss uses it (it is part of the source
+        task); target heads stay fixed."""
+        return list(self.source_head.parameters()) if self.trains_source_head else []
 
     def fit_heads(self, source: Domain, targets: list[Domain], *, seed: int) -> dict[str, float]:
         """Fit the source head (unless the checkpoint has one) and the fixed target heads on frozen features."""
