@@ -582,6 +582,51 @@ def test_an_npz_label_of_1e12_is_one_line(tmp_path):
     _one_line(info, "has label 1000000000000; accepted: labels 0..99999")
 
 
+def test_a_rerun_whose_image_folder_was_edited_in_place_is_refused(tmp_path):
+    """An uncompressed image edited in place keeps its byte size: the folder's digest must read
+    the pixels, not only the names and sizes."""
+    from PIL import Image
+
+    from ntp_ssl.shared.runs import claim_run_dir
+    from ntp_ssl.shared.stage import input_digests
+
+    for cls in ("c0", "c1"):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "f" / cls / "a.bmp")
+    spec = f"folder:{tmp_path / 'f'}"
+    cfg = _compose("evaluate", "checkpoints=[x]")
+    run_dir = tmp_path / "run"
+    assert claim_run_dir(run_dir, cfg, inputs=input_digests([], [spec])) is False
+    (run_dir / "results.csv").write_text("work")
+    size = (tmp_path / "f" / "c1" / "a.bmp").stat().st_size
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "f" / "c1" / "a.bmp")
+    assert (tmp_path / "f" / "c1" / "a.bmp").stat().st_size == size  # the case a listing missed
+    with pytest.raises(ConfigError) as info:
+        claim_run_dir(run_dir, cfg, inputs=input_digests([], [spec]))
+    _one_line(info, "holds a run with a different config (inputs.domain folder:")
+
+
+@pytest.mark.parametrize("damaged", ['{"seed": 0', "null", "[1, 2]", "\xff\xfe"])
+def test_a_run_directory_whose_config_file_is_damaged_is_neither_resumed_nor_overwritten(tmp_path, damaged):
+    """run_config.json is written atomically; a disk or a hand can still damage it. Then which
+    config made the work beside it is unknown: refused while work is there, taken over when
+    there is none."""
+    from ntp_ssl.shared.runs import claim_run_dir
+
+    cfg = _compose("evaluate", "checkpoints=[x]")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run_config.json").write_bytes(damaged.encode("latin-1"))
+    (run_dir / "sweep_progress.json").write_text("[]")
+    with pytest.raises(ConfigError) as info:
+        claim_run_dir(run_dir, cfg)
+    _one_line(info, "holds work but its run_config.json is not a config")
+    assert (run_dir / "run_config.json").read_bytes() == damaged.encode("latin-1")  # left as it was
+    (run_dir / "sweep_progress.json").unlink()
+    assert claim_run_dir(run_dir, cfg) is False  # nothing but bookkeeping: the run directory is taken over
+    assert claim_run_dir(run_dir, cfg) is True
+
+
 def test_a_rerun_whose_input_file_was_swapped_is_refused(tmp_path):
     """A run directory records what it read by content: the same path with other bytes is another run."""
     from ntp_ssl.shared.runs import claim_run_dir

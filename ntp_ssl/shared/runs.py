@@ -182,23 +182,31 @@ def claim_run_dir(run_dir: Path, cfg: Any, *, ignore: Iterable[str] = PRESENTATI
             previous = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             previous = None
-        if isinstance(previous, dict) and INPUTS_KEY not in previous:
+        if not isinstance(previous, dict):
+            # damaged or hand-edited: which config made the work here is unknown, so it is
+            # neither resumed nor overwritten
+            if holds_work(run_dir):
+                raise ConfigError(f"run directory {str(run_dir)!r} holds work but its run_config.json is not a "
+                                  "config; pass run_name=NEW_NAME or paths.root=ELSEWHERE, or remove that folder")
+            log.info("run directory %s held an unreadable run_config.json and no work; reusing it", run_dir)
+            atomic_write_json(path, current)
+            return False
+        if INPUTS_KEY not in previous:
             current.pop(INPUTS_KEY, None)  # a run directory made before inputs were recorded
-        if isinstance(previous, dict):
-            previous = with_legacy_values(previous)
-            current = without_new_nulls(current, previous)
-        if previous is not None and previous != current and not holds_work(run_dir):
+        previous = with_legacy_values(previous)
+        current = without_new_nulls(current, previous)
+        if previous != current and not holds_work(run_dir):
             # The earlier run stopped at start-up (a bad value or path) and left nothing but
             # bookkeeping: the corrected command takes the run directory over.
             log.info("run directory %s held only a run that stopped at start-up; reusing it", run_dir)
             atomic_write_json(path, current)
             return False
-        if previous is not None and previous != current:
+        if previous != current:
             diff = first_difference(previous, current) or "config"
             raise ConfigError(
                 f"run directory {str(run_dir)!r} holds a run with a different config ({diff}); "
                 "pass run_name=NEW_NAME or paths.root=ELSEWHERE, or remove that folder"
             )
-        return previous is not None
+        return True
     atomic_write_json(path, current)
     return False

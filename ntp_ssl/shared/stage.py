@@ -50,8 +50,9 @@ class StageContext:
 
 def input_digests(checkpoints: Sequence[str], domains: Sequence[str]) -> dict[str, str]:
     """What a run reads besides its config, by content: the SHA-256 of each checkpoint and of
-    each ``npz:`` file, and of each ``folder:``'s listing (names and sizes). A run directory
-    keyed on these refuses a rerun whose input file was swapped under the same path."""
+    each ``npz:`` file, and of each ``folder:``'s files (their names and contents: an image
+    edited in place keeps its size). A run directory keyed on these refuses a rerun whose
+    input file was swapped under the same path."""
     digests = {}
     for path in checkpoints:
         resolved = resolve_checkpoint_path(path)
@@ -64,7 +65,7 @@ def input_digests(checkpoints: Sequence[str], domains: Sequence[str]) -> dict[st
         if kind.lower() == "npz" and location.is_file():
             digests[f"domain {spec}"] = sha256_file(location)
         elif kind.lower() == "folder" and location.is_dir():
-            listing = sorted(f"{p.relative_to(location)}:{p.stat().st_size}" for p in location.rglob("*") if p.is_file())
+            listing = sorted(f"{p.relative_to(location)}:{sha256_file(p)}" for p in location.rglob("*") if p.is_file())
             digests[f"domain {spec}"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
     return digests
 
