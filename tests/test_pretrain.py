@@ -186,3 +186,139 @@ def test_a_crafted_resume_state_is_one_line(tmp_path, cache_dir):
         with pytest.raises(CheckpointError, match="its state does not fit this run") as info:
             run_pretrain(cfg, tmp_path / f"run-{key}-{value}")
         assert "\n" not in str(info.value)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(cache_dir, monkeypatch):
+    """Each process takes batch_size // processes images a step: 64 over 3 would train on 63 a
+    step and run past the schedule's total_steps."""
+    import torch
+    from types import SimpleNamespace
+
+    from ntp_ssl.errors import ConfigError
+    from ntp_ssl.pretrain import stage
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1", "optim.batch_size=64")
+    with pytest.raises(ConfigError, match="optim.batch_size=64 does not split evenly over 3 processes"):
+        stage._build_run(cfg, SimpleNamespace(device=torch.device("cpu")), lambda event: None)
+
+
+def test_each_process_seeds_its_own_loader_workers(cache_dir, monkeypatch):
+    """The loader's generator seeds its workers' augmentations: under DDP the processes must not
+    share it (they would draw the same crops), and process 0 keeps the single-process seed."""
+    import torch
+    from types import SimpleNamespace
+
+    from ntp_ssl.pretrain import stage
+
+    class Stop(Exception):
+        pass
+
+    seeds = {}
+
+    def first_loader(loss_module, method, loader, *args, **kwargs):
+        seeds[current["rank"]] = loader.generator.initial_seed()
+        raise Stop
+
+    monkeypatch.setattr(stage, "train_one_epoch", first_loader)
+    cfg = compose_pretrain(cache_dir, "optim.epochs=1", "optim.batch_size=64")
+    run = stage._build_run(cfg, SimpleNamespace(device=torch.device("cpu"), writer=None), lambda event: None)
+    current = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        current["rank"] = (rank, world)
+        run.rank, run.world = rank, world
+        with pytest.raises(Stop):
+            stage._run_epoch(run, None, epoch=0)
+    assert seeds[(0, 2)] == seeds[(0, 1)]
+    assert seeds[(1, 2)] != seeds[(0, 2)]
+
+
+def test_a_resume_restores_the_loss_scale_of_mixed_precision(tmp_path, cache_dir, monkeypatch):
+    """A float16 run's GradScaler has grown or halved its scale by the time it saves: a resume
+    that started again from the initial scale would skip other steps than the saved run. (CUDA
+    only in use; a CPU scaler stands in for it here.)"""
+    import torch
+
+    from ntp_ssl.pretrain import stage
+
+    real_build, real_resume = stage._build_run, stage._resume
+    scales = []
+
+    def with_a_scaler(*args, **kwargs):
+        run = real_build(*args, **kwargs)
+        run.scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)  # doubles every clean step
+        return run
+
+    def recording(run, path):
+        real_resume(run, path)
+        scales.append(run.scaler.get_scale())
+
+    monkeypatch.setattr(stage, "_build_run", with_a_scaler)
+    monkeypatch.setattr(stage, "_resume", recording)
+    stage.run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1"), tmp_path / "saved")
+    state, _ = stage.load_training_state(tmp_path / "saved" / "last.safetensors")
+    steps = int(state["global_step"])
+    assert steps > 0 and state["scaler"]["scale"] == 16.0 * 2 ** steps
+    stage.run_pretrain(compose_pretrain(cache_dir, "optim.epochs=1",
+                                        f"resume_from={tmp_path / 'saved' / 'last.safetensors'}"), tmp_path / "resumed")
+    assert scales == [16.0 * 2 ** steps]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc), children first found first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_two_process_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
+    """Each process's random stream (its augmentations) is saved and restored: a resumed
+    process 1 drawing from process 0's stream would leave the uninterrupted run's path."""
+    import signal
+    import time
+
+    from conftest import assert_same_tensors
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ntp_ssl.cli", "pretrain", *TINY_DATA,
+           "optim.epochs=3", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
+           "trainer.projector=false", "trainer.threads=1", "trainer.eval_every=3", "run_name=ddp"]
+    env = {**os.environ, "NTP_SSL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    reference, work = tmp_path / "reference", tmp_path / "killed"
+    for folder in (reference, work):
+        folder.mkdir()
+    result = subprocess.run(cmd, cwd=reference, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    run_dir = work / "runs" / "pretrain" / "ddp"
+    with open(work / "killed.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=log, start_new_session=True)
+        start = time.monotonic()
+        while proc.poll() is None and not (run_dir / "last.json").exists():
+            assert time.monotonic() - start < 600, "no resume point in 600 s"
+            time.sleep(0.01)
+        killed = proc.poll() is None
+        if killed:  # the whole job, as a lost machine would end it: torchrun starts its workers
+            for pid in [*_descendants(proc.pid), proc.pid]:  # in sessions of their own
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(60)
+    assert killed, "the run finished before it could be killed"
+    assert not (run_dir / "encoder.json").exists()
+    result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "resuming from" in result.stdout + result.stderr
+    assert_same_tensors(reference / "runs" / "pretrain" / "ddp" / "encoder.safetensors",
+                        run_dir / "encoder.safetensors")

@@ -46,6 +46,7 @@ from ntp_ssl.shared.train import (
     classifier_accuracy,
     precision_warning,
     rng_state,
+    seed_everything,
     seeded_loader,
     set_rng_state,
     warmup_cosine,
@@ -53,6 +54,12 @@ from ntp_ssl.shared.train import (
 )
 
 log = logging.getLogger("ntp_ssl.pretrain")
+
+# Under DDP, process r's loader seed is process 0's plus r * RANK_SEED_STRIDE (apart from any
+# (seed, epoch) pair's), and a process resumed without its own saved stream reseeds at
+# seed + rank + RESUME_RESEED_OFFSET * epoch
+RANK_SEED_STRIDE = 1_000_000_007
+RESUME_RESEED_OFFSET = 7_919
 
 
 def build_model(cfg: Any, num_classes: int) -> nn.Module:
@@ -195,6 +202,11 @@ def _build_run(cfg: Any, ctx: StageContext, on_event) -> PretrainRun:
             f"optim.batch_size={cfg.optim.batch_size} does not fit the {len(labels)} training images of "
             f"{'+'.join(train_names)} over {world} process(es); use 2*processes <= batch_size <= {len(labels)}"
         )
+    if cfg.optim.batch_size % world:
+        # each process takes batch_size // world images a step: a remainder would shrink the
+        # global batch and lengthen the epoch past the schedule's total_steps
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} does not split evenly over {world} processes; "
+                          f"use a multiple of {world}")
     method = build_model(cfg, source.num_classes).to(ctx.device)
     transform = build_train_transform(cfg.method.name, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                       **view_options(cfg.method))
@@ -239,9 +251,39 @@ def _resume(run: PretrainRun, resume_path: Path) -> None:
         epoch, global_step, history = int(state["epoch"]), int(state["global_step"]), list(state["history"])
         if not (0 <= epoch <= cfg.optim.epochs and 0 <= global_step):
             raise ValueError(f"epoch {epoch} of {cfg.optim.epochs}, step {global_step}")
-        set_rng_state(state["rng"])
+        if run.scaler is not None and "scaler" in state:  # the loss scale the saved run had reached
+            run.scaler.load_state_dict(state["scaler"])
+        _restore_rng(run, state, epoch)
     run.epoch, run.global_step, run.history = epoch, global_step, history
     log.info("resuming from %s at epoch %d (step %d)", resume_path, run.epoch, run.global_step)
+
+
+def _restore_rng(run: PretrainRun, state: dict, epoch: int) -> None:
+    """Each process continues its own random stream (its augmentations): under DDP the state
+    holds one per process (``rng_of_ranks``). A state saved by another number of processes, or
+    before they were recorded, holds process 0's alone: the others then draw from a stream of
+    their own seeded from (seed, rank, epoch), not process 0's (which would repeat its draws)."""
+    streams = state.get("rng_of_ranks")
+    if run.world == 1 or run.rank == 0:
+        set_rng_state(state["rng"])
+    elif streams is not None and len(streams) == run.world:
+        set_rng_state(streams[run.rank])
+    else:
+        log.warning("process %d: the resume state holds no random stream of its own (%s); its augmentations go on "
+                    "from a fresh seed, so this run will not end where an uninterrupted one would", run.rank,
+                    "saved before they were recorded" if streams is None else f"saved by {len(streams)} processes")
+        seed_everything(run.cfg.seed + run.rank + RESUME_RESEED_OFFSET * (epoch + 1))
+
+
+def _rng_of_ranks(world: int) -> list[dict] | None:
+    """Every process's RNG state, gathered (a collective: all processes call it together)."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    streams: list = [None] * world
+    dist.all_gather_object(streams, rng_state())
+    return streams
 
 
 def _check_same_optimiser(run: PretrainRun, state: dict, state_meta: dict, resume_path: Path) -> None:
@@ -263,7 +305,10 @@ def _run_epoch(run: PretrainRun, loss_module: nn.Module, epoch: int) -> dict[str
     cfg, writer = run.cfg, run.ctx.writer if run.rank == 0 else None
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
-    loader = seeded_loader(run.dataset, cfg.optim.batch_size // run.world, seed=cfg.seed * 100_003 + epoch,
+    # the loader's generator seeds its workers' augmentations: the rank is folded in so that
+    # processes do not draw the same crops (process 0's seed is the single-process one)
+    loader = seeded_loader(run.dataset, cfg.optim.batch_size // run.world,
+                           seed=cfg.seed * 100_003 + epoch + run.rank * RANK_SEED_STRIDE,
                            workers=cfg.data.num_workers, sampler=run.sampler,
                            pin_memory=run.ctx.device.type == "cuda")
     run.on_event("epoch_start")
@@ -286,10 +331,16 @@ def _run_epoch(run: PretrainRun, loss_module: nn.Module, epoch: int) -> dict[str
     run.history.append(record)
     log.info("epoch %d/%d: %s", epoch + 1, cfg.optim.epochs,
              ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-    if run.rank == 0 and ((epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch):
+    saving = (epoch + 1) % cfg.trainer.checkpoint_every == 0 or last_epoch
+    streams = _rng_of_ranks(run.world) if saving else None  # every process, before process 0 saves
+    if run.rank == 0 and saving:
         state = {"model": run.method.state_dict(), "extra_buffers": _nonpersistent_buffers(run.method),
                  "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "rng": rng_state(), "epoch": epoch + 1, "global_step": run.global_step, "history": run.history}
+        if streams is not None:
+            state["rng_of_ranks"] = streams
+        if run.scaler is not None:
+            state["scaler"] = run.scaler.state_dict()
         save_training_state(run.ctx.run_dir / "last.safetensors", state,
                             {"stage": "pretrain", "backbone": cfg.encoder.backbone, "method": cfg.method.name,
                              "optim": to_plain(cfg.optim)})
