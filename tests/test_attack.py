@@ -289,13 +289,32 @@ def test_lpft_head_never_sees_the_validation_samples_that_choose_its_rate(monkey
 
     monkeypatch.setattr(sweep_module, "linear_probe", recording)
     model = ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
-    settings = dataclasses.replace(TINY, attacks=["lpft_dense"], scratch=False, seeds=[3])
+    settings = dataclasses.replace(TINY, attacks=["linear", "lpft_dense"], scratch=False, seeds=[3])
     run_sweep([model], [_domain()], settings, progress=False)
     assert len(calls) == 2 * len(settings.fractions)  # per point: the reported probe, then LP-FT's head
     for (all_n, labels), (lpft_rows, lpft_labels) in zip(calls[::2], calls[1::2]):
         fit, val = attacker_split(labels.numpy(), settings, 3)
         assert len(val) > 0
         assert torch.equal(lpft_rows, all_n[torch.as_tensor(fit)]) and torch.equal(lpft_labels, labels[fit])
+
+
+def test_lpft_alone_fits_one_probe_per_point(monkeypatch):
+    """Without the linear attack asked, the all-n probe would be fitted only to be dropped:
+    LP-FT alone fits its own head (on the fit part) and nothing else."""
+    from ntp_ssl.evaluate import sweep as sweep_module
+
+    fitted = []
+    real = sweep_module.linear_probe
+
+    def counting(train_features, *args, **kwargs):
+        fitted.append(len(train_features))
+        return real(train_features, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "linear_probe", counting)
+    model = ModelUnderTest("m", build_encoder("small_cnn", image_size=16), "small_cnn")
+    settings = dataclasses.replace(TINY, attacks=["lpft_dense"], scratch=False, seeds=[3])
+    rows = run_sweep([model], [_domain()], settings, progress=False)
+    assert len(fitted) == len(settings.fractions) and {r["attack"] for r in rows} == {"lpft_dense"}
 
 
 def test_successive_halving_breaks_ties_by_grid_order_as_the_full_search_does(monkeypatch):

@@ -330,11 +330,13 @@ def _attack(model: ModelUnderTest, target: _Target, todo: list[str], idx_t: torc
     head = None
     if {"linear", "knn", "lpft_masked", "lpft_dense"} & set(todo):
         f_train, f_test = target.features_of(model, device, work)
-        if {"linear", "lpft_masked", "lpft_dense"} & set(todo):
-            results["linear"], head = linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test,
-                                                   num_classes=num_classes, settings=settings, seed=seed)
         wants_lpft = bool({"lpft_masked", "lpft_dense"} & set(todo))
         split = attacker_split(y_train[idx_t].numpy(), settings, seed) if wants_lpft else None
+        if "linear" in todo or (wants_lpft and split is None):
+            # the reported probe, on all n; LP-FT starts from it when it cannot search (no
+            # validation samples to keep apart)
+            results["linear"], head = linear_probe(f_train[idx_t], y_train[idx_t], f_test, y_test,
+                                                   num_classes=num_classes, settings=settings, seed=seed)
         if split is not None:
             # LP-FT's head on the fine-tune's fit samples only: the reported probe was refitted
             # on all n, the validation samples that choose LP-FT's rate and stop included
