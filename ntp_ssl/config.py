@@ -73,7 +73,10 @@ class DataConfig:
     test_limit: int = 0  # likewise for test splits (quick runs and tests)
     # None or "test": every domain's own test split is measured. "validation": the tuning split:
     # a stratified 20% of each train split (seed VALIDATION_SEED) is held out and measured
-    # instead, and no stage sees it otherwise, so settings are chosen without the test split
+    # instead, and neither protection nor the attacks train on it, so settings are chosen
+    # without the test split. The default encoder is pretrained on the whole source train split
+    # either way (pipeline.default_encoder_config), so its pretraining saw the source's held-out
+    # images, and the digits that mnistm's held-out images are blended from, without labels
     split: Optional[str] = None
 
 
