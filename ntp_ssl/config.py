@@ -69,7 +69,8 @@ class DataConfig:
     root: Optional[str] = None  # local root of torchvision datasets
     download: bool = False  # let torchvision download into root (needs internet)
     num_workers: int = 0  # DataLoader workers for augmented training
-    train_limit: int = 0  # keep at most this many train samples per domain (class-covering); 0 keeps all
+    # keep at most this many train samples per domain, one per class at least (class-covering); 0 keeps all
+    train_limit: int = 0
     test_limit: int = 0  # likewise for test splits (quick runs and tests)
     # None or "test": every domain's own test split is measured. "validation": the tuning split:
     # a stratified 20% of each train split (seed VALIDATION_SEED) is held out and measured
