@@ -11,6 +11,9 @@ split, 15 epochs within 50 to 250 steps) unless --sweep says otherwise.
     .venv/bin/python benchmarks/bench_efficacy.py --seeds 1 --setups label_free magnitude
     .venv/bin/python benchmarks/bench_efficacy.py --sparsity-sweep label_free   # 0.5 ... 0.99
 
+Every sparse scratch here starts from one initialisation (the evaluate stage's seed, 0 in every
+run: ``SPARSE_SCRATCH_INIT_OFFSET + seed``): its intervals cover the masks, not that draw.
+
 Seed 0 is left out of the headline on purpose: the label-free loss weights were chosen on
 protection seed 0 and sweep seed 0 (on their test splits, before the attacker existed).
 
@@ -464,7 +467,9 @@ def gaps(records: list[dict], compared: list[str]) -> list[str]:
     controls = [(REFERENCE, {seed: reference[0] for seed in own} if reference else {}, False),
                 *((name, records_by_seed(records, name), False) for name in dict.fromkeys(setups) if name != primary),
                 (f"{primary} sparse scratch", records_by_seed(records, primary, sparse=True), True)]
-    lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start):",
+    lines = ["", f"{primary} minus each control, paired by protection seed (below 0: {primary} is the worse start; "
+             "the unprotected encoder, one model, is subtracted from every seed, so its row's interval is the "
+             f"{primary}'s spread alone):",
              "", "| control | " + " | ".join(ATTACK_LABELS[a] for a in compared) + " | source kNN |",
              "|---|" + "---|" * (len(compared) + 1)]
     for name, other, sparse in controls:
