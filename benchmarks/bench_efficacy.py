@@ -429,11 +429,15 @@ def _selectivity(record: dict, attack: str) -> float:
 
 
 def _cell(values: list[float]) -> str:
+    """Mean and 95% interval of the values measured; when some are missing (None or nan),
+    the cell says over how many of them, since the row's seed count would not."""
+    given = len(values)
     values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
         return "-"
     mean, low, high = mean_ci95(values)  # one value: no interval (None bounds)
-    return f"{mean:+.3f}" if low is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    text = f"{mean:+.3f}" if low is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return text if len(values) == given else f"{text} ({len(values)} of {given})"
 
 
 def _acc(values: list[float | None]) -> str:

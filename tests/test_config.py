@@ -431,6 +431,15 @@ def test_bench_table_keeps_sparse_scratch_apart_and_pairs_gaps_by_seed(bench_eff
     assert gap["unprotected"][0].startswith("-1.300 [")
 
 
+def test_bench_table_cell_says_when_a_seed_is_missing(bench_efficacy):
+    """A seed without a value drops out of the mean and interval; the cell must say so, since
+    the row's "3 x 1" would not."""
+    assert bench_efficacy._cell([-1.0, -0.6, -0.8]).startswith("-0.800 [")
+    assert "of" not in bench_efficacy._cell([-1.0, -0.6, -0.8])
+    assert bench_efficacy._cell([-1.0, float("nan"), -0.6]).endswith("(2 of 3)")
+    assert bench_efficacy._cell([None, float("nan")]) == "-"
+
+
 def test_paired_gaps_pair_by_seed_and_refuse_another_attacker(tmp_path):
     """benchmarks/paired_gaps.py: own minus control per protection seed over the seeds both hold,
     mean and interval; tables of another attacker, or of another protected encoder, are refused."""
