@@ -131,14 +131,22 @@ def test_a_finished_run_whose_encoder_is_damaged_is_redone_not_reported(tmp_path
     assert len(list((tmp_path / "run").glob("encoder.safetensors.damaged-*"))) == 1
 
 
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+NO_TORCHRUN = pytest.mark.skipif(shutil.which("torchrun", path=str(TORCHRUN.parent)) is None, reason="no torchrun")
+
+
+def _ddp_pretrain(cache_dir: Path, *overrides: str) -> tuple[list[str], dict]:
+    """The command and environment of a tiny two-process pretraining on CPU (run_name=ddp)."""
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ntp_ssl.cli", "pretrain", *TINY_DATA,
+           "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
+           "trainer.projector=false", "trainer.threads=1", "run_name=ddp", *overrides]
+    return cmd, {**os.environ, "NTP_SSL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+@NO_TORCHRUN
 def test_two_process_ddp_on_cpu(tmp_path, cache_dir):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ntp_ssl.cli", "pretrain", *TINY_DATA,
-           "optim.epochs=1", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
-           "trainer.projector=false", "trainer.threads=1", "run_name=ddp"]
-    env = {**os.environ, "NTP_SSL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    cmd, env = _ddp_pretrain(cache_dir, "optim.epochs=1")
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     run_dir = tmp_path / "runs" / "pretrain" / "ddp"
@@ -283,7 +291,7 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+@NO_TORCHRUN
 def test_two_process_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
     """Each process's random stream (its augmentations) is saved and restored: a resumed
     process 1 drawing from process 0's stream would leave the uninterrupted run's path."""
@@ -292,11 +300,7 @@ def test_two_process_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_p
 
     from conftest import assert_same_tensors
 
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ntp_ssl.cli", "pretrain", *TINY_DATA,
-           "optim.epochs=3", "optim.batch_size=64", "method.hidden_dim=64", "method.projection_dim=32",
-           "trainer.projector=false", "trainer.threads=1", "trainer.eval_every=3", "run_name=ddp"]
-    env = {**os.environ, "NTP_SSL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    cmd, env = _ddp_pretrain(cache_dir, "optim.epochs=3", "trainer.eval_every=3")
     reference, work = tmp_path / "reference", tmp_path / "killed"
     for folder in (reference, work):
         folder.mkdir()
