@@ -478,3 +478,20 @@ def test_the_validation_split_holds_out_train_images_and_never_reads_the_test_sp
     assert not test & {img.tobytes() for img in (*held.train_images, *held.test_images)}
     np.testing.assert_array_equal(load("validation").test_images, held.test_images)  # the same every time
     np.testing.assert_array_equal(load("test").test_images, full.test_images)
+
+
+def test_a_limit_on_a_split_smaller_than_the_class_count_keeps_that_split_whole():
+    """data.test_limit below the class count on a test split of fewer images than classes: the
+    split is kept as it is (a limit is raised to one image per class, which this split cannot
+    give), not an error about a "subset size" the user never set; a larger split is still cut."""
+    from ntp_ssl.data.load import limit_domain
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    small_test = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    domain = Domain("few-test", train, np.arange(40) % 10, small_test, np.arange(6), num_classes=10)
+    limited = limit_domain(domain, train_limit=3, test_limit=3, seed=0)
+    np.testing.assert_array_equal(limited.test_images, small_test)
+    np.testing.assert_array_equal(limited.test_labels, np.arange(6))
+    assert len(limited.train_labels) == 10  # raised to one per class, and drawn
+    assert sorted(limited.train_labels.tolist()) == list(range(10))

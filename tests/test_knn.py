@@ -114,3 +114,18 @@ def test_mismatched_dimensions_are_config_errors():
     train, labels, queries = random_data(0)
     with pytest.raises(ConfigError, match="dimension"):
         knn_predict(train, labels, queries[:, :8], num_classes=5)
+
+
+@pytest.mark.parametrize("side,value", [("train", math.nan), ("query", math.nan), ("query", math.inf)])
+def test_non_finite_features_are_numerical_errors_not_votes(side, value):
+    """faiss answers a NaN row with neighbour index -1 (the last training label, by Python
+    indexing): a NaN query would be 'predicted' silently. Such features stop with an error."""
+    from ntp_ssl.errors import NumericalError
+
+    train, labels, queries = random_data(0)
+    target = train if side == "train" else queries
+    target[3, 0] = value
+    with pytest.raises(NumericalError, match=f"1 of {target.shape[0]} {side} feature rows are NaN or infinite"):
+        knn_predict(train, labels, queries, num_classes=5)
+    with pytest.raises(NumericalError, match="not finite"):
+        knn_accuracy(train, labels, queries, torch.zeros(len(queries), dtype=torch.long), num_classes=5)

@@ -130,12 +130,16 @@ def hold_out_validation(domain: Domain) -> Domain:
 
 
 def limit_domain(domain: Domain, train_limit: int, test_limit: int, *, seed: int) -> Domain:
-    """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs."""
+    """A class-covering subset of each split (the SLC sweep's nested draw), for quick runs.
+
+    A limit below the class count is raised to it (one image per class); a split that is no
+    larger than that is kept whole, as when the limit exceeds it."""
     changes = {}
     for split, limit in (("train", train_limit), ("test", test_limit)):
         labels = getattr(domain, f"{split}_labels")
-        if 0 < limit < len(labels):
-            idx = draw_subset(labels, max(limit, domain.num_classes), seed=seed, num_classes=domain.num_classes)
+        size = max(limit, domain.num_classes)
+        if limit > 0 and size < len(labels):
+            idx = draw_subset(labels, size, seed=seed, num_classes=domain.num_classes)
             changes[f"{split}_images"] = getattr(domain, f"{split}_images")[idx]
             changes[f"{split}_labels"] = labels[idx]
     return dataclasses.replace(domain, **changes) if changes else domain

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ntp_ssl.data import Domain, to_float_tensor
 from ntp_ssl.data.subsets import stratified_split
-from ntp_ssl.errors import ConfigError
+from ntp_ssl.errors import ConfigError, NumericalError
 from ntp_ssl.shared.features import TrainFeatures, extract_features
 
 
@@ -51,6 +51,14 @@ def _check_inputs(train_features: Tensor, train_labels: Tensor, query_features: 
         )
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+    # faiss answers a NaN row with index -1, which would vote for the last training label
+    for side, features in (("train", train_features), ("query", query_features)):
+        bad_rows = int((~torch.isfinite(features.detach())).any(dim=1).sum())
+        if bad_rows:
+            raise NumericalError(
+                f"kNN: {bad_rows} of {features.shape[0]} {side} feature rows are NaN or infinite; "
+                "the encoder's output is not finite (a diverged or damaged model), so no accuracy can be measured"
+            )
 
 
 def _check_k(k: int) -> None:
