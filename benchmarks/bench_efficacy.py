@@ -151,6 +151,11 @@ SETUPS: dict[str, list[str]] = {
     "label_free_admm_distill1000_fsclamp4": ["experiment=protect_label_free", *ADMM_CONVERGED,
                                              "loss.w_source_distill=1000", "loss.fisher_source_clamp=4"],
     "label_free_admm15": ["experiment=protect_label_free", *ADMM_CONVERGED, "admm.iterations=15"],
+    # issue 13's terms on today's defaults (15 iterations, channels-last encoder), for their
+    # ablation on the report seeds: the distillation weight the batch-32 tuning chose, and
+    # masked retraining on the source terms alone (label_free_sim_attack above is the third)
+    "label_free_distill1000": ["experiment=protect_label_free", "loss.w_source_distill=1000"],
+    "label_free_srcretrain": ["experiment=protect_label_free", "admm.retrain_loss=source", "admm.retrain_steps=300"],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
