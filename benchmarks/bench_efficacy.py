@@ -56,6 +56,8 @@ ADMM_FIVE = ["admm.iterations=5", "admm.rho=0.005", "admm.rho_growth=1.5", "admm
 # to the same config; tests/test_config.py)
 RANDOM_MASK_NTP = ["experiment=protect_label_free", "prune.projection=random", "admm.iterations=0",
                    "admm.retrain_steps=420"]
+# issue 13's masked retraining on the source terms alone after the hard prune, 300 steps
+SOURCE_RETRAIN = ["admm.retrain_loss=source", "admm.retrain_steps=300"]
 SETUPS: dict[str, list[str]] = {
     # the defaults; 15 ADMM iterations since 2026-12-01 (label_free_admm15 before): a run made
     # at 14 (the headline of benchmarks/results/efficacy_b32/) is refused, not reused (_once)
@@ -90,11 +92,9 @@ SETUPS: dict[str, list[str]] = {
                                     "loss.w_sim_attack=300"],
     # masked retraining on the source terms alone, 300 steps (admm.retrain_loss=source), with and
     # without the distillation; batch-norm scale and shift in the pruned set (item 4)
-    "label_free_admm_srcretrain": ["experiment=protect_label_free", *ADMM_CONVERGED, "admm.retrain_loss=source",
-                                   "admm.retrain_steps=300"],
+    "label_free_admm_srcretrain": ["experiment=protect_label_free", *ADMM_CONVERGED, *SOURCE_RETRAIN],
     "label_free_admm_distill_srcretrain": ["experiment=protect_label_free", *ADMM_CONVERGED,
-                                           "loss.w_source_distill=300", "admm.retrain_loss=source",
-                                           "admm.retrain_steps=300"],
+                                           "loss.w_source_distill=300", *SOURCE_RETRAIN],
     "label_free_admm_bn": ["experiment=protect_label_free", *ADMM_CONVERGED, "prune.include_batchnorm=true"],
     "supervised_admm": ["experiment=protect_supervised", *ADMM_CONVERGED],
     # does the random mask's dense protection add to the label-free loss's mask-kept one?
@@ -155,7 +155,7 @@ SETUPS: dict[str, list[str]] = {
     # ablation on the report seeds: the distillation weight the batch-32 tuning chose, and
     # masked retraining on the source terms alone (label_free_sim_attack above is the third)
     "label_free_distill1000": ["experiment=protect_label_free", "loss.w_source_distill=1000"],
-    "label_free_srcretrain": ["experiment=protect_label_free", "admm.retrain_loss=source", "admm.retrain_steps=300"],
+    "label_free_srcretrain": ["experiment=protect_label_free", *SOURCE_RETRAIN],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
