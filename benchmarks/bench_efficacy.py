@@ -156,6 +156,16 @@ SETUPS: dict[str, list[str]] = {
     # masked retraining on the source terms alone (label_free_sim_attack above is the third)
     "label_free_distill1000": ["experiment=protect_label_free", "loss.w_source_distill=1000"],
     "label_free_srcretrain": ["experiment=protect_label_free", *SOURCE_RETRAIN],
+    # both source terms at once, for the choice of a source-keeping default on the tuning seed
+    # (the distillation weighs in masked retraining too: retrain_loss=source keeps it)
+    "label_free_distill1000_srcretrain": ["experiment=protect_label_free", "loss.w_source_distill=1000",
+                                          *SOURCE_RETRAIN],
+    # between the two on the tuning seed: source-only retraining twice as long, or with a
+    # lighter distillation
+    "label_free_srcretrain600": ["experiment=protect_label_free", "admm.retrain_loss=source",
+                                 "admm.retrain_steps=600"],
+    "label_free_distill300_srcretrain": ["experiment=protect_label_free", "loss.w_source_distill=300",
+                                         *SOURCE_RETRAIN],
 }
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_SPARSITY = PruneConfig().sparsity  # the setups run at this one already
