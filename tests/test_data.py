@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -180,7 +181,18 @@ def _tamper(path: Path) -> None:  # a valid npz whose pixels no longer match the
         np.savez_compressed(handle, **arrays)
 
 
-@pytest.mark.parametrize("corrupt", [_garbage, _truncate, _tamper], ids=["garbage", "truncated", "tampered"])
+def _relabel(path: Path) -> None:  # a consistent hand edit of the labelling: class names and count agree
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    meta["class_names"] = [f"renamed {name}" for name in meta["class_names"]]
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+@pytest.mark.parametrize("corrupt", [_garbage, _truncate, _tamper, _relabel],
+                         ids=["garbage", "truncated", "tampered", "relabelled"])
 def test_corrupted_cache_entry_is_rebuilt(tmp_path, corrupt, caplog):
     original = load_domain("optdigits", image_size=SIZE, cache_dir=tmp_path)
     path = cache.cache_path(tmp_path, "optdigits", SIZE, 3, 0)
@@ -189,6 +201,7 @@ def test_corrupted_cache_entry_is_rebuilt(tmp_path, corrupt, caplog):
     rebuilt = load_domain("optdigits", image_size=SIZE, cache_dir=tmp_path)
     assert "unusable" in caplog.text
     assert np.array_equal(rebuilt.train_images, original.train_images)
+    assert rebuilt.class_names == original.class_names
     assert cache.read_cached(path, "optdigits", SIZE, 3, 0) is not None  # rewritten and valid again
 
 

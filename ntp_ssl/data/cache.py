@@ -1,7 +1,8 @@
 """On-disk cache of generated domains: one compressed ``.npz`` per (name, size, channels, seed, version).
 
 Entries are written atomically (temporary file + ``os.replace``), carry a SHA-256 of their
-arrays, and are checked on every read; an entry that fails any check is rebuilt, never trusted.
+arrays and of their labelling (number of classes, class names), and are checked on every read;
+an entry that fails any check is rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def cache_path(cache_dir: str | Path, name: str, image_size: int, channels: int,
     return Path(cache_dir).expanduser() / "domains" / f"{key}.npz"
 
 
+def _checksum(arrays: list[np.ndarray], num_classes: int, class_names: list[str]) -> str:
+    # The labelling is read from the meta, outside the arrays: it is hashed with them, so an
+    # edited num_classes or class name fails the check like an edited pixel does. (Entries
+    # written before 2026-12-07 hashed the arrays alone: each is rebuilt once, with a warning.)
+    labelling = np.frombuffer(json.dumps([int(num_classes), list(class_names)]).encode(), dtype=np.uint8)
+    return content_hash(*arrays, labelling)
+
+
 def _meta(domain: Domain, seed: int) -> dict:
     return {
         "name": domain.name,
@@ -60,7 +69,7 @@ def _meta(domain: Domain, seed: int) -> dict:
         "num_classes": domain.num_classes,
         "class_names": list(domain.class_names),
         "version": GENERATOR_VERSION,
-        "sha256": content_hash(*(getattr(domain, key) for key in _ARRAYS)),
+        "sha256": _checksum([getattr(domain, key) for key in _ARRAYS], domain.num_classes, list(domain.class_names)),
     }
 
 
@@ -89,7 +98,7 @@ def read_cached(path: Path, name: str, image_size: int, channels: int, seed: int
         wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
         if wrong:
             raise ValueError(f"settings differ: {wrong}")
-        if content_hash(*arrays.values()) != meta["sha256"]:
+        if _checksum(list(arrays.values()), meta["num_classes"], meta["class_names"]) != meta["sha256"]:
             raise ValueError("checksum mismatch")
         domain = Domain(name=name, num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), **arrays)
         if (domain.image_size, domain.channels) != (image_size, channels):
