@@ -172,23 +172,27 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _tamper(path: Path) -> None:  # a valid npz whose pixels no longer match the stored checksum
+def _rewrite(path: Path, edit) -> None:  # load a valid npz, edit its arrays in place, save it valid again
     with np.load(path) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    arrays["train_images"] = arrays["train_images"].copy()
-    arrays["train_images"][0] ^= 0xFF
+    edit(arrays)
     with open(path, "wb") as handle:
         np.savez_compressed(handle, **arrays)
+
+
+def _tamper(path: Path) -> None:  # a valid npz whose pixels no longer match the stored checksum
+    def flip_first_image(arrays):
+        arrays["train_images"] = arrays["train_images"].copy()
+        arrays["train_images"][0] ^= 0xFF
+    _rewrite(path, flip_first_image)
 
 
 def _relabel(path: Path) -> None:  # a consistent hand edit of the labelling: class names and count agree
-    with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    meta = json.loads(str(arrays["meta"][()]))
-    meta["class_names"] = [f"renamed {name}" for name in meta["class_names"]]
-    arrays["meta"] = np.array(json.dumps(meta))
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+    def rename_classes(arrays):
+        meta = json.loads(str(arrays["meta"][()]))
+        meta["class_names"] = [f"renamed {name}" for name in meta["class_names"]]
+        arrays["meta"] = np.array(json.dumps(meta))
+    _rewrite(path, rename_classes)
 
 
 @pytest.mark.parametrize("corrupt", [_garbage, _truncate, _tamper, _relabel],
