@@ -20,10 +20,11 @@ encoder); the first is the one whose gaps the table prints. The table is written
 ``bench_efficacy.py``'s own ``table`` as ``<root>/<table>.{md,json}``; an existing file is
 refused.
 
-    .venv/bin/python benchmarks/merge_sweep_seeds.py --root benchmarks/results/efficacy_moco_cl \\
-        --table moco_2sweeps --setups label_free_moco random_mask_seeded_moco \\
-        benchmarks/results/efficacy_moco_cl/moco.json benchmarks/results/efficacy_moco_cl/moco_random_mask.json \\
-        benchmarks/results/efficacy_moco_cl/moco_sweep2.json
+    R=benchmarks/results/efficacy_moco_cl
+    .venv/bin/python benchmarks/merge_sweep_seeds.py $R/moco.json $R/moco_random_mask.json $R/moco_sweep2.json \\
+        --setups label_free_moco random_mask_seeded_moco --root $R --table moco_2sweeps
+
+(the tables first: ``--setups`` takes every name after it.)
 """
 
 from __future__ import annotations
