@@ -47,7 +47,8 @@ def merge_tables(tables: list[dict], setups: list[str]) -> dict:
         raise ValueError("no table to merge")
     references = {t.get("reference_sha256") for t in tables}
     if len(references) != 1 or None in references:
-        raise ValueError(f"the tables protect other unprotected encoders (reference_sha256 {sorted(map(str, references))})")
+        raise ValueError("the tables protect other unprotected encoders "
+                         f"(reference_sha256 {sorted(map(str, references))})")
     protocols = {tuple(_without_seeds(t["sweep"])) for t in tables}
     if len(protocols) != 1:
         raise ValueError(f"the tables used other attackers: {sorted(protocols)}")
@@ -62,7 +63,8 @@ def merge_tables(tables: list[dict], setups: list[str]) -> dict:
             held = protect_runs.setdefault(key, run)
             if held["sha256"] != run["sha256"]:
                 raise ValueError(f"{run['setup']} seed {run['seed']} is another protected file in two tables "
-                                 f"(sha256 {held['sha256'][:12]} and {run['sha256'][:12]}): its sweep seeds do not pair")
+                                 f"(sha256 {held['sha256'][:12]} and {run['sha256'][:12]}): "
+                                 "its sweep seeds do not pair")
 
     merged: dict[tuple[str, int | None, str], dict] = {}
     for t in tables:
@@ -105,7 +107,8 @@ def merge_tables(tables: list[dict], setups: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tables", nargs="+", type=Path, help="bench_efficacy.py <table>.json files")
-    parser.add_argument("--setups", nargs="+", required=True, help="the setups kept; the first is compared with the rest")
+    parser.add_argument("--setups", nargs="+", required=True,
+                        help="the setups kept; the first is compared with the rest")
     parser.add_argument("--root", type=Path, required=True, help="where <table>.md and <table>.json are written")
     parser.add_argument("--table", required=True, help="name of the merged table's files")
     args = parser.parse_args()
